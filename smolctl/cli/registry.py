@@ -1,0 +1,63 @@
+"""The command registry: every command, built-in or not, comes in through one entry-point group.
+
+A package adds commands to smolctl by declaring, in its pyproject.toml,
+
+    [project.entry-points."smolctl.commands"]
+    hello = "my_pkg.cli:register"
+
+where `register(app: typer.Typer) -> None` adds its commands, usually with `@command(app)`
+below so that a `SmolctlError` becomes a one-line error and an exit code instead of a traceback.
+smolctl's own commands are declared the same way in its pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from importlib.metadata import entry_points
+from typing import Callable
+
+import typer
+
+from smolctl.errors import SmolctlError
+
+GROUP = "smolctl.commands"
+
+
+def load_commands(app: typer.Typer) -> list[str]:
+    """Call every registered `register(app)`; return their names. A broken plugin warns, never breaks smolctl."""
+    loaded = []
+    for ep in sorted(entry_points(group=GROUP), key=lambda ep: ep.name):
+        try:
+            ep.load()(app)
+        except Exception as e:  # a third-party plugin failing to import must not take the CLI down
+            print(f"Warning: smolctl command plugin {ep.name!r} ({ep.value}) failed to load: {e}", file=sys.stderr)
+            continue
+        loaded.append(ep.name)
+    return loaded
+
+
+def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
+    """Like `app.command()`, plus smolctl's error contract: a SmolctlError prints one line
+    (`Error: ...`) on stderr and exits with its code; Ctrl-C exits 130 without a traceback."""
+
+    def decorator(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except SmolctlError as e:
+                fail(e)
+            except KeyboardInterrupt:
+                print("\nInterrupted.", file=sys.stderr)
+                raise typer.Exit(130) from None
+
+        app.command(name, **kwargs)(run)
+        return fn
+
+    return decorator
+
+
+def fail(e: SmolctlError):
+    print(f"Error: {e}", file=sys.stderr)
+    raise typer.Exit(e.exit_code)

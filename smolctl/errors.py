@@ -1,0 +1,19 @@
+"""The one exception type that the CLI turns into a one-line error.
+
+Core code raises `SmolctlError("what went wrong", hint="what to do")` for anything a user can
+fix (bad flags, files, configs, data, network); the CLI prints `Error: what went wrong. what to
+do` on stderr and exits with `exit_code` (2: bad input). Anything else is a bug and keeps its
+traceback.
+"""
+
+
+class SmolctlError(Exception):
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 2):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        text = self.message.rstrip(".")
+        return f"{text}. {self.hint}" if self.hint else text
