@@ -7,24 +7,36 @@ with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` lo
         config.json          transformers' LlamaConfig (the architecture)
         model.safetensors    weights; a tied lm_head is not stored twice
         smolctl.json         our ModelConfig, the training config, step, tokens seen
-        ...                  training state (optimizer, scheduler, RNG, data): see save_checkpoint
+        optimizer.safetensors + optimizer.json      AdamW moments / param groups
+        rng-rank0.json + rng-rank0.safetensors      python, numpy, torch (CPU, CUDA) RNG states
+        data-rank0.json [+ data-rank0.safetensors]  the data stream's position (see data.py)
         manifest.json        sha256 and size of every file above, written last
 
-Nothing here unpickles: tensors come from safetensors, everything else is JSON.
+It is written into a temporary directory and renamed into place only when complete, so a
+crash mid-save leaves the previous checkpoint as the latest. Nothing here unpickles: tensors
+come from safetensors, everything else is JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import random
+import shutil
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
 
 WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,3 +90,212 @@ def _rebuild_rotary(model, cfg: ModelConfig, device) -> None:
 
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
+
+
+# -- training checkpoints ----------------------------------------------------------------------
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write and fsync: the bytes are on disk before the manifest says so."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_file(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def staging_dir(final: Path, is_main: bool) -> Path:
+    """The temporary directory a checkpoint is written into (`.tmp-<name>`, never matched as a step)."""
+    tmp = final.parent / f".tmp-{final.name}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_model_state(tmp: Path, model, cfg: ModelConfig, optimizer, meta: dict) -> None:
+    """The main process's part: weights, configs, optimizer."""
+    cfg.to_hf().to_json_file(str(tmp / "config.json"))
+    write_file(tmp / WEIGHTS, save(model_state(model), metadata={"format": "pt"}))
+    write_json(tmp / "smolctl.json", {"model": cfg.to_dict(), **meta})
+    tensors, rest = _flatten_optimizer(optimizer.state_dict())
+    write_file(tmp / "optimizer.safetensors", save(tensors))
+    write_json(tmp / "optimizer.json", rest)
+
+
+def save_rank_state(tmp: Path, rank: int, data_state: dict) -> None:
+    """Every process's part: its RNG states and its data stream position."""
+    rng = {"python": random.getstate(), "numpy": _numpy_rng()}
+    write_json(tmp / f"rng-rank{rank}.json", rng)
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    write_file(tmp / f"rng-rank{rank}.safetensors", save(tensors))
+    data = dict(data_state)
+    buffer = data.pop("buffer", None)
+    write_json(tmp / f"data-rank{rank}.json", data)
+    if buffer is not None:
+        write_file(tmp / f"data-rank{rank}.safetensors", save({"buffer": buffer.contiguous()}))
+
+
+def finalize(tmp: Path, final: Path) -> None:
+    """Write the manifest, then rename the finished directory into place (replacing an older one)."""
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    write_json(tmp / MANIFEST, {"files": manifest, "time": time.time()})
+    _fsync_dir(tmp)
+    if final.exists():
+        old = final.parent / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def verify(ckpt: Path) -> None:
+    """Check every file against the manifest; raise naming the first bad one."""
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        raise SmolctlError(f"checkpoint {ckpt} is incomplete (no {MANIFEST})")
+    try:
+        files = json.loads(mpath.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        raise SmolctlError(f"checkpoint {ckpt} has a damaged {MANIFEST}") from None
+    for name, want in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            raise SmolctlError(f"checkpoint {ckpt} is missing {name}")
+        if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+            raise SmolctlError(f"checkpoint file {p} is corrupt (sha256 does not match the manifest)")
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of a run's finished checkpoints, oldest first (final/ counted at its step)."""
+    out = []
+    for p in (Path(run_dir) / "checkpoints").glob("*"):
+        if not (p / MANIFEST).is_file():
+            continue
+        if p.name.startswith("step-") and p.name[5:].isdigit():
+            out.append((int(p.name[5:]), p))
+        elif p.name == "final":
+            try:
+                out.append((json.loads((p / "smolctl.json").read_text())["step"], p))
+            except (OSError, ValueError, KeyError):
+                continue
+    return sorted(out, key=lambda x: (x[0], x[1].name == "final"))
+
+
+def find_checkpoint(run_dir: Path, which: str, say=print) -> Path:
+    """`which`: "latest" (the newest checkpoint that verifies; damaged ones are skipped, saying so),
+    a step number, or a checkpoint path."""
+    if which != "latest" and not which.isdigit():
+        path = Path(which)
+        if not (path / MANIFEST).is_file() and not (path / "smolctl.json").is_file():
+            raise SmolctlError(f"--from {which}: not a checkpoint directory",
+                               hint="Use a step number, 'latest', or a checkpoint path")
+        verify(path)
+        return path
+    found = checkpoints(run_dir)
+    if not found:
+        raise SmolctlError(f"run {run_dir} has no checkpoints", hint="Start it with smolctl train")
+    if which == "latest":
+        for step, path in reversed(found):
+            try:
+                verify(path)
+                return path
+            except SmolctlError as e:
+                say(f"Skipping damaged checkpoint: {e}")
+        raise SmolctlError(f"every checkpoint of {run_dir} is damaged")
+    step = int(which)
+    matches = [p for s, p in found if s == step]
+    if not matches:
+        steps = ", ".join(str(s) for s, _ in found)
+        raise SmolctlError(f"run {run_dir} has no checkpoint at step {step}", hint=f"Checkpoints: {steps}")
+    verify(matches[0])
+    return matches[0]
+
+
+def load_training_state(ckpt: Path, optimizer, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Restore the optimizer and this rank's RNG states; return (smolctl.json meta, data state)."""
+    meta = json.loads((ckpt / "smolctl.json").read_text())
+    saved_world = meta.get("world_size", 1)
+    if saved_world != world_size:
+        raise SmolctlError(f"{ckpt} was saved by {saved_world} process(es); this run has {world_size}",
+                           hint=f"Resume with {saved_world} process(es): each rank's data position is its own")
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads((ckpt / "optimizer.json").read_text())))
+    rng = json.loads((ckpt / f"rng-rank{rank}.json").read_text())
+    random.setstate(_tuple(rng["python"]))
+    np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
+    rng_t = load_file(str(ckpt / f"rng-rank{rank}.safetensors"))
+    torch.set_rng_state(rng_t["torch"])
+    if torch.cuda.is_available() and "cuda0" in rng_t:
+        torch.cuda.set_rng_state_all([rng_t[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng_t])
+    data = json.loads((ckpt / f"data-rank{rank}.json").read_text())
+    if (ckpt / f"data-rank{rank}.safetensors").is_file():
+        data["buffer"] = load_file(str(ckpt / f"data-rank{rank}.safetensors"))["buffer"]
+    return meta, data
+
+
+def prune(run_dir: Path, keep_last: int | None) -> None:
+    """Keep the newest `keep_last` step-* checkpoints (final/ is always kept)."""
+    if not keep_last:
+        return
+    steps = [p for _, p in checkpoints(run_dir) if p.name.startswith("step-")]
+    for p in steps[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, state = {}, {}
+    for idx, entry in sd["state"].items():
+        state[str(idx)] = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                state[str(idx)][k] = v
+    return tensors, {"param_groups": sd["param_groups"], "state": state}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in rest["state"].items()}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _numpy_rng() -> list:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

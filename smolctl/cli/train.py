@@ -1,0 +1,163 @@
+"""`smolctl train` and `smolctl resume`.
+
+    smolctl train --max-steps 5000                          # SmolLM2-135M on cosmopedia-v2 (hub)
+    smolctl train --preset tiny --data sample --max-steps 300 --batch-size 8 --seq-len 256
+    smolctl train --config examples/tiny.yaml --lr 1e-3     # flags override the file
+    smolctl resume --from 500                               # the newest run under runs/
+    smolctl resume --run-dir runs/demo --from latest --max-steps 8000
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smolctl.cli.options import ConfigOpt, DeviceOpt, PresetOpt
+from smolctl.cli.registry import command
+from smolctl.errors import SmolctlError
+
+RUNS = Path("runs")
+
+
+def opt(*names: str, help: str, **kw):
+    return typer.Option(*names, help=help, show_default=False, **kw)
+
+
+DataOpt = Annotated[Optional[str], opt("--data", help="'sample' (bundled corpus), 'cosmopedia-v2' (default, "
+                                       "the hub stream), a hub dataset id, or local .jsonl/.json/.parquet/.txt "
+                                       "files: a path, directory or glob.")]
+MaxStepsOpt = Annotated[Optional[int], opt("--max-steps", help="Optimizer steps to train to (default 5000).")]
+SaveEveryOpt = Annotated[Optional[int], opt("--save-every", help="Checkpoint every N steps (default 500).")]
+EvalEveryOpt = Annotated[Optional[int], opt("--eval-every", help="Held-out loss every N steps (0: at the end).")]
+SampleEveryOpt = Annotated[Optional[int], opt("--sample-every", help="Generate from a fixed prompt every N steps.")]
+LogEveryOpt = Annotated[Optional[int], opt("--log-every", help="Log every N steps (default 10).")]
+KeepLastOpt = Annotated[Optional[int], opt("--keep-last", help="Keep only the newest N step checkpoints.")]
+WorkersOpt = Annotated[Optional[int], opt("--num-workers", help="0: tokenize in the training process; "
+                                          "1 (default): in a background worker.")]
+ReportOpt = Annotated[Optional[str], opt("--report-to", help="tensorboard, wandb or none.")]
+RunDirOpt = Annotated[Optional[Path], opt("--run-dir", help="The run directory (default runs/<run-name>).")]
+LogFileOpt = Annotated[Optional[Path], opt("--log-file", help="The human-readable log (default logs/<run-name>.log).")]
+DashOpt = Annotated[bool, typer.Option("--dashboard/--no-dashboard",
+                                       help="Live dashboard on a terminal; plain lines otherwise.")]
+
+# The flags `resume` accepts: they change bookkeeping, not the trajectory (max_steps extends it).
+RESUMABLE = ("max_steps", "save_every", "eval_every", "sample_every", "log_every", "keep_last",
+             "num_workers", "report_to")
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, help="Pretrain a model from scratch (on the seed's cosmopedia-v2 stream by default).")
+    def train(
+        preset: PresetOpt = None,
+        config: ConfigOpt = None,
+        data: DataOpt = None,
+        text_column: Annotated[Optional[str], opt("--text-column", help="The text column (default text).")] = None,
+        eval_data: Annotated[Optional[str], opt("--eval-data", help="Held-out data for --eval-every "
+                                                "(default: the sample's held-out split with --data sample).")] = None,
+        batch_size: Annotated[Optional[int], opt("--batch-size", help="Micro-batch per device (default 8).")] = None,
+        seq_len: Annotated[Optional[int], opt("--seq-len", help="Tokens per sequence (default: the model's "
+                                              "context, 2048 for SmolLM2-135M).")] = None,
+        grad_accum: Annotated[Optional[int], opt("--grad-accum", help="Micro-batches per step (default 1).")] = None,
+        lr: Annotated[Optional[float], opt("--lr", help="Peak learning rate (default 3e-3).")] = None,
+        schedule: Annotated[Optional[str], opt("--schedule", help="wsd (default) or cosine.")] = None,
+        warmup_steps: Annotated[Optional[int], opt("--warmup-steps", help="Default: 2% of --max-steps, "
+                                                   "at most 2000.")] = None,
+        mixed_precision: Annotated[Optional[str], opt("--mixed-precision", help="no, bf16, fp16 or auto "
+                                                      "(default: bf16 on GPUs that support it).")] = None,
+        max_steps: MaxStepsOpt = None,
+        save_every: SaveEveryOpt = None,
+        eval_every: EvalEveryOpt = None,
+        sample_every: SampleEveryOpt = None,
+        log_every: LogEveryOpt = None,
+        keep_last: KeepLastOpt = None,
+        shuffle_buffer: Annotated[Optional[int], opt("--shuffle-buffer", help="Shuffle blocks through a "
+                                                     "buffer of N (default 0: stream order).")] = None,
+        num_workers: WorkersOpt = None,
+        compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.",
+                                                        show_default=False)] = None,
+        seed: Annotated[Optional[int], opt("--seed", help="Random seed (default 42).")] = None,
+        device: DeviceOpt = None,
+        report_to: ReportOpt = None,
+        peak_tflops: Annotated[Optional[float], opt("--peak-tflops", help="The device's peak TFLOP/s for MFU "
+                                                    "(known GPUs are looked up).")] = None,
+        run_name: Annotated[Optional[str], opt("--run-name", help="Default: <preset>-<date>-<time>.")] = None,
+        run_dir: RunDirOpt = None,
+        log_file: LogFileOpt = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run directory "
+                                                "that has checkpoints.")] = False,
+        dashboard: DashOpt = True,
+    ) -> None:
+        from smolctl.train import TrainConfig
+
+        flags = {k: v for k, v in locals().items() if v is not None and k in TrainConfig.__dataclass_fields__}
+        cfg = TrainConfig.from_file(config) if config else TrainConfig()
+        cfg = _with(cfg, flags)
+        name = run_name or (run_dir.name if run_dir else f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard)
+
+    @command(app, help="Continue a run from one of its checkpoints, exactly where it stopped.")
+    def resume(
+        from_: Annotated[str, typer.Option("--from", help="A step number, 'latest', or a checkpoint path.")] = "latest",
+        run_dir: RunDirOpt = None,
+        max_steps: MaxStepsOpt = None,
+        save_every: SaveEveryOpt = None,
+        eval_every: EvalEveryOpt = None,
+        sample_every: SampleEveryOpt = None,
+        log_every: LogEveryOpt = None,
+        keep_last: KeepLastOpt = None,
+        num_workers: WorkersOpt = None,
+        report_to: ReportOpt = None,
+        log_file: LogFileOpt = None,
+        dashboard: DashOpt = True,
+    ) -> None:
+        from smolctl.train import TrainConfig
+
+        if run_dir is None and Path(from_).is_dir() and Path(from_).parent.name == "checkpoints":
+            run_dir = Path(from_).parent.parent
+        run_dir = run_dir or _newest_run()
+        if not (run_dir / "config.yaml").is_file():
+            raise SmolctlError(f"{run_dir} is not a smolctl run directory (no config.yaml)",
+                               hint="Pass --run-dir of a run started with smolctl train")
+        cfg = TrainConfig.from_file(run_dir / "config.yaml")
+        flags = {k: v for k, v in locals().items() if v is not None and k in RESUMABLE}
+        _run(_with(cfg, flags), run_dir, from_, log_file, False, dashboard)
+
+
+def _with(cfg, flags: dict):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **flags)
+
+
+def _newest_run() -> Path:
+    runs = [p for p in RUNS.glob("*") if (p / "config.yaml").is_file()]
+    if not runs:
+        raise SmolctlError(f"no runs under {RUNS}/", hint="Pass --run-dir, or start one with smolctl train")
+    return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime)
+
+
+def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool) -> None:
+    from smolctl.train import train
+
+    sink = None
+    if dashboard and sys.stdout.isatty():
+        from smolctl.dashboard import Dashboard
+
+        sink = Dashboard()
+    else:
+        from smolctl.dashboard import PlainSink
+
+        sink = PlainSink()
+    try:
+        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink], overwrite=overwrite)
+    finally:
+        if hasattr(sink, "close"):
+            sink.close()
+    if result.stopped_by:
+        print(f"Stopped at step {result.step}. Continue with:\n  smolctl resume --run-dir {run_dir} "
+              f"--from {result.step}", file=sys.stderr)
+        raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)

@@ -1,0 +1,234 @@
+"""Training data: documents -> tokens -> packed blocks, with exactly resumable state.
+
+    spec = DataSpec.parse("sample")             # or "cosmopedia-v2", "org/name", a file, dir or glob
+    stream = BlockStream(spec, tokenizer_dir=None, seq_len=256, batch_size=8, rank=0, world_size=1)
+    for batch, state in stream:                 # batch: (8, 257) int64; state: JSON-able + tensors
+        ...
+    stream = BlockStream(..., state=state)      # continues with the very next batch
+
+Every source -- the hub's cosmopedia-v2 or local .jsonl/.json/.parquet/.txt files -- is read through
+`datasets.load_dataset(..., streaming=True)`. Documents are tokenized with the SmolLM2 tokenizer,
+each followed by <|endoftext|> (id 0), and the token stream is cut into consecutive blocks of
+seq_len + 1 tokens (inputs = block[:-1], labels = block[1:]): no padding, and every token lands
+in exactly one block, tails of documents carrying over into the next block (and across epochs).
+
+The resumable state is ours, not `datasets`' shuffle (which doesn't save its buffer): the
+source position (`IterableDataset.state_dict()`, taken from a fresh dataset per epoch), the
+carry-over tokens, the optional block shuffle buffer and its RNG, the epoch and counters.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from smolctl.errors import SmolctlError
+
+EOT_ID = 0  # <|endoftext|>
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "sample"
+HUB_DEFAULT = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+TOKENIZE_DOCS = 64  # documents tokenized per call (the Rust tokenizer batches them)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where documents come from. `kind` is "hub" or a `datasets` builder (json, parquet, text)."""
+
+    kind: str
+    path: str  # hub repo id, or "" for local files
+    name: str | None = None  # hub config name
+    files: tuple[str, ...] = ()
+    text_column: str = "text"
+
+    @classmethod
+    def parse(cls, data: str, text_column: str = "text", split: str = "train") -> DataSpec:
+        """'sample' (the bundled corpus; split 'train' or 'heldout'), 'cosmopedia-v2' (the seed's
+        hub stream), 'org/name[:config]' (a hub dataset), or local files: a file, directory or glob."""
+        if data == "sample":
+            path = SAMPLE_DIR / f"{split}.jsonl"
+            if not path.is_file():
+                raise SmolctlError(f"the bundled sample corpus is missing ({path})",
+                                   hint="Run from a clone of the smolctl repository, or pass --data PATH")
+            return cls("json", "", files=(str(path),), text_column=text_column)
+        if data in ("cosmopedia-v2", "smollm-corpus", "hub"):
+            return cls("hub", HUB_DEFAULT[0], HUB_DEFAULT[1], text_column=text_column)
+        files = _local_files(data)
+        if files:
+            kinds = {LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+            if None in kinds or len(kinds) > 1:
+                raise SmolctlError(f"--data {data}: files must all be .jsonl/.json, .parquet or .txt, one kind at a time")
+            return cls(kinds.pop(), "", files=tuple(files), text_column=text_column)
+        repo, _, config = data.partition(":")
+        from smolctl.hub import looks_like_hub_id
+
+        if looks_like_hub_id(repo):
+            return cls("hub", repo, config or None, text_column=text_column)
+        raise SmolctlError(f"--data {data}: no such file, directory or glob",
+                           hint="Pass a .jsonl/.json/.parquet/.txt path, a directory or glob of them, "
+                                "'sample' for the bundled corpus, or 'cosmopedia-v2'")
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"{self.path}" + (f" ({self.name})" if self.name else "") + " from the Hugging Face hub"
+        return f"{len(self.files)} local {self.kind} file(s)" if len(self.files) > 1 else self.files[0]
+
+    def open(self, rank: int = 0, world_size: int = 1):
+        """A fresh streaming `datasets.IterableDataset` over the documents, this rank's share."""
+        import datasets
+
+        if self.kind == "hub":
+            from smolctl.hub import require_hub
+
+            require_hub(f"dataset {self.path}",
+                        hint="Pass --data sample for the bundled corpus, or --data PATH for local files")
+            ds = datasets.load_dataset(self.path, self.name, split="train", streaming=True)
+        else:
+            extra = {"sample_by": "document"} if self.kind == "text" else {}
+            ds = datasets.load_dataset(self.kind, data_files=list(self.files), split="train", streaming=True, **extra)
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        return ds
+
+
+def _local_files(data: str) -> list[str]:
+    path = Path(data).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in LOCAL_BUILDERS and p.is_file())
+    if any(c in data for c in "*?["):
+        return sorted(f for f in glob.glob(os.path.expanduser(data), recursive=True) if os.path.isfile(f))
+    return []
+
+
+class BlockStream(torch.utils.data.IterableDataset):
+    """Yields (batch of blocks, state after that batch) forever, epoch after epoch.
+
+    Runs in the training process or in one DataLoader worker; the state travels with each
+    batch, so the trainer always checkpoints the state of exactly what it consumed.
+    """
+
+    def __init__(self, spec: DataSpec, seq_len: int, batch_size: int, tokenizer: str | None = None,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, seed: int = 0,
+                 state: dict[str, Any] | None = None, max_epochs: int | None = None):
+        super().__init__()
+        self.spec, self.seq_len, self.batch_size = spec, seq_len, batch_size
+        self.tokenizer, self.rank, self.world_size = tokenizer, rank, world_size
+        self.shuffle_buffer, self.seed, self.state, self.max_epochs = shuffle_buffer, seed, state, max_epochs
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        try:
+            yield from self._batches()
+        except SmolctlError as e:
+            yield None, {"error": str(e)}  # re-raised by the trainer: no traceback through workers
+        except UnicodeDecodeError as e:
+            yield None, {"error": f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start}). "
+                                  "Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"}
+
+    def _batches(self):
+        from smolctl.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(self.tokenizer)
+        st = dict(self.state or {})
+        if st and (st.get("world_size", 1), st.get("rank", 0)) != (self.world_size, self.rank):
+            raise SmolctlError(f"this data state was saved by rank {st.get('rank')} of {st.get('world_size')} "
+                               f"processes, not rank {self.rank} of {self.world_size}",
+                               hint="Resume with the same number of processes as the run was saved with")
+        block = self.seq_len + 1
+        epoch = st.get("epoch", 0)
+        carry: list[int] = list(st.get("carry", []))
+        buffer: list[torch.Tensor] = list(st["buffer"].unbind(0)) if "buffer" in st else []
+        rng = random.Random(self.seed * 1000 + self.rank)
+        if "rng" in st:
+            rng.setstate(_tuple(st["rng"]))
+        source_state = st.get("source")
+        docs, tokens = st.get("docs", 0), st.get("tokens", 0)
+        ready: list[torch.Tensor] = []  # blocks coming out of the (optional) shuffle buffer
+
+        while self.max_epochs is None or epoch < self.max_epochs:
+            ds = self.spec.open(self.rank, self.world_size)
+            if source_state is not None:
+                ds.load_state_dict(source_state)
+            it, epoch_docs = iter(ds), 0
+            while True:
+                texts = []
+                for row in it:
+                    texts.append(_text(row, self.spec))
+                    if len(texts) == TOKENIZE_DOCS:
+                        break
+                if not texts:
+                    break
+                epoch_docs += len(texts)
+                docs += len(texts)
+                for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+                    carry.extend(ids)
+                    carry.append(EOT_ID)
+                source_state = ds.state_dict()
+                while len(carry) >= block:
+                    blk, carry = torch.tensor(carry[:block], dtype=torch.long), carry[block:]
+                    tokens += block
+                    if self.shuffle_buffer:
+                        buffer.append(blk)
+                        if len(buffer) < self.shuffle_buffer:
+                            continue
+                        i = rng.randrange(len(buffer))
+                        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                        blk = buffer.pop()
+                    ready.append(blk)
+                    if len(ready) == self.batch_size:
+                        state = {"epoch": epoch, "source": source_state, "carry": list(carry),
+                                 "rng": rng.getstate(), "docs": docs, "tokens": tokens,
+                                 "rank": self.rank, "world_size": self.world_size}
+                        if buffer:  # one tensor, not a list of them: cheap to pass between processes
+                            state["buffer"] = torch.stack(buffer)
+                        yield torch.stack(ready), state
+                        ready = []
+            if epoch_docs == 0 and source_state is None:
+                raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
+                                   hint="Point --data at files with text in them")
+            epoch, source_state = epoch + 1, None
+
+
+def _text(row: dict, spec: DataSpec) -> str:
+    if spec.text_column not in row:
+        raise SmolctlError(f"the corpus has no {spec.text_column!r} column (columns: {', '.join(row)})",
+                           hint="Pick one with --text-column")
+    text = row[spec.text_column]
+    if not isinstance(text, str):
+        raise SmolctlError(f"column {spec.text_column!r} holds {type(text).__name__}, not text",
+                           hint="Pick a text column with --text-column")
+    return text
+
+
+def _tuple(x):
+    """JSON turns random.getstate()'s nested tuples into lists; setstate wants tuples back."""
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def batches(stream: BlockStream, num_workers: int = 1) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+    """Iterate a BlockStream, in one background DataLoader worker (num_workers=1) or inline (0)."""
+    if num_workers > 1:
+        raise SmolctlError("--num-workers must be 0 or 1 (one ordered stream per rank)")
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                         prefetch_factor=4 if num_workers else None,
+                                         worker_init_fn=_ignore_sigint if num_workers else None)
+    for batch, state in loader:
+        if batch is None:
+            raise SmolctlError(state["error"])
+        yield batch, state
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C is the trainer's to handle (finish the step, save); the worker must outlive it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

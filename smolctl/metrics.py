@@ -1,0 +1,157 @@
+"""The metrics stream: the training loop emits events, sinks consume them.
+
+An event is a flat dict with an "event" key: "start", "train" (step, loss, lr, grad_norm,
+tokens_seen, tokens_per_s, elapsed_s, ...), "eval", "sample", "checkpoint", "skip", "message",
+"end". The loop never knows who listens; these sinks (and the CLI's Rich dashboard) do.
+
+    sinks = [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(Path("logs/demo.log"))]
+    for sink in sinks: sink(event)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+Event = dict[str, Any]
+Sink = Callable[[Event], None]
+
+
+def format_event(e: Event) -> str | None:
+    """One human-readable line per event (the log file and the plain console share it)."""
+    kind = e["event"]
+    if kind == "train":
+        parts = [f"step {e['step']:>6}/{e['max_steps']}", f"loss {e['loss']:.4f}", f"lr {e['lr']:.2e}",
+                 f"grad_norm {e['grad_norm']:.3f}", f"tok/s {e['tokens_per_s']:,.0f}",
+                 f"tokens {e['tokens_seen']:,}", f"elapsed {format_seconds(e['elapsed_s'])}"]
+        if e.get("mfu") is not None:
+            parts.insert(5, f"mfu {100 * e['mfu']:.1f}%")
+        return " | ".join(parts)
+    if kind == "eval":
+        return f"step {e['step']:>6} | eval loss {e['loss']:.4f} | ppl {e['perplexity']:.2f} | {e['tokens']:,} tokens"
+    if kind == "sample":
+        return f"step {e['step']:>6} | sample: {e['prompt']!r} -> {e['text']!r}"
+    if kind == "checkpoint":
+        return f"step {e['step']:>6} | saved {e['path']} ({e['seconds']:.1f}s)"
+    if kind == "skip":
+        return f"step {e['step']:>6} | skipped: non-finite loss or grad norm ({e['bad_steps']} in a row)"
+    if kind in ("start", "message", "end"):
+        return e.get("text")
+    return None
+
+
+def format_seconds(s: float) -> str:
+    s = int(s)
+    h, m = divmod(s, 3600)
+    m, s = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class JsonlSink:
+    """metrics.jsonl: one JSON object per event, flushed as it comes (a crash loses nothing)."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def __call__(self, e: Event) -> None:
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in e.items()}
+        self.f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class LogFileSink:
+    """logs/<run-name>.log: the human-readable line of each event, with a timestamp."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def __call__(self, e: Event) -> None:
+        line = format_event(e)
+        if line:
+            self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class TrackerSink:
+    """TensorBoard / W&B through Accelerate's trackers (numbers only)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def __call__(self, e: Event) -> None:
+        if e["event"] in ("train", "eval"):
+            values = {f"{e['event']}/{k}": v for k, v in e.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(values, step=e["step"])
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop what a run logged after `step` (it is about to be redone by a resume), atomically.
+
+    metrics.jsonl rows carry "step"; log lines carry "step N". Lines without a step stay.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        s = _step_of(line)
+        if s is not None and s > step:
+            break
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    if line.startswith("{"):
+        try:
+            return json.loads(line).get("step")
+        except json.JSONDecodeError:
+            return None
+    parts = line.split(" step ", 1)
+    if len(parts) == 2:
+        token = parts[1].strip().split(" ", 1)[0].split("/", 1)[0]
+        return int(token) if token.isdigit() else None
+    return None
+
+
+def plot_loss(metrics: Path, out: Path) -> Path | None:
+    """A PNG loss curve (train, and eval when present) from metrics.jsonl; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r["event"] == "train" and r.get("loss") is not None]
+    evals = [(r["step"], r["loss"]) for r in rows if r["event"] == "eval"]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,521 @@
+"""Pretraining under Accelerate: setup -> fit, with exact resume.
+
+    cfg = TrainConfig(preset="tiny", data="sample", max_steps=200, batch_size=8, seq_len=256)
+    result = train(cfg, run_dir=Path("runs/demo"), sinks=[print])
+    result = train(cfg, run_dir=Path("runs/demo"), resume="latest")   # same loop, restored state
+
+Resume is training with restored state, not a second code path: `train` loads the checkpoint's
+weights, optimizer, RNG and data position, then runs the same loop. On CPU the losses after a
+resume equal an uninterrupted run's bit for bit.
+
+The loop emits events (see metrics.py); it never draws anything itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolctl import checkpoint as ckpt_io
+from smolctl.config import ModelConfig, read_mapping, write_mapping
+from smolctl.data import BlockStream, DataSpec, batches
+from smolctl.errors import SmolctlError
+from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset, optionally overridden field by field (a config file's `model:` section)
+    preset: str = "smollm2-135m"
+    model: dict[str, Any] = field(default_factory=dict)
+    # data
+    data: str = "cosmopedia-v2"  # the seed's stream; "sample" is the bundled corpus
+    text_column: str = "text"
+    eval_data: str | None = None  # None: the held-out split when --data sample, else no eval
+    tokenizer: str | None = None  # None: the bundled SmolLM2 tokenizer
+    shuffle_buffer: int = 0  # blocks held for shuffling (0: stream order)
+    num_workers: int = 1  # a background DataLoader worker tokenizes and packs
+    # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * processes
+    batch_size: int = 8  # micro-batch per device
+    seq_len: int | None = None  # None: the model's max_seq_len (2048 for SmolLM2-135M)
+    grad_accum: int = 1
+    # optimizer and schedule: the SmolLM2-135M recipe (huggingface/smollm config_smollm2_135M.yaml)
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    schedule: str = "wsd"  # warmup-stable-decay, or "cosine"
+    warmup_steps: int | None = None  # None: 2% of max_steps, at most 2000 (the recipe's value)
+    decay_frac: float = 0.2  # WSD: linear decay to min_lr over the last 20% of steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # loop
+    max_steps: int = 5000
+    mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else no
+    compile: bool = False
+    seed: int = 42
+    device: str | None = None  # None: what Accelerate picks
+    save_every: int = 500
+    keep_last: int | None = None
+    eval_every: int = 0  # 0: only at the end
+    eval_tokens: int = 32768
+    sample_every: int = 0
+    sample_prompt: str = "Once upon a time"
+    sample_tokens: int = 32
+    log_every: int = 10
+    report_to: str = "none"  # tensorboard, wandb or none
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    peak_tflops: float | None = None  # the device's peak for MFU; None: from a table of GPUs
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict({"preset": self.preset, **self.model})
+
+    def resolved(self) -> TrainConfig:
+        """Fill the derived defaults and check every value; raises SmolctlError."""
+        cfg = dataclasses.replace(self)
+        mcfg = cfg.model_config()
+        cfg.seq_len = cfg.seq_len or mcfg.max_seq_len
+        if cfg.warmup_steps is None:
+            cfg.warmup_steps = min(2000, max(1, round(0.02 * cfg.max_steps)))
+        checks = [
+            (cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}"),
+            (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
+            (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
+            (cfg.seq_len > 0, f"--seq-len must be positive, got {cfg.seq_len}"),
+            (cfg.seq_len <= mcfg.max_seq_len,
+             f"--seq-len {cfg.seq_len} exceeds the model's max positions ({mcfg.max_seq_len})"),
+            (cfg.lr > 0 and cfg.min_lr >= 0, "--lr must be positive and min_lr non-negative"),
+            (cfg.schedule in ("wsd", "cosine"), f"schedule must be wsd or cosine, got {cfg.schedule!r}"),
+            (0 <= cfg.decay_frac <= 1, "decay_frac must be within [0, 1]"),
+            (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
+             f"--mixed-precision must be auto, no, bf16 or fp16, got {cfg.mixed_precision!r}"),
+            (cfg.save_every > 0, f"--save-every must be positive, got {cfg.save_every}"),
+            (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
+            (min(cfg.eval_every, cfg.sample_every, cfg.shuffle_buffer, cfg.warmup_steps) >= 0,
+             "--eval-every, --sample-every, --shuffle-buffer and warmup must not be negative"),
+            (cfg.num_workers in (0, 1), "--num-workers must be 0 or 1 (one ordered stream per rank)"),
+            (cfg.report_to in ("none", "tensorboard", "wandb"), "--report-to must be tensorboard, wandb or none"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SmolctlError(message)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SmolctlError(f"unknown training config keys: {', '.join(unknown)}",
+                               hint=f"Valid keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """A YAML/TOML/JSON file: training keys at the top level (or under `train:`), the model as
+        `preset:` and/or a `model:` mapping of ModelConfig fields (or a preset name)."""
+        d = read_mapping(path)
+        d = {**d.pop("train", {}), **d}
+        model = d.get("model")
+        if isinstance(model, str):
+            d["preset"], d["model"] = model, {}
+        elif isinstance(model, dict) and "preset" in model:
+            d["model"] = dict(model)
+            d["preset"] = d["model"].pop("preset")
+        return cls.from_dict(d)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate for optimizer step `step` (1-based), a pure function of the config.
+
+    WSD: linear warmup to lr, constant, then linear decay to min_lr over the last decay_frac of
+    the run. cosine: linear warmup, then half a cosine down to min_lr.
+    """
+    if step <= cfg.warmup_steps:  # warmup: lr * step / warmup
+        return cfg.lr * step / max(1, cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_steps = round(cfg.decay_frac * cfg.max_steps)
+    decay_start = cfg.max_steps - decay_steps
+    if step <= decay_start:  # stable
+        return cfg.lr
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (cfg.max_steps - step) / max(1, decay_steps)  # decay
+
+
+class CausalLMLoss(nn.Module):
+    """The model plus its loss, as one module: the one place the loss is computed.
+
+    Wrapping (rather than calling model.model directly) keeps DDP's hooks on the forward pass.
+    Blocks are already shifted (inputs = block[:-1], labels = block[1:]), so we don't use
+    transformers' labels= path, which would shift them again.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
+        logits = self.model.lm_head(hidden)  # (B, T, V): the largest activation of the step
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight used in a matmul (the lm_head's too, tied or not;
+    the embedding lookup is free) plus attention's 12 * layers * hidden * seq_len (PaLM, app. B)."""
+    h, n = mcfg.hidden_size, mcfg.num_layers
+    kv = mcfg.num_kv_heads * mcfg.head_dim
+    per_layer = h * (h + 2 * kv + h) + 3 * h * mcfg.intermediate_size
+    return 6 * (n * per_layer + mcfg.vocab_size * h) + 12 * n * h * seq_len
+
+
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165, "3090": 71}
+
+
+def device_peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped_by: str | None  # "SIGINT"/"SIGTERM" when interrupted, None when finished
+    last_checkpoint: Path | None
+    run_dir: Path
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: Path | None = None,
+          sinks: list[Callable] = (), overwrite: bool = False) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from smolctl.model import build_model
+
+    cfg = cfg.resolved()
+    mcfg = cfg.model_config()
+    run_dir = Path(run_dir)
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    trackers = None if cfg.report_to == "none" else [cfg.report_to]
+    if trackers:
+        _require_tracker(cfg.report_to)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.device == "cpu", log_with=trackers,
+                              project_dir=str(run_dir))
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+
+    # -- run directory, or the checkpoint to resume from --------------------------------------
+    resume_path = None
+    if resume is None:
+        if ckpt_io.checkpoints(run_dir) and not overwrite:
+            raise SmolctlError(f"run directory {run_dir} already has checkpoints",
+                               hint=f"Continue it with: smolctl resume --run-dir {run_dir} --from latest "
+                                    "(or pass --overwrite to start over)")
+    else:
+        resume_path = ckpt_io.find_checkpoint(run_dir, resume, say=accelerator.print)
+        saved = ModelConfig.from_dict(json.loads((resume_path / "smolctl.json").read_text())["model"])
+        if dataclasses.replace(saved, name=mcfg.name) != mcfg:
+            raise SmolctlError(f"{resume_path} holds a different model config than this run's",
+                               hint="Resume with the run's own config (leave --preset/--config out)")
+    if main:
+        _prepare_run_dir(run_dir, overwrite and resume is None)
+        write_mapping(run_dir / "config.yaml", cfg.to_dict())
+    accelerator.wait_for_everyone()
+
+    set_seed(cfg.seed)
+    model = build_model(mcfg, device="cpu")  # seeded init; identical on every rank
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm weights
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
+    step, tokens_seen, data_state, elapsed_before = 0, 0, None, 0.0
+    if resume_path is not None:
+        weights = ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS))
+        model.load_state_dict(weights, strict=not mcfg.tie_embeddings)
+        meta, data_state = ckpt_io.load_training_state(resume_path, optimizer, rank, world)
+        step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
+        if step >= cfg.max_steps:
+            raise SmolctlError(f"{resume_path} is at step {step}, which is not before --max-steps {cfg.max_steps}",
+                               hint="Pass a larger --max-steps to extend the run")
+        _supersede_later_checkpoints(run_dir, step, main, accelerator.print)
+    loss_module = CausalLMLoss(model)
+    if cfg.compile:
+        loss_module = torch.compile(loss_module)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+
+    spec = DataSpec.parse(cfg.data, cfg.text_column)
+    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, rank, world,
+                         cfg.shuffle_buffer, cfg.seed, data_state)
+    data = batches(stream, cfg.num_workers)
+    eval_spec = _eval_spec(cfg)
+
+    # -- sinks: files on the main process; the caller's display --------------------------------
+    log_file = log_file or Path("logs") / f"{run_dir.name}.log"
+    emit_to: list[Callable] = []
+    if main:
+        if resume_path is not None:
+            truncate_after(run_dir / "metrics.jsonl", step)
+            truncate_after(log_file, step)
+        emit_to = [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(log_file), *sinks]
+        if trackers:
+            from smolctl.metrics import TrackerSink
+
+            accelerator.init_trackers(run_dir.name, config={k: v for k, v in cfg.to_dict().items() if k != "model"})
+            emit_to.append(TrackerSink(accelerator))
+
+    def emit(event: str, **fields) -> None:
+        for sink in emit_to:
+            sink({"event": event, **fields})
+
+    fpt = flops_per_token(mcfg, cfg.seq_len)
+    peak = device_peak_tflops(device, cfg.peak_tflops)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    verb = f"Resuming from {resume_path} (step {step})" if resume_path else "Training"
+    emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
+                       f"{spec.describe()}, {world} x {device.type} process(es), mixed precision {mixed}, "
+                       f"{tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
+         step=step, max_steps=cfg.max_steps, run_dir=str(run_dir), resumed_from=str(resume_path) if resume_path else None,
+         config=cfg.to_dict())
+
+    def save(kind: str = "step") -> Path:
+        t = time.perf_counter()
+        final = ckpt_io.step_dir(run_dir, step) if kind == "step" else run_dir / "checkpoints" / "final"
+        tmp = ckpt_io.staging_dir(final, main)
+        accelerator.wait_for_everyone()
+        if main:
+            meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
+                    "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg)}
+            ckpt_io.save_model_state(tmp, model, mcfg, optimizer, meta)
+        ckpt_io.save_rank_state(tmp, rank, last_state)
+        accelerator.wait_for_everyone()
+        if main:
+            ckpt_io.finalize(tmp, final)
+            ckpt_io.prune(run_dir, cfg.keep_last)
+            emit("checkpoint", step=step, path=str(final), seconds=time.perf_counter() - t)
+        accelerator.wait_for_everyone()
+        return final
+
+    def run_eval() -> None:
+        if eval_spec is None:
+            return
+        loss, n = evaluate(loss_module, eval_spec, cfg, device, accelerator.autocast)
+        emit("eval", step=step, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=n)
+
+    def run_sample() -> None:
+        from smolctl.generation import complete
+        from smolctl.tokenizer import load_tokenizer
+
+        model.eval()
+        with accelerator.autocast():
+            text = complete(model, load_tokenizer(cfg.tokenizer), cfg.sample_prompt, max_new_tokens=cfg.sample_tokens)
+        model.train()
+        emit("sample", step=step, prompt=cfg.sample_prompt, text=text)
+
+    # -- the loop ---------------------------------------------------------------------------
+    last_ckpt, last_state, stopped_by, bad_steps = resume_path, data_state, None, 0
+    window_loss, window_steps, window_t = torch.zeros((), device=device), 0, time.perf_counter()
+    t0 = time.perf_counter()
+    loss_module.train()
+    with _stop_on_signals() as stop:
+        while step < cfg.max_steps and not stop.signal:
+            lr = lr_at(step + 1, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch, last_state = next(data)
+                batch = batch.to(device, non_blocking=True)
+                sync = accelerator.no_sync(loss_module) if micro < cfg.grad_accum - 1 else nullcontext()
+                with sync:
+                    loss = loss_module(batch[:, :-1], batch[:, 1:])
+                    accelerator.backward(loss / cfg.grad_accum)
+                step_loss += loss.detach() / cfg.grad_accum
+            grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
+            step += 1
+            tokens_seen += tokens_per_step
+            if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # one host sync per step
+                optimizer.zero_grad(set_to_none=True)  # skip: no update from a NaN/inf step
+                bad_steps += 1
+                emit("skip", step=step, bad_steps=bad_steps)
+                if bad_steps >= cfg.max_bad_steps:
+                    raise SmolctlError(
+                        f"training diverged: {bad_steps} non-finite steps in a row at step {step}",
+                        hint=f"The last good checkpoint is {last_ckpt}; resume from it with a lower --lr",
+                        exit_code=1)
+                continue
+            bad_steps = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_loss += step_loss
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / max(1, window_steps)
+                now = time.perf_counter()
+                tps = window_steps * tokens_per_step / (now - window_t)
+                emit("train", step=step, max_steps=cfg.max_steps, loss=mean_loss, lr=lr,
+                     grad_norm=grad_norm.item(), tokens_seen=tokens_seen, tokens_per_s=tps,
+                     mfu=fpt * tps / (peak * 1e12 * world) if peak else None,
+                     elapsed_s=elapsed_before + now - t0, memory_gb=_memory_gb(device))
+                window_loss.zero_()
+                window_steps, window_t = 0, time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                run_eval()
+            if cfg.sample_every and step % cfg.sample_every == 0 and main:
+                run_sample()
+            if (step % cfg.save_every == 0 and step < cfg.max_steps) or stop.signal:
+                last_ckpt = save()
+    if stop.signal:
+        emit("end", step=step, text=f"Stopped by {stop.signal} at step {step}; saved {last_ckpt}")
+        _close(emit_to)
+        return TrainResult(step, stop.signal, last_ckpt, run_dir)
+    if not cfg.eval_every or step % cfg.eval_every:
+        run_eval()
+    last_ckpt = save("final")
+    if main:
+        png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        emit("end", step=step, text=f"Done: step {step}, {tokens_seen:,} tokens; final checkpoint {last_ckpt}"
+                                    + (f"; loss curve {png}" if png else ""))
+    _close(emit_to)
+    return TrainResult(step, None, last_ckpt, run_dir)
+
+
+@torch.no_grad()
+def evaluate(loss_module: nn.Module, spec: DataSpec, cfg: TrainConfig, device, autocast=nullcontext,
+             tokens: int | None = None) -> tuple[float, int]:
+    """Mean held-out loss over the first `tokens` (default cfg.eval_tokens) of `spec`, in order."""
+    tokens = tokens or cfg.eval_tokens
+    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, max_epochs=1)
+    was_training = loss_module.training
+    loss_module.eval()
+    total, n = 0.0, 0
+    for batch, _ in batches(stream, num_workers=0):
+        batch = batch.to(device)
+        with autocast():
+            loss = loss_module(batch[:, :-1], batch[:, 1:])
+        total += loss.item() * batch[:, 1:].numel()
+        n += batch[:, 1:].numel()
+        if n >= tokens:
+            break
+    loss_module.train(was_training)
+    if n == 0:
+        raise SmolctlError(f"the eval data ({spec.describe()}) is shorter than one batch "
+                           f"({cfg.batch_size} x {cfg.seq_len + 1} tokens)", hint="Use more eval text or a smaller --batch-size")
+    return total / n, n
+
+
+def _eval_spec(cfg: TrainConfig) -> DataSpec | None:
+    if cfg.eval_data:
+        return DataSpec.parse(cfg.eval_data, cfg.text_column, split="heldout")
+    if cfg.data == "sample":
+        return DataSpec.parse("sample", cfg.text_column, split="heldout")
+    return None
+
+
+class _stop_on_signals:
+    """SIGINT/SIGTERM set `.signal`; the loop finishes its step, saves and returns."""
+
+    signal: str | None = None
+
+    def __enter__(self):
+        self.signal = None
+        self._old = {}
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
+    try:
+        if fresh and (run_dir / "checkpoints").exists():
+            import shutil
+
+            shutil.rmtree(run_dir / "checkpoints")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SmolctlError(f"cannot write to run directory {run_dir}: {e.strerror}",
+                           hint="Pick another --run-dir") from None
+
+
+def _supersede_later_checkpoints(run_dir: Path, step: int, main: bool, say) -> None:
+    """Resuming from an earlier step starts a new timeline: set later checkpoints aside (not
+    deleted) so that `--from latest` can never pick one from the abandoned branch."""
+    if not main:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for s, path in ckpt_io.checkpoints(run_dir):
+        if s > step or (s == step and path.name == "final"):
+            aside = path.parent / f"superseded-{stamp}-{path.name}"
+            os.replace(path, aside)
+            say(f"Set aside {path.name} (after step {step}) as {aside.name}")
+
+
+def _require_tracker(name: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+    if importlib.util.find_spec(module) is None:
+        raise SmolctlError(f"--report-to {name} needs the {module} package", hint=f"pip install {module}")
+
+
+def _memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    except ImportError:
+        return None
+
+
+def _close(sinks) -> None:
+    for sink in sinks:
+        close = getattr(sink, "close", None)
+        if close:
+            close()
