@@ -60,6 +60,10 @@ class DataSpec:
         if data in ("cosmopedia-v2", "smollm-corpus", "hub"):
             return cls("hub", HUB_DEFAULT[0], HUB_DEFAULT[1], text_column=text_column)
         files = _local_files(data)
+        if files and not any(os.path.getsize(f) for f in files):
+            raise SmolctlError(f"the corpus is empty: --data {data} has only empty files",
+                               hint="Point --data at files with text in them")
+        files = [f for f in files if os.path.getsize(f)]  # datasets' json reader chokes on empty files
         if files:
             kinds = {LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in files}
             if None in kinds or len(kinds) > 1:

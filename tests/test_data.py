@@ -1,0 +1,140 @@
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import write_corpus
+from smolctl.data import BlockStream, DataSpec, batches
+from smolctl.errors import SmolctlError
+from smolctl.tokenizer import load_tokenizer
+
+
+def stream_tokens(paths, epochs=1):
+    """The reference token stream: every document's tokens followed by <|endoftext|>."""
+    tok = load_tokenizer()
+    docs = [json.loads(line)["text"] for p in paths for line in open(p, encoding="utf-8")]
+    out = []
+    for _ in range(epochs):
+        for d in docs:
+            out += tok(d, add_special_tokens=False).input_ids + [0]
+    return out
+
+
+def take(stream, n=None, workers=0):
+    out = []
+    for batch, state in batches(stream, workers):
+        out.append((batch, state))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def test_packing_uses_every_token_once_across_blocks_and_epochs(corpus):
+    spec = DataSpec.parse(str(corpus))
+    got = take(BlockStream(spec, seq_len=15, batch_size=3, max_epochs=2))
+    assert all(b.shape == (3, 16) and b.dtype == torch.long for b, _ in got)
+    flat = torch.cat([b.flatten() for b, _ in got]).tolist()
+    ref = stream_tokens([corpus], epochs=2)
+    assert flat == ref[:len(flat)]  # nothing dropped or padded, in order
+    assert len(ref) - len(flat) < 3 * 16  # only the last partial batch is still in the carry
+    assert got[-1][1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("shuffle", [0, 5])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_twice_gives_the_identical_stream(corpus, shuffle, workers):
+    spec = DataSpec.parse(str(corpus))
+    kw = dict(seq_len=15, batch_size=2, shuffle_buffer=shuffle, seed=3, max_epochs=3)
+    straight = take(BlockStream(spec, **kw))
+    first = take(BlockStream(spec, **kw), 7, workers)
+    second = take(BlockStream(spec, state=first[-1][1], **kw), 9, workers)
+    rest = take(BlockStream(spec, state=second[-1][1], **kw), workers=workers)
+    resumed = [b for b, _ in first + second + rest]
+    assert len(resumed) == len(straight)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(resumed, straight))
+
+
+def test_shuffle_changes_order_not_content(corpus):
+    spec = DataSpec.parse(str(corpus))
+    plain = take(BlockStream(spec, seq_len=15, batch_size=1, max_epochs=1))
+    mixed = take(BlockStream(spec, seq_len=15, batch_size=1, shuffle_buffer=8, seed=1, max_epochs=1))
+    plain_rows = [tuple(b[0].tolist()) for b, _ in plain]
+    mixed_rows = [tuple(b[0].tolist()) for b, _ in mixed]
+    assert plain_rows != mixed_rows[:len(plain_rows)]
+    assert set(mixed_rows) <= set(plain_rows)  # only reordered (the buffer's tail waits for epoch 2)
+
+
+def test_ranks_see_disjoint_data(tmp_path):
+    paths = [write_corpus(tmp_path / f"part{i}.jsonl", seed=i) for i in range(2)]
+    spec = DataSpec.parse(str(tmp_path))
+    seen = []
+    for rank in range(2):
+        blocks = take(BlockStream(spec, seq_len=15, batch_size=1, rank=rank, world_size=2, max_epochs=1))
+        seen.append({tuple(b[0].tolist()) for b, _ in blocks})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    tok = load_tokenizer()
+    doc0 = tok(json.loads(open(paths[0]).readline())["text"], add_special_tokens=False).input_ids
+    assert any(tuple(doc0[:8]) == row[:8] for row in seen[0])  # rank 0 got part0 (whole-file sharding)
+
+
+def test_world_size_change_is_refused(corpus):
+    spec = DataSpec.parse(str(corpus))
+    state = take(BlockStream(spec, seq_len=15, batch_size=1), 2)[-1][1]
+    with pytest.raises(SmolctlError, match="same number of processes"):
+        take(BlockStream(spec, seq_len=15, batch_size=1, rank=0, world_size=2, state=state), 1)
+
+
+def test_local_formats_go_through_datasets_streaming(tmp_path):
+    import datasets
+
+    (tmp_path / "a.txt").write_text("A text file is one document.\nWith two lines.", encoding="utf-8")
+    datasets.Dataset.from_dict({"body": ["parquet row one", "parquet row two"]}).to_parquet(tmp_path / "b.parquet")
+    txt = DataSpec.parse(str(tmp_path / "*.txt"))
+    assert (txt.kind, txt.files) == ("text", (str(tmp_path / "a.txt"),))
+    ds = txt.open()
+    assert isinstance(ds, datasets.IterableDataset)
+    assert [r["text"] for r in ds] == ["A text file is one document.\nWith two lines."]
+    pq = DataSpec.parse(str(tmp_path / "b.parquet"), text_column="body")
+    blocks = take(BlockStream(pq, seq_len=3, batch_size=1, max_epochs=1))
+    tok = load_tokenizer()
+    ref = tok("parquet row one", add_special_tokens=False).input_ids + [0]
+    assert blocks[0][0][0].tolist() == ref[:4]
+
+
+def test_sample_corpus_name(tmp_path):
+    spec = DataSpec.parse("sample")
+    assert spec.files[0].endswith("examples/sample/train.jsonl")
+    assert DataSpec.parse("sample", split="heldout").files[0].endswith("heldout.jsonl")
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda p: p.write_text(""), "the corpus is empty"),
+    (lambda p: p.write_text('{"body": "x"}\n'), "no 'text' column (columns: body). Pick one with --text-column"),
+    (lambda p: p.write_text('{"text": 5}\n'), "holds int, not text"),
+])
+def test_bad_corpora(tmp_path, setup, words):
+    path = tmp_path / "bad.jsonl"
+    setup(path)
+    with pytest.raises(SmolctlError, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        take(BlockStream(DataSpec.parse(str(path)), seq_len=7, batch_size=1), 1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_non_utf8_text_is_a_clear_error(tmp_path, workers):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    with pytest.raises(SmolctlError, match="not UTF-8"):
+        take(BlockStream(DataSpec.parse(str(tmp_path / "latin1.txt")), seq_len=7, batch_size=1), 1, workers)
+
+
+def test_missing_path():
+    with pytest.raises(SmolctlError, match="no such file, directory or glob"):
+        DataSpec.parse("/no/such/corpus.jsonl")
+
+
+def test_offline_hub_fails_fast_naming_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(SmolctlError, match="cannot reach the Hugging Face hub.*--data sample"):
+        take(BlockStream(DataSpec.parse("cosmopedia-v2"), seq_len=7, batch_size=1), 1)
+    assert time.perf_counter() - t < 10

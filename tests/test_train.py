@@ -1,0 +1,188 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from smolctl import checkpoint as ckpt_io
+from smolctl.errors import SmolctlError
+from smolctl.train import TrainConfig, lr_at, train
+
+GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["event"] == "train"]
+
+
+def test_wsd_schedule():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0).resolved()
+    assert [lr_at(s, cfg) for s in (1, 5, 10)] == [0.1, 0.5, 1.0]  # linear warmup
+    assert lr_at(11, cfg) == lr_at(80, cfg) == 1.0  # stable
+    assert lr_at(90, cfg) == pytest.approx(0.5) and lr_at(100, cfg) == 0.0  # decay over the last 20%
+
+
+def test_cosine_schedule_and_default_warmup():
+    cfg = TrainConfig(max_steps=5000, schedule="cosine", lr=1.0, min_lr=0.1).resolved()
+    assert cfg.warmup_steps == 100  # 2% of 5,000 (the recipe's 2,000 scaled to a short run)
+    assert lr_at(100, cfg) == 1.0 and lr_at(5000, cfg) == pytest.approx(0.1)
+    assert lr_at(2550, cfg) == pytest.approx(0.55)
+    assert TrainConfig(max_steps=10**6).resolved().warmup_steps == 2000
+
+
+def test_loss_decreases_and_run_artifacts(micro_cfg, tmp_path):
+    run = tmp_path / "run"
+    result = train(micro_cfg(max_steps=30, lr=1e-2), run, log_file=tmp_path / "logs" / "run.log")
+    assert result.stopped_by is None and result.step == 30
+    curve = [loss for _, loss in losses(run)]
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["event"] == "train")
+    assert {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"} <= set(row)
+    assert (run / "loss.png").stat().st_size > 1000
+    assert (run / "config.yaml").is_file()
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert "step     30/30 | loss" in log and "Done: step 30" in log
+
+
+def test_golden_loss_curve(micro_cfg, tmp_path):
+    """The first steps' losses are pinned: a change to init, data, loss or optimizer shows here.
+    Regenerate (after an intended change) with SMOLCTL_REGEN_GOLDEN=1."""
+    train(micro_cfg(max_steps=8, save_every=100), tmp_path / "run")
+    got = [loss for _, loss in losses(tmp_path / "run")]
+    if os.environ.get("SMOLCTL_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == pytest.approx(json.loads(GOLDEN.read_text()), abs=1e-4)
+
+
+@pytest.mark.parametrize("shuffle", [0, 6])
+def test_resume_is_bit_exact_after_one_and_two_resumes(micro_cfg, tmp_path, shuffle):
+    cfg = micro_cfg(shuffle_buffer=shuffle)
+    train(cfg, tmp_path / "straight")
+    train(cfg, tmp_path / "resumed")
+    train(cfg, tmp_path / "resumed", resume="4")  # redo 5..12 from step 4
+    train(cfg, tmp_path / "resumed", resume="8")  # and 9..12 once more, from step 8
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert [s for s, _ in resumed] == list(range(1, 13))  # no step lost or repeated in metrics.jsonl
+    assert resumed == straight  # bit for bit
+
+
+def test_checkpoint_contents_and_manifest(micro_cfg, tmp_path):
+    train(micro_cfg(max_steps=4), tmp_path / "run")
+    final = tmp_path / "run" / "checkpoints" / "final"
+    names = {p.name for p in final.iterdir()}
+    assert names == {"config.json", "model.safetensors", "smolctl.json", "optimizer.safetensors", "optimizer.json",
+                     "rng-rank0.json", "rng-rank0.safetensors", "data-rank0.json", "manifest.json"}
+    manifest = json.loads((final / "manifest.json").read_text())["files"]
+    assert set(manifest) == names - {"manifest.json"}
+    meta = json.loads((final / "smolctl.json").read_text())
+    assert meta["step"] == 4 and meta["tokens_seen"] == 4 * 2 * 16 and meta["train"]["max_steps"] == 4
+    ckpt_io.verify(final)
+    # A checkpoint is an HF model directory too.
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(final)
+    assert model.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corruption_is_detected_and_latest_skips_it(micro_cfg, tmp_path, damage):
+    run = tmp_path / "run"
+    train(micro_cfg(max_steps=8, save_every=4), run)
+    victim = run / "checkpoints" / "final" / "optimizer.safetensors"
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    victim.write_bytes(bytes(data))
+    with pytest.raises(SmolctlError, match="optimizer.safetensors is corrupt"):
+        ckpt_io.verify(victim.parent)
+    said = []
+    assert ckpt_io.find_checkpoint(run, "latest", say=said.append).name == "step-00000004"
+    assert "Skipping damaged checkpoint" in said[0] and "optimizer.safetensors" in said[0]
+
+
+def test_interrupted_save_leaves_previous_checkpoint_latest(micro_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real = ckpt_io.save_rank_state
+
+    def crash_on_second_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io, "save_rank_state", crash_on_second_save)
+    with pytest.raises(OSError):
+        train(micro_cfg(max_steps=12, save_every=4), run)
+    assert ckpt_io.find_checkpoint(run, "latest").name == "step-00000004"
+    assert [s for s, _ in ckpt_io.checkpoints(run)] == [4]  # the half-written step 8 is not a checkpoint
+    monkeypatch.undo()
+    train(micro_cfg(max_steps=12, save_every=4), run, resume="latest")
+    assert ckpt_io.find_checkpoint(run, "latest").name == "final"
+
+
+def test_keep_last_prunes_old_step_checkpoints(micro_cfg, tmp_path):
+    train(micro_cfg(max_steps=12, save_every=2, keep_last=2), tmp_path / "run")
+    assert [p.name for _, p in ckpt_io.checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000010", "final"]
+
+
+def test_nan_steps_are_skipped_then_training_stops(micro_cfg, tmp_path):
+    with pytest.raises(SmolctlError, match="training diverged: 3 non-finite steps in a row") as e:
+        train(micro_cfg(lr=float("inf"), max_bad_steps=3, save_every=100), tmp_path / "run")
+    assert e.value.exit_code == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in rows if r["event"] == "skip"][-3:] == [1, 2, 3]
+
+
+def test_resume_errors(micro_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(micro_cfg(max_steps=4), run)
+    with pytest.raises(SmolctlError, match="no checkpoint at step 3. Checkpoints: 4"):
+        train(micro_cfg(max_steps=8), run, resume="3")
+    with pytest.raises(SmolctlError, match="different model config"):
+        train(micro_cfg(max_steps=8, model={"num_layers": 2, "hidden_size": 32, "num_heads": 2,
+                                            "num_kv_heads": 1, "intermediate_size": 64}), run, resume="latest")
+    with pytest.raises(SmolctlError, match="already has checkpoints.*smolctl resume"):
+        train(micro_cfg(max_steps=4), run)
+
+
+def test_eval_and_sample_events(micro_cfg, tmp_path, corpus):
+    pytest.importorskip("smolctl.generation")
+    train(micro_cfg(max_steps=4, eval_every=2, sample_every=4, eval_data=str(corpus), eval_tokens=64), tmp_path / "r")
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["tokens"] >= 64 for r in evals)
+    samples = [r for r in rows if r["event"] == "sample"]
+    assert samples and samples[0]["prompt"] == "Once upon a time" and isinstance(samples[0]["text"], str)
+
+
+def _run_cli(args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "smolctl", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_finishes_the_step_saves_and_prints_the_resume_command(tmp_path, corpus, sig, code):
+    (tmp_path / "micro.yaml").write_text(
+        "model: {preset: tiny, num_layers: 1, hidden_size: 32, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}\n"
+        f"data: {corpus}\nbatch_size: 2\nseq_len: 16\nmixed_precision: 'no'\ndevice: cpu\nlog_every: 1\n")
+    p = _run_cli(["train", "--config", "micro.yaml", "--max-steps", "100000", "--run-dir", "run"], tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or '"train"' not in metrics.read_text()):
+        time.sleep(0.2)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    assert "smolctl resume --run-dir run --from" in err and "Traceback" not in err
+    step = int(err.split("--from ")[1].split()[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
