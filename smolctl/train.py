@@ -323,7 +323,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     def run_eval() -> None:
         if eval_spec is None:
             return
-        loss, n = evaluate(loss_module, eval_spec, cfg, device, accelerator.autocast)
+        loss, n = evaluate(loss_module, eval_spec, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                           tokens=cfg.eval_tokens, device=device, tokenizer=cfg.tokenizer,
+                           autocast=accelerator.autocast)
         emit("eval", step=step, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=n)
 
     def run_sample() -> None:
@@ -406,11 +408,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
 
 
 @torch.no_grad()
-def evaluate(loss_module: nn.Module, spec: DataSpec, cfg: TrainConfig, device, autocast=nullcontext,
-             tokens: int | None = None) -> tuple[float, int]:
-    """Mean held-out loss over the first `tokens` (default cfg.eval_tokens) of `spec`, in order."""
-    tokens = tokens or cfg.eval_tokens
-    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, max_epochs=1)
+def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size: int, tokens: int, device,
+             tokenizer: str | None = None, autocast=nullcontext) -> tuple[float, int]:
+    """Mean loss over the first `tokens` predicted tokens of `spec`, read in order (one epoch at most).
+
+    Returns (loss, tokens actually scored): whole batches, so slightly more than asked.
+    """
+    stream = BlockStream(spec, seq_len, batch_size, tokenizer, max_epochs=1)
     was_training = loss_module.training
     loss_module.eval()
     total, n = 0.0, 0
@@ -425,7 +429,7 @@ def evaluate(loss_module: nn.Module, spec: DataSpec, cfg: TrainConfig, device, a
     loss_module.train(was_training)
     if n == 0:
         raise SmolctlError(f"the eval data ({spec.describe()}) is shorter than one batch "
-                           f"({cfg.batch_size} x {cfg.seq_len + 1} tokens)", hint="Use more eval text or a smaller --batch-size")
+                           f"({batch_size} x {seq_len + 1} tokens)", hint="Use more eval text or a smaller batch/seq-len")
     return total / n, n
 
 

@@ -1,0 +1,62 @@
+"""`smolctl eval`: held-out loss and perplexity of any model on any data.
+
+    smolctl eval --model runs/demo                        # the sample's held-out split
+    smolctl eval --model smollm2-instruct --data heldout.jsonl --tokens 65536 --json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from smolctl.cli.options import DeviceOpt, JsonOpt, ModelOpt
+from smolctl.cli.registry import command
+from smolctl.errors import SmolctlError
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, name="eval", help="Held-out loss and perplexity of a model over N tokens.")
+    def eval_(
+        model: ModelOpt = None,
+        data: Annotated[str, typer.Option("--data", help="Like train's --data; default: the bundled sample's "
+                                          "held-out split.")] = "sample",
+        text_column: Annotated[str, typer.Option("--text-column", help="The text column.")] = "text",
+        tokens: Annotated[int, typer.Option("--tokens", help="Tokens to score.")] = 32768,
+        seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Default: min(the model's context, 1024).",
+                                                       show_default=False)] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 4,
+        device: DeviceOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        if model is None:
+            raise SmolctlError("eval needs --model", hint="Pass a run, checkpoint, HF directory or .gguf file")
+        if tokens <= 0 or batch_size <= 0 or (seq_len is not None and seq_len <= 0):
+            raise SmolctlError("--tokens, --batch-size and --seq-len must be positive")
+        import torch
+
+        from smolctl.data import DataSpec
+        from smolctl.sources import load
+        from smolctl.train import CausalLMLoss, evaluate
+
+        spec = DataSpec.parse(data, text_column, split="heldout")
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load(model, device=dev, dtype=torch.float32)
+        seq_len = seq_len or min(loaded.cfg.max_seq_len, 1024)
+        if seq_len > loaded.cfg.max_seq_len:
+            raise SmolctlError(f"--seq-len {seq_len} exceeds the model's context ({loaded.cfg.max_seq_len})")
+        t = time.perf_counter()
+        loss, n = evaluate(CausalLMLoss(loaded.model), spec, seq_len=seq_len, batch_size=batch_size,
+                           tokens=tokens, device=dev)
+        result = {"model": str(model), "data": spec.describe(), "tokens": n, "seq_len": seq_len, "loss": loss,
+                  "perplexity": math.exp(min(loss, 50)), "seconds": round(time.perf_counter() - t, 2)}
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{model}: loss {loss:.4f}, perplexity {result['perplexity']:.2f} "
+                  f"over {n:,} tokens of {spec.describe()} (seq len {seq_len})")
+            print(f"{result['seconds']:.1f}s", file=sys.stderr)
