@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 from smolctl.config import ModelConfig
+from smolctl.data import tuples
 from smolctl.errors import SmolctlError
 
 WEIGHTS = "model.safetensors"
@@ -234,7 +235,7 @@ def load_training_state(ckpt: Path, optimizer, rank: int, world_size: int) -> tu
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads((ckpt / "optimizer.json").read_text())))
     rng = json.loads((ckpt / f"rng-rank{rank}.json").read_text())
-    random.setstate(_tuple(rng["python"]))
+    random.setstate(tuples(rng["python"]))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
     rng_t = load_file(str(ckpt / f"rng-rank{rank}.safetensors"))
     torch.set_rng_state(rng_t["torch"])
@@ -279,10 +280,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def _numpy_rng() -> list:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _tuple(x):
-    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
 
 
 def _sha256(path: Path) -> str:

@@ -153,7 +153,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         buffer: list[torch.Tensor] = list(st["buffer"].unbind(0)) if "buffer" in st else []
         rng = random.Random(self.seed * 1000 + self.rank)
         if "rng" in st:
-            rng.setstate(_tuple(st["rng"]))
+            rng.setstate(tuples(st["rng"]))
         source_state = st.get("source")
         docs, tokens = st.get("docs", 0), st.get("tokens", 0)
         ready: list[torch.Tensor] = []  # blocks coming out of the (optional) shuffle buffer
@@ -213,9 +213,9 @@ def _text(row: dict, spec: DataSpec) -> str:
     return text
 
 
-def _tuple(x):
+def tuples(x):
     """JSON turns random.getstate()'s nested tuples into lists; setstate wants tuples back."""
-    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def batches(stream: BlockStream, num_workers: int = 1) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:

@@ -80,12 +80,27 @@ def test_help_imports_neither_torch_nor_transformers(argv):
     assert "HEAVY []" in p.stdout, p.stdout + p.stderr
 
 
+def add_entry_point(monkeypatch, name: str, value: str) -> None:
+    """Make `importlib.metadata` report one more `smolctl.commands` entry point, as an install would."""
+    import importlib.metadata as md
+
+    from smolctl.cli import registry
+
+    real = md.entry_points
+
+    def entry_points(**kw):
+        eps = list(real(**kw))
+        if kw.get("group") == registry.GROUP:
+            eps.append(md.EntryPoint(name, value, registry.GROUP))
+        return eps
+
+    monkeypatch.setattr(registry, "entry_points", entry_points)
+
+
 def test_outside_plugin_registers_through_the_entry_point_group(monkeypatch):
     """An installed package's `smolctl.commands` entry point adds a command, like the built-ins."""
-    import importlib.metadata as md
     import types
 
-    import typer
     from typer.testing import CliRunner
 
     from smolctl.cli import make_app, registry
@@ -102,15 +117,7 @@ def test_outside_plugin_registers_through_the_entry_point_group(monkeypatch):
 
     plugin.register = register
     monkeypatch.setitem(sys.modules, "smolctl_hello_plugin", plugin)
-    real = md.entry_points
-
-    def entry_points(**kw):
-        eps = list(real(**kw))
-        if kw.get("group") == registry.GROUP:
-            eps.append(md.EntryPoint("hello", "smolctl_hello_plugin:register", registry.GROUP))
-        return eps
-
-    monkeypatch.setattr(registry, "entry_points", entry_points)
+    add_entry_point(monkeypatch, "hello", "smolctl_hello_plugin:register")
     app = make_app()
     runner = CliRunner()
     r = runner.invoke(app, ["hello", "--name", "smol"])
@@ -121,21 +128,11 @@ def test_outside_plugin_registers_through_the_entry_point_group(monkeypatch):
 
 
 def test_broken_plugin_warns_but_cli_still_works(monkeypatch, capsys):
-    import importlib.metadata as md
-
-    from smolctl.cli import make_app, registry
-
-    real = md.entry_points
-
-    def entry_points(**kw):
-        eps = list(real(**kw))
-        if kw.get("group") == registry.GROUP:
-            eps.append(md.EntryPoint("broken", "no_such_module_xyz:register", registry.GROUP))
-        return eps
-
-    monkeypatch.setattr(registry, "entry_points", entry_points)
     from typer.testing import CliRunner
 
+    from smolctl.cli import make_app
+
+    add_entry_point(monkeypatch, "broken", "no_such_module_xyz:register")
     app = make_app()
     assert "plugin 'broken'" in capsys.readouterr().err
     r = CliRunner().invoke(app, ["count-params", "--preset", "tiny", "--json"])
