@@ -120,12 +120,50 @@ def staging_dir(final: Path, is_main: bool) -> Path:
     return tmp
 
 
-def save_model_state(tmp: Path, model, cfg: ModelConfig, optimizer, meta: dict) -> None:
-    """The main process's part: weights, configs, optimizer."""
+def training_state(module: torch.nn.Module, optimizer, cfg: ModelConfig, prefix: str = "model.") -> tuple[dict, dict]:
+    """(weights with transformers' names, optimizer state keyed by parameter name), both whole.
+
+    One path for every way the module may be wrapped: torch's distributed-checkpoint state-dict
+    API gathers FSDP shards (FSDP1 and FSDP2), strips DDP's `module.` and torch.compile's
+    `_orig_mod.`, and hands plain tensors through untouched on one process. Under FSDP it is a
+    collective: every rank calls it; the full dicts land on rank 0 (others get empty ones).
+    `prefix` is the wrapper's own (CausalLMLoss holds the LlamaForCausalLM as `.model`).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(module, options=full)
+    weights = {k[len(prefix):]: v.detach().contiguous() for k, v in weights.items() if k.startswith(prefix)}
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # it is the embedding
+    if not optimizer.state:
+        # Nothing to save before the first update (e.g. only skipped steps so far); asking the API
+        # would make it initialise the state with a fake step, which changes the run.
+        return weights, {"state": {}, "param_groups": []}
+    return weights, get_optimizer_state_dict(module, optimizer, options=full)
+
+
+def read_optimizer(ckpt: Path) -> dict:
+    """The optimizer state saved by `training_state` (parameter names as keys)."""
+    return _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")),
+                                json.loads((ckpt / "optimizer.json").read_text()))
+
+
+def load_optimizer(state: dict, module: torch.nn.Module, optimizer) -> None:
+    """Put `read_optimizer`'s state into `optimizer`, after accelerator.prepare (under FSDP each
+    rank keeps its own shard of the whole state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if state["state"]:  # empty: saved before the first update; a fresh optimizer is the same
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict) -> None:
+    """The main process's part: weights, configs, optimizer (the dicts from `training_state`)."""
     cfg.to_hf().to_json_file(str(tmp / "config.json"))
-    write_file(tmp / WEIGHTS, save(model_state(model), metadata={"format": "pt"}))
+    write_file(tmp / WEIGHTS, save(weights, metadata={"format": "pt"}))
     write_json(tmp / "smolctl.json", {"model": cfg.to_dict(), **meta})
-    tensors, rest = _flatten_optimizer(optimizer.state_dict())
+    tensors, rest = _flatten_optimizer(optimizer_state)
     write_file(tmp / "optimizer.safetensors", save(tensors))
     write_json(tmp / "optimizer.json", rest)
 
@@ -148,8 +186,9 @@ def save_rank_state(tmp: Path, rank: int, data_state: dict) -> None:
 def finalize(tmp: Path, final: Path) -> None:
     """Write the manifest, then rename the finished directory into place (replacing an older one)."""
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
-    write_json(tmp / MANIFEST, {"files": manifest, "time": time.time()})
+    manifest = {"files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+                "time": time.time()}
+    write_json(tmp / MANIFEST, {**manifest, "sha256": _manifest_sha256(manifest)})
     _fsync_dir(tmp)
     if final.exists():
         old = final.parent / f".old-{final.name}"
@@ -162,21 +201,55 @@ def finalize(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def recover(run_dir: Path, say=print) -> None:
+    """Tidy what an interrupted save left behind (main process, before anything reads the run).
+
+    A `.tmp-<name>` whose manifest verifies is a finished checkpoint whose rename was cut short
+    (e.g. killed between finalize's two renames, with the old final/ already moved aside): it is
+    moved into place. Any other `.tmp-*` or `.old-*` directory is incomplete or stale: deleted.
+    """
+    ckpts = Path(run_dir) / "checkpoints"
+    for tmp in sorted(ckpts.glob(".tmp-*")):
+        final = ckpts / tmp.name[len(".tmp-"):]
+        try:
+            if final.exists():
+                raise SmolctlError("superseded")
+            verify(tmp)
+        except SmolctlError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        os.replace(tmp, final)
+        say(f"Recovered {final.name}: its save had finished but was not yet renamed into place")
+    for old in ckpts.glob(".old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def verify(ckpt: Path) -> None:
-    """Check every file against the manifest; raise naming the first bad one."""
+    """Check the manifest against its own checksum and every file against the manifest; raise
+    naming the first bad file."""
     mpath = ckpt / MANIFEST
+    hint = "Resume from another checkpoint: --from latest skips damaged ones"
     if not mpath.is_file():
-        raise SmolctlError(f"checkpoint {ckpt} is incomplete (no {MANIFEST})")
+        raise SmolctlError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}: its save was interrupted)", hint=hint)
     try:
-        files = json.loads(mpath.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        raise SmolctlError(f"checkpoint {ckpt} has a damaged {MANIFEST}") from None
+        manifest = json.loads(mpath.read_text())
+        ok = manifest.pop("sha256") == _manifest_sha256(manifest)
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, not UTF-8, not our layout
+        ok = False
+    if not ok:
+        raise SmolctlError(f"checkpoint file {mpath} is corrupt (it does not match its own checksum)", hint=hint)
     for name, want in files.items():
         p = ckpt / name
         if not p.is_file():
-            raise SmolctlError(f"checkpoint {ckpt} is missing {name}")
+            raise SmolctlError(f"checkpoint file {p} is missing", hint=hint)
         if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
-            raise SmolctlError(f"checkpoint file {p} is corrupt (sha256 does not match the manifest)")
+            raise SmolctlError(f"checkpoint file {p} is corrupt (sha256 does not match the manifest)", hint=hint)
+
+
+def _manifest_sha256(manifest: dict) -> str:
+    """The manifest's checksum of itself (without this field): a damaged manifest is caught too."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -225,15 +298,27 @@ def find_checkpoint(run_dir: Path, which: str, say=print) -> Path:
     return matches[0]
 
 
-def load_training_state(ckpt: Path, optimizer, rank: int, world_size: int) -> tuple[dict, dict]:
-    """Restore the optimizer and this rank's RNG states; return (smolctl.json meta, data state)."""
+def check_world_size(ckpt: Path, world_size: int) -> dict:
+    """smolctl.json of `ckpt`, if it was saved by `world_size` processes; raise otherwise.
+
+    Each rank's data position is its own shard's (split_dataset_by_node gives rank r of N its
+    own files or every N-th example), so N positions don't map onto M ranks without repeating
+    or skipping data: a different world size is refused, never silently remapped.
+    """
     meta = json.loads((ckpt / "smolctl.json").read_text())
-    saved_world = meta.get("world_size", 1)
-    if saved_world != world_size:
-        raise SmolctlError(f"{ckpt} was saved by {saved_world} process(es); this run has {world_size}",
-                           hint=f"Resume with {saved_world} process(es): each rank's data position is its own")
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads((ckpt / "optimizer.json").read_text())))
+    saved = meta.get("world_size", 1)
+    if saved != world_size:
+        how = f"smolctl resume --num-processes {saved}" if saved > 1 else "one process (plain smolctl resume)"
+        raise SmolctlError(f"{ckpt} was saved by {saved} process(es); this run has {world_size}",
+                           hint=f"Resume with {saved} process(es), e.g. {how}: each rank's data position "
+                                "is its own shard's, so it cannot be remapped")
+    return meta
+
+
+def load_training_state(ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Restore this rank's RNG states; return (smolctl.json meta, data state). The optimizer
+    comes back later, through `load_optimizer`, once the model is wrapped."""
+    meta = check_world_size(ckpt, world_size)
     rng = json.loads((ckpt / f"rng-rank{rank}.json").read_text())
     random.setstate(tuples(rng["python"]))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
@@ -257,6 +342,7 @@ def prune(run_dir: Path, keep_last: int | None) -> None:
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors for safetensors (`<param>.<name>`), the rest for JSON. Params are indices or names."""
     tensors, state = {}, {}
     for idx, entry in sd["state"].items():
         state[str(idx)] = {}
@@ -269,10 +355,13 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {int(i): dict(v) for i, v in rest["state"].items()}
-    for key, t in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = t
+    def key(i: str):
+        return int(i) if i.isdigit() else i
+
+    state: dict = {key(i): dict(v) for i, v in rest["state"].items()}
+    for k, t in tensors.items():
+        idx, name = k.rsplit(".", 1)  # "model.model.layers.0.mlp.up_proj.weight" . "exp_avg"
+        state.setdefault(key(idx), {})[name] = t
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in rest["param_groups"]]
     return {"state": state, "param_groups": groups}
 

@@ -101,12 +101,16 @@ class TrackerSink:
 def truncate_after(path: Path, step: int) -> None:
     """Drop what a run logged after `step` (it is about to be redone by a resume), atomically.
 
-    metrics.jsonl rows carry "step"; log lines carry "step N". Lines without a step stay.
+    metrics.jsonl rows carry "step"; log lines carry "step N". Lines without a step stay. A last
+    line without its newline is the torn write of a killed process: dropped, so that the next
+    row doesn't glue onto it (and the file stays one JSON object per line).
     """
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
         s = _step_of(line)
         if s is not None and s > step:
             break

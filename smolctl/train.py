@@ -14,9 +14,9 @@ The loop emits events (see metrics.py); it never draws anything itself.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -209,7 +209,7 @@ class TrainResult:
 def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: Path | None = None,
           sinks: list[Callable] = (), overwrite: bool = False) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     from smolctl.model import build_model
 
@@ -228,18 +228,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     device = accelerator.device
 
     # -- run directory, or the checkpoint to resume from --------------------------------------
-    resume_path = None
-    if resume is None:
-        if ckpt_io.checkpoints(run_dir) and not overwrite:
-            raise SmolctlError(f"run directory {run_dir} already has checkpoints",
-                               hint=f"Continue it with: smolctl resume --run-dir {run_dir} --from latest "
-                                    "(or pass --overwrite to start over)")
-    else:
-        resume_path = ckpt_io.find_checkpoint(run_dir, resume, say=accelerator.print)
-        saved = ModelConfig.from_dict(json.loads((resume_path / "smolctl.json").read_text())["model"])
-        if dataclasses.replace(saved, name=mcfg.name) != mcfg:
-            raise SmolctlError(f"{resume_path} holds a different model config than this run's",
-                               hint="Resume with the run's own config (leave --preset/--config out)")
+    if main and resume is not None:
+        ckpt_io.recover(run_dir, say=accelerator.print)
+    accelerator.wait_for_everyone()
+    resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print)
+    if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
+        raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
+                           hint="Leave it out and sample from a checkpoint with smolctl generate")
     if main:
         _prepare_run_dir(run_dir, overwrite and resume is None)
         write_mapping(run_dir / "config.yaml", cfg.to_dict())
@@ -257,16 +252,17 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     if resume_path is not None:
         weights = ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS))
         model.load_state_dict(weights, strict=not mcfg.tie_embeddings)
-        meta, data_state = ckpt_io.load_training_state(resume_path, optimizer, rank, world)
+        meta, data_state = ckpt_io.load_training_state(resume_path, rank, world)
+        optim_state = ckpt_io.read_optimizer(resume_path)  # applied after prepare
         step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
-        if step >= cfg.max_steps:
-            raise SmolctlError(f"{resume_path} is at step {step}, which is not before --max-steps {cfg.max_steps}",
-                               hint="Pass a larger --max-steps to extend the run")
-        _supersede_later_checkpoints(run_dir, step, main, accelerator.print)
+        _supersede_later_checkpoints(run_dir, resume_path, step, main, accelerator.print)
     loss_module = CausalLMLoss(model)
     if cfg.compile:
         loss_module = torch.compile(loss_module)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    if resume_path is not None:  # after prepare: under FSDP each rank keeps its shard of it
+        ckpt_io.load_optimizer(optim_state, loss_module, optimizer.optimizer)
+        del optim_state
 
     spec = DataSpec.parse(cfg.data, cfg.text_column)
     stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, rank, world,
@@ -278,9 +274,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     log_file = log_file or Path("logs") / f"{run_dir.name}.log"
     emit_to: list[Callable] = []
     if main:
-        if resume_path is not None:
-            truncate_after(run_dir / "metrics.jsonl", step)
-            truncate_after(log_file, step)
+        # Drop what an earlier attempt logged after this point (all of it for a fresh start, e.g. a
+        # run killed before its first checkpoint and started again): each step is logged once.
+        truncate_after(run_dir / "metrics.jsonl", step)
+        truncate_after(log_file, step)
         emit_to = [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(log_file), *sinks]
         if trackers:
             from smolctl.metrics import TrackerSink
@@ -305,16 +302,29 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     def save(kind: str = "step") -> Path:
         t = time.perf_counter()
         final = ckpt_io.step_dir(run_dir, step) if kind == "step" else run_dir / "checkpoints" / "final"
-        tmp = ckpt_io.staging_dir(final, main)
-        accelerator.wait_for_everyone()
+        tmp = final.parent / f".tmp-{final.name}"
+        try:
+            tmp = ckpt_io.staging_dir(final, main)
+            accelerator.wait_for_everyone()
+            weights, optim_state = ckpt_io.training_state(loss_module, optimizer.optimizer, mcfg)  # all ranks
+            if main:
+                meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
+                        "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg)}
+                ckpt_io.save_model_state(tmp, weights, mcfg, optim_state, meta)
+            del weights, optim_state
+            ckpt_io.save_rank_state(tmp, rank, last_state)
+            accelerator.wait_for_everyone()
+            if main:
+                ckpt_io.finalize(tmp, final)
+        except OSError as e:  # disk full, read-only, quota...: the previous checkpoint is untouched
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise SmolctlError(f"could not save checkpoint {final}: {e.strerror or e}"
+                               + (f" ({e.filename})" if e.filename else ""),
+                               hint=f"Free space or fix permissions; the last good checkpoint is {last_ckpt}, "
+                                    f"continue with: smolctl resume --run-dir {run_dir} --from latest",
+                               exit_code=1) from None
         if main:
-            meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
-                    "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg)}
-            ckpt_io.save_model_state(tmp, model, mcfg, optimizer, meta)
-        ckpt_io.save_rank_state(tmp, rank, last_state)
-        accelerator.wait_for_everyone()
-        if main:
-            ckpt_io.finalize(tmp, final)
             ckpt_io.prune(run_dir, cfg.keep_last)
             emit("checkpoint", step=step, path=str(final), seconds=time.perf_counter() - t)
         accelerator.wait_for_everyone()
@@ -344,7 +354,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     t0 = time.perf_counter()
     loss_module.train()
     with _stop_on_signals() as stop:
-        while step < cfg.max_steps and not stop.signal:
+        stopping = False  # a signal, agreed on by every rank
+        while step < cfg.max_steps and not stopping:
             lr = lr_at(step + 1, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -360,7 +371,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
             grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
             step += 1
             tokens_seen += tokens_per_step
-            if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):  # one host sync per step
+            # Every rank must take the same branch: skip if any rank's loss is bad, stop (and save
+            # together) if any rank got a signal -- ranks get a launcher's signal at different
+            # moments. One 2-element all-reduce and one host sync per step.
+            flags = torch.stack([(torch.isfinite(step_loss) & torch.isfinite(grad_norm)).float(),
+                                 torch.tensor(float(stop.signal is not None), device=device)])
+            if world > 1:
+                flags = accelerator.reduce(flags, reduction="sum")
+            n_finite, n_stopping = flags.tolist()
+            stopping = n_stopping > 0
+            if n_finite < world:
                 optimizer.zero_grad(set_to_none=True)  # skip: no update from a NaN/inf step
                 bad_steps += 1
                 emit("skip", step=step, bad_steps=bad_steps)
@@ -390,12 +410,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
                 run_eval()
             if cfg.sample_every and step % cfg.sample_every == 0 and main:
                 run_sample()
-            if (step % cfg.save_every == 0 and step < cfg.max_steps) or stop.signal:
+            if (step % cfg.save_every == 0 and step < cfg.max_steps) or stopping:
                 last_ckpt = save()
-    if stop.signal:
-        emit("end", step=step, text=f"Stopped by {stop.signal} at step {step}; saved {last_ckpt}")
+    if stopping:
+        signame = stop.signal or "SIGTERM"  # a rank stopped by another rank's signal
+        emit("end", step=step, text=f"Stopped by {signame} at step {step}; saved {last_ckpt}")
         _close(emit_to)
-        return TrainResult(step, stop.signal, last_ckpt, run_dir)
+        return TrainResult(step, signame, last_ckpt, run_dir)
     if not cfg.eval_every or step % cfg.eval_every:
         run_eval()
     last_ckpt = save("final")
@@ -431,6 +452,30 @@ def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size
         raise SmolctlError(f"the eval data ({spec.describe()}) is shorter than one batch "
                            f"({batch_size} x {seq_len + 1} tokens)", hint="Use more eval text or a smaller batch/seq-len")
     return total / n, n
+
+
+def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world_size: int,
+                 say: Callable = print) -> Path | None:
+    """The checks a run can make before any process group exists: the checkpoint to resume from
+    (verified, same model, same world size), or None for a fresh run in a directory that may
+    take one. train() calls it on every rank; the CLI once, before launching N processes."""
+    cfg = cfg.resolved()
+    if resume is None:
+        if ckpt_io.checkpoints(run_dir) and not overwrite:
+            raise SmolctlError(f"run directory {run_dir} already has checkpoints",
+                               hint=f"Continue it with: smolctl resume --run-dir {run_dir} --from latest "
+                                    "(or pass --overwrite to start over)")
+        return None
+    path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
+    meta = ckpt_io.check_world_size(path, world_size)
+    mcfg = cfg.model_config()
+    if dataclasses.replace(ModelConfig.from_dict(meta["model"]), name=mcfg.name) != mcfg:
+        raise SmolctlError(f"{path} holds a different model config than this run's",
+                           hint="Resume with the run's own config (leave --preset/--config out)")
+    if meta["step"] >= cfg.max_steps:
+        raise SmolctlError(f"{path} is at step {meta['step']}, which is not before --max-steps {cfg.max_steps}",
+                           hint="Pass a larger --max-steps to extend the run")
+    return path
 
 
 def _eval_spec(cfg: TrainConfig) -> DataSpec | None:
@@ -486,14 +531,16 @@ def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
                            hint="Pick another --run-dir") from None
 
 
-def _supersede_later_checkpoints(run_dir: Path, step: int, main: bool, say) -> None:
+def _supersede_later_checkpoints(run_dir: Path, source: Path, step: int, main: bool, say) -> None:
     """Resuming from an earlier step starts a new timeline: set later checkpoints aside (not
-    deleted) so that `--from latest` can never pick one from the abandoned branch."""
+    deleted) so that `--from latest` can never pick one from the abandoned branch. The checkpoint
+    resumed from stays where it is (a final/ being extended included) until a newer save replaces
+    it: a crash before that must find it again."""
     if not main:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for s, path in ckpt_io.checkpoints(run_dir):
-        if s > step or (s == step and path.name == "final"):
+        if (s > step or (s == step and path.name == "final")) and path.resolve() != source.resolve():
             aside = path.parent / f"superseded-{stamp}-{path.name}"
             os.replace(path, aside)
             say(f"Set aside {path.name} (after step {step}) as {aside.name}")

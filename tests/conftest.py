@@ -62,3 +62,23 @@ def micro_cfg(corpus):
         return TrainConfig(**{**base, **kw})
 
     return make
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it, children first: a machine losing power.
+
+    torchrun starts its workers in sessions of their own, so killing the launcher's process
+    group would leave them running; this walks the tree instead."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True)[::-1] + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)

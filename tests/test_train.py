@@ -121,8 +121,10 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(micro_cfg, tmp_path,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ckpt_io, "save_rank_state", crash_on_second_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SmolctlError, match="could not save checkpoint .*step-00000008: No space left on device") as e:
         train(micro_cfg(max_steps=12, save_every=4), run)
+    assert e.value.exit_code == 1 and "the last good checkpoint is" in str(e.value)
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the half-written save is cleaned up
     assert ckpt_io.find_checkpoint(run, "latest").name == "step-00000004"
     assert [s for s, _ in ckpt_io.checkpoints(run)] == [4]  # the half-written step 8 is not a checkpoint
     monkeypatch.undo()

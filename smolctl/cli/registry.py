@@ -12,6 +12,7 @@ smolctl's own commands are declared the same way in its pyproject.toml.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from importlib.metadata import entry_points
@@ -22,6 +23,13 @@ import typer
 from smolctl.errors import SmolctlError
 
 GROUP = "smolctl.commands"
+# OSErrors that mean the machine, not smolctl, is in the way (one line, exit 1, no traceback),
+# with what to do about them.
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "Free some disk space", errno.EDQUOT: "Free some space within your quota",
+    errno.EROFS: "Pick a writable location", errno.EACCES: "Fix the permissions or pick another path",
+    errno.EPERM: "Fix the permissions or pick another path", errno.EIO: "Check the disk",
+}
 
 
 def load_commands(app: typer.Typer) -> list[str]:
@@ -39,7 +47,8 @@ def load_commands(app: typer.Typer) -> list[str]:
 
 def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     """Like `app.command()`, plus smolctl's error contract: a SmolctlError prints one line
-    (`Error: ...`) on stderr and exits with its code; Ctrl-C exits 130 without a traceback."""
+    (`Error: ...`) on stderr and exits with its code; so does an OSError from the environment (disk
+    full, read-only, permissions: exit 1); Ctrl-C exits 130 without a traceback."""
 
     def decorator(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -48,6 +57,11 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 return fn(*args, **kw)
             except SmolctlError as e:
                 fail(e)
+            except OSError as e:
+                if e.errno not in ENVIRONMENT_ERRORS:
+                    raise  # anything else is a bug: keep its traceback
+                fail(SmolctlError(f"{e.strerror}" + (f": {e.filename}" if e.filename else ""),
+                                  hint=f"{ENVIRONMENT_ERRORS[e.errno]}, then run it again", exit_code=1))
             except KeyboardInterrupt:
                 print("\nInterrupted.", file=sys.stderr)
                 raise typer.Exit(130) from None

@@ -5,10 +5,13 @@
     smolctl train --config examples/tiny.yaml --lr 1e-3     # flags override the file
     smolctl resume --from 500                               # the newest run under runs/
     smolctl resume --run-dir runs/demo --from latest --max-steps 8000
+    smolctl train --num-processes 2 ...                     # N processes on this machine (torchrun)
+    accelerate launch --config_file examples/accelerate/multi-gpu.yaml -m smolctl train ...
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,12 +44,17 @@ WorkersOpt = Annotated[Optional[int], opt("--num-workers", help="0: tokenize in 
 ReportOpt = Annotated[Optional[str], opt("--report-to", help="tensorboard, wandb or none.")]
 RunDirOpt = Annotated[Optional[Path], opt("--run-dir", help="The run directory (default runs/<run-name>).")]
 LogFileOpt = Annotated[Optional[Path], opt("--log-file", help="The human-readable log (default logs/<run-name>.log).")]
+BadStepsOpt = Annotated[Optional[int], opt("--max-bad-steps", help="Stop after N non-finite (NaN/inf) steps in "
+                                           "a row; each is skipped, with no update (default 10).")]
+NumProcOpt = Annotated[Optional[int], opt("--num-processes", help="Train in N processes on this machine (DDP: "
+                                          "one per GPU, or CPU processes over gloo), started through torchrun. "
+                                          "For multi-node or FSDP use accelerate launch.")]
 DashOpt = Annotated[bool, typer.Option("--dashboard/--no-dashboard",
                                        help="Live dashboard on a terminal; plain lines otherwise.")]
 
 # The flags `resume` accepts: they change bookkeeping, not the trajectory (max_steps extends it).
 RESUMABLE = ("max_steps", "save_every", "eval_every", "sample_every", "log_every", "keep_last",
-             "num_workers", "report_to")
+             "num_workers", "report_to", "max_bad_steps")
 
 
 def register(app: typer.Typer) -> None:
@@ -77,6 +85,8 @@ def register(app: typer.Typer) -> None:
         shuffle_buffer: Annotated[Optional[int], opt("--shuffle-buffer", help="Shuffle blocks through a "
                                                      "buffer of N (default 0: stream order).")] = None,
         num_workers: WorkersOpt = None,
+        max_bad_steps: BadStepsOpt = None,
+        num_processes: NumProcOpt = None,
         compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.",
                                                         show_default=False)] = None,
         seed: Annotated[Optional[int], opt("--seed", help="Random seed (default 42).")] = None,
@@ -97,7 +107,7 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig.from_file(config) if config else TrainConfig()
         cfg = _with(cfg, flags)
         name = run_name or (run_dir.name if run_dir else f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard)
+        _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard, num_processes)
 
     @command(app, help="Continue a run from one of its checkpoints, exactly where it stopped.")
     def resume(
@@ -110,8 +120,10 @@ def register(app: typer.Typer) -> None:
         log_every: LogEveryOpt = None,
         keep_last: KeepLastOpt = None,
         num_workers: WorkersOpt = None,
+        max_bad_steps: BadStepsOpt = None,
         report_to: ReportOpt = None,
         log_file: LogFileOpt = None,
+        num_processes: NumProcOpt = None,
         dashboard: DashOpt = True,
     ) -> None:
         from smolctl.train import TrainConfig
@@ -124,7 +136,7 @@ def register(app: typer.Typer) -> None:
                                hint="Pass --run-dir of a run started with smolctl train")
         cfg = TrainConfig.from_file(run_dir / "config.yaml")
         flags = {k: v for k, v in locals().items() if v is not None and k in RESUMABLE}
-        _run(_with(cfg, flags), run_dir, from_, log_file, False, dashboard)
+        _run(_with(cfg, flags), run_dir, from_, log_file, False, dashboard, num_processes)
 
 
 def _with(cfg, flags: dict):
@@ -140,24 +152,98 @@ def _newest_run() -> Path:
     return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime)
 
 
-def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool) -> None:
+def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
+         num_processes: int | None = None) -> None:
     from smolctl.train import train
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if num_processes is not None:
+        if num_processes < 1:
+            raise SmolctlError(f"--num-processes must be positive, got {num_processes}")
+        if world > 1 and num_processes != world:
+            raise SmolctlError(f"--num-processes {num_processes} inside a launcher that started {world}",
+                               hint="Leave --num-processes out under torchrun / accelerate launch")
+        if world == 1 and num_processes > 1:
+            _preflight(cfg, run_dir, resume, overwrite, num_processes)
+            return _launch(num_processes)
+    main = os.environ.get("RANK", "0") == "0"  # the dashboard and messages come from rank 0 only
     sink = None
-    if dashboard and sys.stdout.isatty():
+    if main and dashboard and sys.stdout.isatty():
         from smolctl.dashboard import Dashboard
 
         sink = Dashboard()
-    else:
+    elif main:
         from smolctl.dashboard import PlainSink
 
         sink = PlainSink()
     try:
-        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink], overwrite=overwrite)
+        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [], overwrite=overwrite)
     finally:
         if hasattr(sink, "close"):
             sink.close()
     if result.stopped_by:
-        print(f"Stopped at step {result.step}. Continue with:\n  smolctl resume --run-dir {run_dir} "
-              f"--from {result.step}", file=sys.stderr)
+        if main:
+            again = f" --num-processes {world}" if world > 1 else ""
+            print(f"Stopped at step {result.step}. Continue with:\n  smolctl resume{again} --run-dir {run_dir} "
+                  f"--from {result.step}", file=sys.stderr)
         raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
+
+
+def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int) -> None:
+    """Once, before starting N processes: the checks that would otherwise fail in all of them."""
+    from smolctl import checkpoint as ckpt_io
+    from smolctl.data import DataSpec
+    from smolctl.train import resume_point
+
+    cfg = cfg.resolved()
+    DataSpec.parse(cfg.data, cfg.text_column)
+    if resume is not None:
+        ckpt_io.recover(run_dir)
+    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None)
+
+
+def _launch(n: int) -> None:
+    """Run this same command line again in `n` processes on this machine, through torchrun (the
+    launcher `accelerate launch` itself uses for multi-process jobs), and exit with their status.
+
+    In-process rather than exec'ing `torchrun`, so that a failure ends in one line and an exit
+    code instead of the launcher's traceback. Each worker prints its own errors; Ctrl-C/SIGTERM
+    reach them through the launcher (one signal each): they finish the step, save and stop.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = _without_option(sys.argv[1:], "--num-processes")
+    # torchrun would set 1 thread per process (and print a banner saying so); split the cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={n}", "--module", "smolctl", *args]))
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        if failure.exitcode > 0:  # the process said why itself
+            raise typer.Exit(failure.exitcode) from None
+        import signal
+
+        name = signal.Signals(-failure.exitcode).name
+        print(f"Error: process {rank} of {n} was killed by {name}; "
+              f"continue with: smolctl resume --num-processes {n} --from latest", file=sys.stderr)
+        raise typer.Exit(128 - failure.exitcode) from None
+    except SignalException as e:  # the workers were stopped with the same signal and have saved
+        raise typer.Exit(128 + int(e.sigval)) from None
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out

@@ -1,0 +1,165 @@
+"""Two training processes over gloo on CPU, started the ways a user starts them.
+
+`accelerate launch --multi_gpu --num_processes 2 --num_machines 1` and `smolctl train
+--num-processes 2` (torchrun) both give DistributedType.MULTI_CPU with DDP; `accelerate launch
+--cpu --num_processes 2` would start only one process (measured, see ENVIRONMENT.md).
+
+The data is built so that the comparison with one process is exact by construction: every
+document is exactly SEQ tokens, so with its <|endoftext|> it is exactly one block (seq_len + 1
+tokens) and packing never mixes documents. Two files a.jsonl and b.jsonl: split_dataset_by_node
+gives rank 0 all of a and rank 1 all of b (the world size divides the file count). Step k of the
+2-process run trains on a[kB:(k+1)B] (rank 0) and b[kB:(k+1)B] (rank 1); the one-process runs
+read interleaved.jsonl = a[0:B] b[0:B] a[B:2B] b[B:2B] ..., so their step k sees the same 2B blocks.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import MICRO, WORDS, kill_tree
+from smolctl.train import TrainConfig, train
+
+SEQ, B, STEPS, DOCS = 16, 2, 10, 12  # 12 documents per file: an epoch is 6 steps, so STEPS crosses one
+TOL = 1e-5  # fp32 on CPU: the same sums in another order (DDP's all-reduce, one 2B batch vs two B's)
+
+
+def exact_docs(tag: str, n: int, seed: int) -> list[str]:
+    """n documents of exactly SEQ tokens each (every word in WORDS is one token after a space)."""
+    from smolctl.tokenizer import load_tokenizer
+
+    tok, rng, docs = load_tokenizer(), random.Random(seed), []
+    for i in range(n):
+        text = f"Doc {tag}{i}:"
+        while len(tok(text, add_special_tokens=False).input_ids) < SEQ:
+            text += " " + rng.choice(WORDS)
+        assert len(tok(text, add_special_tokens=False).input_ids) == SEQ
+        docs.append(text)
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def interleave(a: list[str], b: list[str]) -> list[str]:
+    return [d for k in range(0, len(a), B) for d in a[k:k + B] + b[k:k + B]]
+
+
+def train_losses(metrics: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["event"] == "train"]
+
+
+def env(root: Path) -> dict:
+    # A private HF_HOME: no user-wide accelerate default_config.yaml may change the launch.
+    return {**os.environ, "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "smolctl"]
+SMOLCTL = [sys.executable, "-m", "smolctl"]
+COMMON = ["--max-steps", str(STEPS), "--no-dashboard"]
+
+
+@pytest.fixture(scope="module")
+def two_proc(tmp_path_factory):
+    """One uninterrupted 2-process run through `accelerate launch` (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("ddp")
+    a, b = exact_docs("a", DOCS, 1), exact_docs("b", DOCS, 2)
+    write_jsonl(root / "data" / "a.jsonl", a)
+    write_jsonl(root / "data" / "b.jsonl", b)
+    write_jsonl(root / "interleaved.jsonl", interleave(a, b))
+    write_jsonl(root / "same.jsonl", interleave(a, a))  # what it would be if both ranks read the same data
+    model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
+    (root / "micro.yaml").write_text(
+        f"model: {{preset: tiny, {model}}}\ndata: {root / 'data'}\nbatch_size: {B}\nseq_len: {SEQ}\n"
+        "mixed_precision: 'no'\ndevice: cpu\nlog_every: 1\nsave_every: 3\nlr: 0.01\n")
+    r = subprocess.run([*ACCELERATE, "train", "--config", "micro.yaml", "--run-dir", "straight", *COMMON],
+                       cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return SimpleNamespace(root=root, run=root / "straight", out=r.stdout, err=r.stderr)
+
+
+def one_process(root: Path, data: Path, run: str, batch_size: int, grad_accum: int) -> list[tuple[int, float]]:
+    cfg = TrainConfig(preset="tiny", model=dict(MICRO), data=str(data), batch_size=batch_size, seq_len=SEQ,
+                      grad_accum=grad_accum, max_steps=STEPS, save_every=100, log_every=1, lr=0.01,
+                      mixed_precision="no", device="cpu", num_workers=0)
+    train(cfg, root / run, log_file=root / "logs" / f"{run}.log")
+    return train_losses(root / run / "metrics.jsonl")
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(two_proc):
+    """2 processes x B == 1 process x 2B == 1 process x B with 2 accumulation steps, on the same
+    blocks in the same order (see the module docstring), within TOL per step. And the ranks read
+    different data: the curve of one process reading a twice instead of a and b does not match."""
+    assert "2 x cpu process(es)" in two_proc.out  # DDP over gloo, not one process
+    ddp = train_losses(two_proc.run / "metrics.jsonl")
+    big = one_process(two_proc.root, two_proc.root / "interleaved.jsonl", "big-batch", 2 * B, 1)
+    accum = one_process(two_proc.root, two_proc.root / "interleaved.jsonl", "accum", B, 2)
+    same = one_process(two_proc.root, two_proc.root / "same.jsonl", "same", 2 * B, 1)
+    assert [s for s, _ in ddp] == [s for s, _ in big] == [s for s, _ in accum] == list(range(1, STEPS + 1))
+    for name, curve in (("1 x 2B", big), ("1 x B x accum 2", accum)):
+        worst = max(abs(x - y) for (_, x), (_, y) in zip(ddp, curve))
+        print(f"2 x B vs {name}: max |loss difference| over {STEPS} steps = {worst:.2e}")
+        assert worst < TOL, (name, ddp, curve)
+    assert ddp[-1][1] < ddp[0][1] - 0.5  # it learns
+    assert max(abs(x - y) for (_, x), (_, y) in zip(ddp, same)) > 100 * TOL
+    # Rank 0 alone writes the run's files and messages, every rank its own data and RNG state.
+    final = two_proc.run / "checkpoints" / "final"
+    assert {p.name for p in final.glob("*-rank*")} == {f"{k}-rank{r}.{e}" for k in ("data", "rng")
+                                                     for r in (0, 1) for e in ("json", "safetensors")
+                                                     if (k, e) != ("data", "safetensors")}
+    assert two_proc.out.count("Done: step") == 1
+    states = [json.loads((final / f"data-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["rank"], s["world_size"]) for s in states] == [(0, 2), (1, 2)]
+    assert json.loads((final / "smolctl.json").read_text())["tokens_seen"] == STEPS * 2 * B * SEQ
+
+
+def test_resuming_with_another_world_size_is_refused(two_proc, cli):
+    before = sorted(p.name for p in (two_proc.run / "checkpoints").iterdir())
+    for extra in ([], ["--num-processes", "3"]):
+        r = cli("resume", "--run-dir", two_proc.run, "--from", "3", "--max-steps", STEPS, *extra)
+        n = 3 if extra else 1
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith("Error: ") and r.output.count("\n") == 1
+        assert f"was saved by 2 process(es); this run has {n}" in r.output
+        assert "smolctl resume --num-processes 2" in r.output
+    assert sorted(p.name for p in (two_proc.run / "checkpoints").iterdir()) == before  # nothing moved
+
+
+def test_two_process_run_killed_and_resumed_continues_exactly(two_proc):
+    """SIGKILL every process of a `smolctl train --num-processes 2` run (launcher, both ranks and
+    their data workers) at a random step, then `accelerate launch ... resume --from latest`: the
+    per-step losses equal the uninterrupted run's, each step logged once."""
+    root, rng = two_proc.root, random.Random(os.environ.get("SMOLCTL_FAULT_SEED", "6"))
+    kill_at = rng.randint(3, STEPS - 2)
+    p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", "killed",
+                          *COMMON], cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics, deadline = root / "killed" / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and any(s >= kill_at for s, _ in train_losses(metrics)):
+            break
+        time.sleep(0.01)
+    kill_tree(p.pid)
+    p.communicate()
+    steps = [s for s, _ in train_losses(metrics)]
+    print(f"killed at step {steps[-1]} (aimed at {kill_at}); checkpoints: "
+          f"{sorted(c.name for c in (root / 'killed' / 'checkpoints').iterdir())}")
+    assert steps and steps[-1] < STEPS, "the run finished before it could be killed"
+    r = subprocess.run([*ACCELERATE, "resume", "--run-dir", "killed", "--from", "latest", "--no-dashboard"],
+                       cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert train_losses(metrics) == train_losses(two_proc.run / "metrics.jsonl")  # bit for bit, no step twice
+    log_steps = [int(line.split(" step ")[1].split("/")[0]) for line in (root / "logs" / "killed.log").read_text()
+                 .splitlines() if " step " in line and "/" in line.split(" step ")[1][:12]]
+    assert log_steps == list(range(1, STEPS + 1))
