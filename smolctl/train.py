@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -208,6 +208,27 @@ class TrainResult:
 
 def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: Path | None = None,
           sinks: list[Callable] = (), overwrite: bool = False) -> TrainResult:
+    """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError.
+
+    Bad input (exit code 2: config, data, checkpoint choice) leaves nothing behind: a run
+    directory or log file that this call created is removed again if no checkpoint made it there.
+    """
+    run_dir = Path(run_dir)
+    log_file = log_file or Path("logs") / f"{run_dir.name}.log"
+    created = [p for p in (run_dir, log_file) if not p.exists()]
+    with ExitStack() as cleanup:  # closes the metrics files however _train ends
+        try:
+            return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup)
+        except SmolctlError as e:
+            if e.exit_code == 2 and os.environ.get("RANK", "0") == "0" and not ckpt_io.checkpoints(run_dir):
+                cleanup.close()
+                for p in created:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            raise
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
+           overwrite: bool, cleanup: ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
@@ -271,8 +292,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     eval_spec = _eval_spec(cfg)
 
     # -- sinks: files on the main process; the caller's display --------------------------------
-    log_file = log_file or Path("logs") / f"{run_dir.name}.log"
     emit_to: list[Callable] = []
+    cleanup.callback(_close, emit_to)
     if main:
         # Drop what an earlier attempt logged after this point (all of it for a fresh start, e.g. a
         # run killed before its first checkpoint and started again): each step is logged once.
@@ -565,8 +586,10 @@ def _memory_gb(device: torch.device) -> float | None:
         return None
 
 
-def _close(sinks) -> None:
-    for sink in sinks:
+def _close(sinks: list) -> None:
+    """Close each sink once (the list is emptied)."""
+    while sinks:
+        sink = sinks.pop(0)
         close = getattr(sink, "close", None)
         if close:
             close()

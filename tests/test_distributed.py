@@ -44,6 +44,12 @@ def exact_docs(tag: str, n: int, seed: int) -> list[str]:
     return docs
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Commands write logs/ and runs/ under the working directory: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def write_jsonl(path: Path, docs: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")

@@ -23,6 +23,12 @@ from smolctl import checkpoint as ckpt_io
 STEPS, SAVE_EVERY = 32, 2
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Commands write logs/ and runs/ under the working directory: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _attempt(cwd: str, argv: list[str], fault: tuple | None, out: str) -> None:
     """One training attempt in a forked child: the CLI, with an optional self-inflicted SIGKILL."""
     os.chdir(cwd)
@@ -200,3 +206,276 @@ def test_kill_anywhere_then_resume_is_exact(tmp_path, forkserver):
     assert log_steps(tmp_path / "logs" / "run.log") == list(range(1, STEPS + 1))
     final = [(tmp_path / r / "checkpoints" / "final" / "model.safetensors").read_bytes() for r in ("run", "straight")]
     assert final[0] == final[1]
+
+
+# -- torn writes and interrupted renames, in isolation -------------------------------------------
+
+def test_a_torn_last_metrics_row_is_dropped_when_resuming(tmp_path):
+    from smolctl.metrics import truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"event": "train", "step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(good) + '{"event": "train", "st')  # killed in the middle of a row
+    truncate_after(path, 3)
+    assert path.read_text() == "".join(good)  # the next row starts on a line of its own
+    truncate_after(path, 2)
+    assert path.read_text() == "".join(good[:2])
+
+
+def test_a_save_cut_between_its_two_renames_is_recovered(tmp_path, micro_cfg, cli, monkeypatch):
+    """Replacing final/ takes two renames (old aside, new in). Killed between them, the run has
+    no final/ but a finished `.tmp-final`: the next resume moves it into place and goes on."""
+    from smolctl.train import train
+
+    monkeypatch.chdir(tmp_path)  # logs/ go here
+    run = tmp_path / "run"
+    train(micro_cfg(max_steps=4, save_every=100), run)  # final/ at step 4
+    real = os.replace
+
+    class Killed(BaseException):  # nothing in smolctl may catch it, like SIGKILL
+        pass
+
+    def replace(src, dst):
+        if Path(src).name == ".tmp-final":
+            raise Killed
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt_io.os, "replace", replace)
+    with pytest.raises(Killed):
+        train(micro_cfg(max_steps=6, save_every=100), run, resume="latest")  # extends final/ to step 6
+    monkeypatch.setattr(ckpt_io.os, "replace", real)
+    names = {p.name for p in (run / "checkpoints").iterdir()}
+    assert "final" not in names and {".tmp-final", ".old-final"} <= names
+    r = cli("resume", "--run-dir", run, "--from", "latest", "--max-steps", 8, "--no-dashboard")
+    assert r.exit_code == 0, r.output
+    assert "Recovered final" in r.output and "Resuming from" in r.output and "(step 6)" in r.output
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"final"}
+
+
+# -- corruption ------------------------------------------------------------------------------------
+
+CKPT_FILES = ["config.json", "model.safetensors", "smolctl.json", "optimizer.safetensors", "optimizer.json",
+              "rng-rank0.json", "rng-rank0.safetensors", "data-rank0.json", "manifest.json"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished micro run: step-00000003 and final/ (step 6)."""
+    from smolctl.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(root / "corpus.jsonl")
+    cfg = TrainConfig(preset="tiny", model=dict(MICRO), data=str(corpus), batch_size=2, seq_len=16, max_steps=6,
+                      save_every=3, log_every=1, mixed_precision="no", device="cpu", num_workers=0)
+    train(cfg, root / "run", log_file=root / "run.log")
+    return root / "run"
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01  # one bit, mid-file
+        path.write_bytes(bytes(data))
+    elif how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        path.unlink()
+
+
+def one_error_line(r) -> str:
+    assert "Traceback" not in r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, r.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+@pytest.mark.parametrize("name", CKPT_FILES)
+def test_any_damaged_checkpoint_file_is_named(trained, tmp_path, cli, name, how):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    damage(run / "checkpoints" / "final" / name, how)
+    r = cli("resume", "--run-dir", run, "--from", run / "checkpoints" / "final", "--max-steps", 8)
+    assert r.exit_code == 2, r.output
+    line = one_error_line(r)
+    assert f"checkpoint file {run / 'checkpoints' / 'final' / name} is " in line and "--from latest" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final", "step-00000003"]  # untouched
+
+
+@pytest.mark.parametrize("name, how", [("model.safetensors", "flip"), ("manifest.json", "truncate"),
+                                       ("rng-rank0.json", "flip"), ("optimizer.safetensors", "delete")])
+def test_latest_skips_a_damaged_checkpoint_saying_so(trained, tmp_path, cli, name, how):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    damage(run / "checkpoints" / "step-00000003" / name, how)  # an explicit step is refused...
+    r = cli("resume", "--run-dir", run, "--from", 3)
+    assert r.exit_code == 2 and f"step-00000003/{name} is" in one_error_line(r)
+    damage(run / "checkpoints" / "final" / name, how)  # ...and latest falls back past the damage
+    shutil.rmtree(run / "checkpoints" / "step-00000003")
+    shutil.copytree(trained / "checkpoints" / "step-00000003", run / "checkpoints" / "step-00000003")
+    r = cli("resume", "--run-dir", run, "--from", "latest", "--no-dashboard")
+    assert r.exit_code == 0, r.output
+    assert f"Skipping damaged checkpoint: checkpoint file {run / 'checkpoints' / 'final' / name}" in r.output
+    assert "step-00000003 (step 3)" in r.output and "Done: step 6" in r.output
+    ckpt_io.verify(run / "checkpoints" / "final")
+
+
+def test_every_checkpoint_damaged(trained, tmp_path, cli):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for ckpt in (run / "checkpoints").iterdir():
+        damage(ckpt / "model.safetensors", "flip")
+    r = cli("resume", "--run-dir", run, "--from", "latest")
+    assert r.exit_code == 2 and "every checkpoint of" in one_error_line(r)
+
+
+# -- full or failing disks -------------------------------------------------------------------------
+
+def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survives(trained, tmp_path, cli,
+                                                                                  monkeypatch):
+    """An ENOSPC injected into the second save's model file: exit 1, one line naming the file and
+    the way on, no staging directory left, and the run continues from the previous checkpoint."""
+    import errno
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    real, calls = ckpt_io.write_file, []
+
+    def write_file(path, data):
+        calls.append(path.name)
+        if path.name == "model.safetensors" and calls.count("model.safetensors") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt_io, "write_file", write_file)
+    r = cli("resume", "--run-dir", run, "--from", 3, "--save-every", 1, "--no-dashboard")  # saves 4, then 5 fails
+    assert r.exit_code == 1, r.output
+    line = one_error_line(r)
+    assert "could not save checkpoint" in line and "step-00000005: No space left on device" in line
+    assert "model.safetensors" in line and "smolctl resume --run-dir" in line and "--from latest" in line
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(ckpt_io, "write_file", real)
+    assert ckpt_io.find_checkpoint(run, "latest").name == "step-00000004"
+    r = cli("resume", "--run-dir", run, "--from", "latest", "--no-dashboard")
+    assert r.exit_code == 0 and "Done: step 6" in r.output
+
+
+def test_a_real_write_limit_during_a_save(trained, tmp_path):
+    """The same through the kernel, no root needed: RLIMIT_FSIZE (with SIGXFSZ ignored) makes a
+    write past 8 MB fail with EFBIG, as a full disk fails with ENOSPC. The optimizer file of the
+    micro model is 12.7 MB, so the next save fails; final/ (step 6) must stay usable."""
+    import resource
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "smolctl", "resume", "--run-dir", str(run), "--max-steps", "9",
+                        "--save-every", "100", "--no-dashboard"], cwd=tmp_path, preexec_fn=limit,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("Error: ") == 1
+    assert "could not save checkpoint" in r.stderr and "File too large" in r.stderr
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert ckpt_io.find_checkpoint(run, "latest").name == "final"
+    ckpt_io.verify(run / "checkpoints" / "final")
+    assert json.loads((run / "checkpoints" / "final" / "smolctl.json").read_text())["step"] == 6
+
+
+def test_a_tiny_filesystem(trained, tmp_path, cli):
+    """A real full disk: a 24 MiB tmpfs holds one micro checkpoint (19 MB), not two. Needs root to
+    mount; skipped otherwise. After freeing space (a bigger remount) the run resumes from latest."""
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        corpus = shutil.copy(trained.parent / "corpus.jsonl", tmp_path / "corpus.jsonl")
+        model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
+        (tmp_path / "micro.yaml").write_text(f"model: {{preset: tiny, {model}}}\ndata: {corpus}\nbatch_size: 2\n"
+                                             "seq_len: 16\nmixed_precision: 'no'\ndevice: cpu\nnum_workers: 0\n")
+        r = cli("train", "--config", tmp_path / "micro.yaml", "--max-steps", 6, "--save-every", 3,
+                "--run-dir", mnt / "run", "--log-file", tmp_path / "run.log", "--no-dashboard")
+        assert r.exit_code == 1, r.output
+        line = one_error_line(r)
+        assert "could not save checkpoint" in line and "No space left on device" in line
+        assert [p.name for p in (mnt / "run" / "checkpoints").iterdir()] == ["step-00000003"]
+        ckpt_io.verify(mnt / "run" / "checkpoints" / "step-00000003")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        r = cli("resume", "--run-dir", mnt / "run", "--log-file", tmp_path / "run.log", "--no-dashboard")
+        assert r.exit_code == 0, r.output
+        assert "Done: step 6" in r.output
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+# -- NaN / inf -------------------------------------------------------------------------------------
+
+def test_non_finite_steps_are_skipped_shown_and_stop_the_run(tmp_path, cli, monkeypatch, corpus):
+    """From step 4 on the loss is NaN: steps 4 and 5 are skipped (no update, no checkpoint), shown
+    as such, and with --max-bad-steps 3 step 6 stops the run: exit 1, one line naming the last
+    good checkpoint, which verifies and resumes."""
+    from smolctl.train import CausalLMLoss
+
+    real, calls = CausalLMLoss.forward, [0]
+
+    def forward(self, input_ids, labels):
+        calls[0] += 1
+        loss = real(self, input_ids, labels)
+        return loss * float("nan") if calls[0] >= 4 else loss
+
+    monkeypatch.setattr(CausalLMLoss, "forward", forward)
+    monkeypatch.chdir(tmp_path)
+    model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
+    (tmp_path / "micro.yaml").write_text(f"model: {{preset: tiny, {model}}}\ndata: {corpus}\nbatch_size: 2\n"
+                                         "seq_len: 16\nmixed_precision: 'no'\ndevice: cpu\nnum_workers: 0\n")
+    r = cli("train", "--config", "micro.yaml", "--max-steps", 20, "--save-every", 2, "--log-every", 1,
+            "--max-bad-steps", 3, "--run-name", "nan", "--no-dashboard")
+    assert r.exit_code == 1, r.output
+    line = one_error_line(r)
+    assert "training diverged: 3 non-finite steps in a row at step 6" in line
+    assert "runs/nan/checkpoints/step-00000002" in line and "--lr" in line
+    assert "step      4 | skipped: non-finite loss or grad norm (1 in a row)" in r.output
+    assert [p.name for p in (tmp_path / "runs/nan/checkpoints").iterdir()] == ["step-00000002"]
+    rows_ = [json.loads(x) for x in (tmp_path / "runs/nan/metrics.jsonl").read_text().splitlines()]
+    assert [(r_["event"], r_["step"]) for r_ in rows_ if r_["event"] in ("train", "skip")] == \
+        [("train", 1), ("train", 2), ("train", 3), ("skip", 4), ("skip", 5), ("skip", 6)]
+    log = (tmp_path / "logs/nan.log").read_text()
+    assert log.count("skipped: non-finite") == 3
+    monkeypatch.setattr(CausalLMLoss, "forward", real)
+    r = cli("resume", "--from", "latest", "--max-steps", 4, "--no-dashboard")
+    assert r.exit_code == 0 and "step-00000002 (step 2)" in r.output and "Done: step 4" in r.output
+
+
+def test_the_dashboard_shows_skipped_steps():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from smolctl.dashboard import Dashboard, render
+
+    dash = Dashboard(console=Console(file=StringIO(), width=100))
+    dash({"event": "start", "step": 0, "max_steps": 10, "run_dir": "runs/x", "text": "Training"})
+    for step in (1, 2):
+        dash({"event": "skip", "step": step, "bad_steps": step})
+    dash.close()
+    out = StringIO()
+    Console(file=out, width=100).print(render(dash.snap))
+    assert "skipped" in out.getvalue() and "2 non-finite step(s)" in out.getvalue()

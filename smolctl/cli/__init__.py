@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from smolctl import __version__
-from smolctl.cli.registry import load_commands
+from smolctl.cli.registry import OneLineErrors, load_commands
 
 
 def _version(value: bool) -> None:
@@ -24,6 +24,7 @@ def _version(value: bool) -> None:
 def make_app() -> typer.Typer:
     app = typer.Typer(
         name="smolctl",
+        cls=OneLineErrors,
         help="Pretrain, resume, chat with and export SmolLM2-135M.",
         no_args_is_help=True,
         add_completion=False,

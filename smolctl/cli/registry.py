@@ -19,6 +19,7 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 import typer
+from typer.core import TyperGroup
 
 from smolctl.errors import SmolctlError
 
@@ -75,3 +76,32 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
 def fail(e: SmolctlError):
     print(f"Error: {e}", file=sys.stderr)
     raise typer.Exit(e.exit_code)
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: usage errors (unknown option, bad value, missing command) come out
+    as one line like every other error -- `Error: No such option: --bogus. Try 'smolctl train -h'
+    for help.` (exit 2) -- instead of click's usage block and Rich's boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        from typer import rich_utils
+        from typer.core import _click
+
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.exceptions.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `smolctl`: the help, as usual
+                rich_utils.rich_format_error(e)
+                sys.exit(e.exit_code)
+            where = f" Try '{e.ctx.command_path if e.ctx else 'smolctl'} -h' for help."
+            print(f"Error: {' '.join(e.format_message().split()).rstrip('.')}.{where}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except _click.exceptions.ClickException as e:
+            print(f"Error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("Aborted.", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
