@@ -69,14 +69,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not weights.is_file():
         raise SmolctlError(f"no {WEIGHTS} in {path}", hint="Pass a checkpoint or HF model directory with safetensors weights")
     model = build_model(cfg, device="meta")
-    state = load_file(str(weights), device=str(device))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors' own error type: a header that isn't one, a short file
+        raise SmolctlError(f"{weights} is not a valid safetensors file ({' '.join(str(e).split())[:120]})",
+                           hint="The file is damaged or not safetensors; re-export or re-download it") from None
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    hint = "The checkpoint is damaged or from another model"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that disagree with config.json
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise SmolctlError(f"{weights} does not match its config: {first[:160]}", hint=hint) from None
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise SmolctlError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
-                           hint="The checkpoint is damaged or from another model")
+                           hint=hint)
     if cfg.tie_embeddings:
         model.tie_weights()
     _rebuild_rotary(model, cfg, device)
@@ -241,6 +250,8 @@ def verify(ckpt: Path) -> None:
         raise SmolctlError(f"checkpoint file {mpath} is corrupt (it does not match its own checksum)", hint=hint)
     for name, want in files.items():
         p = ckpt / name
+        if Path(name).name != name:  # the manifest only ever names files of this directory
+            raise SmolctlError(f"checkpoint file {mpath} is corrupt (it names {name!r})", hint=hint)
         if not p.is_file():
             raise SmolctlError(f"checkpoint file {p} is missing", hint=hint)
         if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:

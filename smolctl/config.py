@@ -171,6 +171,9 @@ class ModelConfig:
     def from_dir(cls, path: str | Path) -> ModelConfig:
         """A checkpoint or HF model directory (its config.json), or a run directory (its latest checkpoint)."""
         path = Path(path)
+        if path.is_file():
+            raise SmolctlError(f"{path} is a file, not a model directory",
+                               hint="Pass its directory, or a config file with --config")
         if (path / "config.json").is_file():
             return cls.from_file(path / "config.json")
         latest = sorted((path / "checkpoints").glob("*/config.json"))

@@ -39,6 +39,10 @@ def resolve(spec: str | Path) -> Path:
     """The directory holding the weights that `spec` names."""
     path = Path(spec).expanduser()
     if not path.exists():
+        from smolctl.hub import looks_like_hub_id, require_hub
+
+        if looks_like_hub_id(str(spec)):
+            require_hub(f"model {spec}", hint=HINT)
         raise SmolctlError(f"model not found: {spec}", hint=HINT)
     if path.is_dir() and (path / "checkpoints").is_dir():
         found = latest_checkpoint(path)

@@ -22,6 +22,17 @@ EOT = "<|endoftext|>"
 
 @lru_cache(maxsize=4)
 def load_tokenizer(spec: str | None = None):
+    try:
+        return _load(spec)
+    except ValueError as e:  # transformers refuses custom code (auto_map) without trust_remote_code
+        if "trust_remote_code" not in str(e):
+            raise
+        raise SmolctlError(f"the tokenizer {spec} needs custom Python code from its files, "
+                           "and smolctl never runs code from model files (no trust_remote_code)",
+                           hint="Use a tokenizer with a plain tokenizer.json") from None
+
+
+def _load(spec: str | None):
     from transformers import AutoTokenizer
 
     from smolctl.hub import looks_like_hub_id, require_hub

@@ -103,6 +103,7 @@ class TrainConfig:
             (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
              f"--mixed-precision must be auto, no, bf16 or fp16, got {cfg.mixed_precision!r}"),
             (cfg.save_every > 0, f"--save-every must be positive, got {cfg.save_every}"),
+            (cfg.max_bad_steps > 0, f"--max-bad-steps must be at least 1, got {cfg.max_bad_steps}"),
             (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
             (min(cfg.eval_every, cfg.sample_every, cfg.shuffle_buffer, cfg.warmup_steps) >= 0,
              "--eval-every, --sample-every, --shuffle-buffer and warmup must not be negative"),
@@ -210,17 +211,25 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
           sinks: list[Callable] = (), overwrite: bool = False) -> TrainResult:
     """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError.
 
-    Bad input (exit code 2: config, data, checkpoint choice) leaves nothing behind: a run
-    directory or log file that this call created is removed again if no checkpoint made it there.
+    A run that fails before its first step (bad config or data, out of memory) leaves nothing
+    behind: the run directory and log file this call created are removed again.
     """
     run_dir = Path(run_dir)
     log_file = log_file or Path("logs") / f"{run_dir.name}.log"
     created = [p for p in (run_dir, log_file) if not p.exists()]
+    progress = {"stepped": False}
     with ExitStack() as cleanup:  # closes the metrics files however _train ends
         try:
-            return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup)
-        except SmolctlError as e:
-            if e.exit_code == 2 and os.environ.get("RANK", "0") == "0" and not ckpt_io.checkpoints(run_dir):
+            try:
+                return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup, progress)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                    raise
+                raise SmolctlError(f"out of memory with --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}",
+                                   hint="Lower --batch-size (raise --grad-accum to keep the tokens per step) "
+                                        "or --seq-len", exit_code=1) from None
+        except SmolctlError:
+            if not progress["stepped"] and os.environ.get("RANK", "0") == "0":
                 cleanup.close()
                 for p in created:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -228,7 +237,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
-           overwrite: bool, cleanup: ExitStack) -> TrainResult:
+           overwrite: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
@@ -299,7 +308,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         # run killed before its first checkpoint and started again): each step is logged once.
         truncate_after(run_dir / "metrics.jsonl", step)
         truncate_after(log_file, step)
-        emit_to = [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(log_file), *sinks]
+        try:
+            emit_to.append(JsonlSink(run_dir / "metrics.jsonl"))
+            emit_to.append(LogFileSink(log_file))
+        except OSError as e:
+            raise SmolctlError(f"cannot write the log file {log_file}: {e.strerror}",
+                               hint="Pick another --log-file") from None
+        emit_to.extend(sinks)
         if trackers:
             from smolctl.metrics import TrackerSink
 
@@ -391,6 +406,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                 step_loss += loss.detach() / cfg.grad_accum
             grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
             step += 1
+            progress["stepped"] = True
             tokens_seen += tokens_per_step
             # Every rank must take the same branch: skip if any rank's loss is bad, stop (and save
             # together) if any rank got a signal -- ranks get a launcher's signal at different

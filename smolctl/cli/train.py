@@ -106,6 +106,9 @@ def register(app: typer.Typer) -> None:
         flags = {k: v for k, v in locals().items() if v is not None and k in TrainConfig.__dataclass_fields__}
         cfg = TrainConfig.from_file(config) if config else TrainConfig()
         cfg = _with(cfg, flags)
+        if run_name is not None and (Path(run_name).name != run_name or run_name in (".", "..")):
+            raise SmolctlError(f"--run-name {run_name!r} is not a plain name (it would be written outside runs/)",
+                               hint="Use a name without '/' or '..', or --run-dir for a path")
         name = run_name or (run_dir.name if run_dir else f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard, num_processes)
 
