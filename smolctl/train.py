@@ -64,7 +64,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # loop
     max_steps: int = 5000
-    mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else no
+    mixed_precision: str = "auto"  # auto: accelerate launch's setting, else bf16 on GPUs that support it
     compile: bool = False
     seed: int = 42
     device: str | None = None  # None: what Accelerate picks
@@ -247,8 +247,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     mcfg = cfg.model_config()
     run_dir = Path(run_dir)
     mixed = cfg.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mixed == "auto":  # what accelerate launch was told (config file or flag), else bf16 where supported
+        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+            "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
     if trackers:
         _require_tracker(cfg.report_to)
