@@ -186,3 +186,16 @@ def test_checkpoints_under_fsdp2_sharding_resume_exactly(tmp_path):
 
     model, cfg = load_model(tmp_path / "checkpoints" / "step-00000004")  # no FSDP needed to read it
     assert cfg.num_layers == 2 and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name, kind", [("single-gpu-bf16", "NO"), ("multi-gpu-ddp", "MULTI_GPU"),
+                                        ("fsdp-full-shard", "FSDP")])
+def test_example_accelerate_configs_parse(name, kind):
+    """The shipped configs are valid accelerate config files (running them needs GPUs)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parent.parent / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"]
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"

@@ -75,7 +75,8 @@ def register(app: typer.Typer) -> None:
         warmup_steps: Annotated[Optional[int], opt("--warmup-steps", help="Default: 2% of --max-steps, "
                                                    "at most 2000.")] = None,
         mixed_precision: Annotated[Optional[str], opt("--mixed-precision", help="no, bf16, fp16 or auto "
-                                                      "(default: bf16 on GPUs that support it).")] = None,
+                                                      "(default: accelerate launch's setting, else bf16 on GPUs "
+                                                      "that support it).")] = None,
         max_steps: MaxStepsOpt = None,
         save_every: SaveEveryOpt = None,
         eval_every: EvalEveryOpt = None,
