@@ -206,6 +206,21 @@ CASES = [
      ["hf/model.safetensors is not a valid safetensors file"]),
     ("eval-weights-mismatch", "wrongweights", ["eval", "--model", "hf", "--data", "{corpus}"], U,
      ["does not match its config"]),
+    # -- export
+    ("export-no-out", None, ["export", "--model", "{run}"], U, ["export needs --model and --out"]),
+    ("export-unknown-format", "corpus", ["export", "--model", "{run}", "--format", "zip", "--out", "x"], U,
+     ["unknown export format 'zip'", "hf, gguf"]),
+    ("export-unknown-dtype", None, ["export", "--model", "{run}", "--out", "m.gguf", "--dtype", "q4_k"], U,
+     ["unknown dtype 'q4_k' for --format gguf", "q8_0"]),
+    ("export-out-not-empty", "emptydir", ["export", "--model", "{run}", "--out", "."], U,
+     ["is not empty", "--force"]),
+    ("export-out-exists", "corpus", ["export", "--model", "{run}", "--out", "corpus.jsonl", "--format", "gguf"], U,
+     ["already exists", "--force"]),
+    ("export-over-the-model", None, ["export", "--model", "{run}/checkpoints/final", "--out", "{run}",
+                                     "--force"], U, ["holds the model being exported"]),
+    ("export-unwritable", None, ["export", "--model", "{run}", "--out", "/proc/forbidden/m.gguf"], U,
+     ["cannot write"]),
+    ("export-model-missing", None, ["export", "--model", "nope", "--out", "m.gguf"], U, ["model not found: nope"]),
     ("eval-data-too-short", "corpus", ["eval", "--model", "{run}", "--data", "{short}", "--seq-len", "16"], U,
      ["shorter than one batch"]),
 ]
@@ -214,7 +229,7 @@ CASES = [
 def test_the_matrix_is_big_enough():
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
     commands = {next(a for a in argv if not a.startswith("-")) for _, _, argv, _, _ in CASES}
-    assert {"inspect", "count-params", "train", "resume", "eval"} <= commands
+    assert {"inspect", "count-params", "train", "resume", "eval", "export"} <= commands
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

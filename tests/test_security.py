@@ -85,7 +85,9 @@ def test_planted_pickles_are_never_executed(run, tmp_path, cli, no_unpickling):
                  ["eval", "--model", run, "--data", "corpus2.jsonl", "--seq-len", 16, "--tokens", 32],
                  ["eval", "--model", final, "--data", "corpus2.jsonl", "--seq-len", 16, "--tokens", 32],
                  ["inspect", "--model", final],
-                 ["count-params", "--model", run, "--json"]):
+                 ["count-params", "--model", run, "--json"],
+                 ["export", "--model", run, "--out", tmp_path / "exported-hf"],
+                 ["export", "--model", final, "--out", tmp_path / "exported.gguf"]):
         r = cli(*argv)
         assert r.exit_code == 0, (argv, r.output)
     ckpt_io.load_model(final)
