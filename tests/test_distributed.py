@@ -15,6 +15,7 @@ read interleaved.jsonl = a[0:B] b[0:B] a[B:2B] b[B:2B] ..., so their step k sees
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -199,3 +200,35 @@ def test_example_accelerate_configs_parse(name, kind):
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"]
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(two_proc):
+    """SIGTERM to rank 1 alone (a launcher or scheduler delivers signals to ranks at different
+    moments): the ranks agree at the next step, save one complete checkpoint together, and the
+    command exits 143 printing the resume command once. Without the agreement rank 0 would keep
+    stepping while rank 1 waits in the save's barrier."""
+    import psutil
+
+    root = two_proc.root
+    p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", "sig",
+                          "--no-dashboard", "--max-steps", "100000", "--save-every", "100000"],
+                         cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics, deadline = root / "sig" / "metrics.jsonl", time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and train_losses(metrics)):
+            time.sleep(0.1)
+        rank1 = next(c for c in psutil.Process(p.pid).children()
+                     if c.environ().get("RANK") == "1" and "smolctl" in " ".join(c.cmdline()))
+        rank1.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=240)
+    finally:
+        kill_tree(p.pid)
+    assert p.returncode == 143, out + err
+    step = int(err.split("--from ")[1].split()[0])
+    assert err.count("smolctl resume --num-processes 2 --run-dir sig --from") == 1 and "Traceback" not in err
+    ckpt = root / "sig" / "checkpoints" / f"step-{step:08d}"
+    assert {f"data-rank{r}.json" for r in (0, 1)} <= {f.name for f in ckpt.iterdir()}
+    from smolctl.checkpoint import verify
+
+    verify(ckpt)
+    assert max(s for s, _ in train_losses(metrics)) == step
