@@ -232,3 +232,25 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(two_proc):
 
     verify(ckpt)
     assert max(s for s, _ in train_losses(metrics)) == step
+
+
+def test_ctrl_c_on_num_processes_saves_and_exits_130_quietly(two_proc):
+    """Ctrl-C reaches `smolctl train --num-processes 2` (the launcher); it passes the signal on,
+    both ranks save at the same step, and all that is printed on stderr is the resume command."""
+    root = two_proc.root
+    p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", "ctrl-c",
+                          "--no-dashboard", "--max-steps", "100000", "--save-every", "100000"],
+                         cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics, deadline = root / "ctrl-c" / "metrics.jsonl", time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and train_losses(metrics)):
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=240)
+    finally:
+        kill_tree(p.pid)
+    assert p.returncode == 130, out + err
+    step = max(s for s, _ in train_losses(metrics))
+    assert err == f"Stopped at step {step}. Continue with:\n  smolctl resume --num-processes 2 --run-dir ctrl-c " \
+                  f"--from {step}\n"
+    assert (root / "ctrl-c" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()

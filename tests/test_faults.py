@@ -20,7 +20,7 @@ import pytest
 from conftest import MICRO, kill_tree, write_corpus
 from smolctl import checkpoint as ckpt_io
 
-STEPS, SAVE_EVERY = 32, 2
+STEPS, SAVE_EVERY = 64, 2
 
 
 @pytest.fixture(autouse=True)
@@ -140,12 +140,13 @@ def log_steps(log: Path) -> list[int]:
 
 
 def fault_plan(rng: random.Random) -> list[tuple]:
-    """(kind, n, fraction): killed from outside at a random moment after this attempt's first
+    """(kind, n, fraction): killed from outside at a random moment after this attempt's n-th
     logged step ("time") or as soon as it announces a save ("after-save"); or from inside at the
     n-th checkpoint file write (cut at `fraction` of its bytes), just before / just after the n-th
-    save's rename into place, or in the middle of the n-th metrics.jsonl row."""
-    plan = [("time", 0, 0), ("after-save", 0, 0)] * 4
-    plan += [("write", rng.randint(1, 12), rng.random()) for _ in range(8)]
+    save's rename into place, or in the middle of the n-th metrics.jsonl row. Counted in steps,
+    not seconds, so that a fast machine doesn't finish the run before the plan is through."""
+    plan = [("time", rng.randint(1, 3), 0) for _ in range(4)] + [("after-save", 0, 0)] * 4
+    plan += [("write", rng.randint(1, 12), rng.random()) for _ in range(8)]  # 8 files per save
     plan += [(kind, rng.randint(1, 2), 0) for kind in ("before-rename", "after-rename") for _ in range(3)]
     plan += [("torn-metrics", rng.randint(2, 6), rng.uniform(0.1, 0.9)) for _ in range(3)]
     rng.shuffle(plan)
@@ -187,8 +188,8 @@ def test_kill_anywhere_then_resume_is_exact(tmp_path, forkserver):
                 mine = [r for r in complete_rows(metrics) if r["time"] >= began - 0.01]
                 if fault[0] == "after-save" and any(r["event"] == "checkpoint" for r in mine):
                     break
-                if fault[0] == "time" and any(r["event"] == "train" for r in mine):
-                    time.sleep(rng.uniform(0, 1.0))
+                if fault[0] == "time" and sum(r["event"] == "train" for r in mine) >= fault[1]:
+                    time.sleep(rng.uniform(0, 0.05))  # somewhere in the next step or save
                     break
                 time.sleep(0.002)
             kill_tree(p.pid)
@@ -204,6 +205,7 @@ def test_kill_anywhere_then_resume_is_exact(tmp_path, forkserver):
     assert train_rows(metrics) == train_rows(tmp_path / "straight" / "metrics.jsonl")
     assert [r[0] for r in train_rows(metrics)] == list(range(1, STEPS + 1))
     assert log_steps(tmp_path / "logs" / "run.log") == list(range(1, STEPS + 1))
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no staging leftovers
     final = [(tmp_path / r / "checkpoints" / "final" / "model.safetensors").read_bytes() for r in ("run", "straight")]
     assert final[0] == final[1]
 

@@ -223,7 +223,9 @@ def _launch(n: int) -> None:
     args = _without_option(sys.argv[1:], "--num-processes")
     # torchrun would set 1 thread per process (and print a banner saying so); split the cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures
+    for name in list(logging.root.manager.loggerDict):  # we report failures; torch's loggers set their own levels
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={n}", "--module", "smolctl", *args]))
     except ChildFailedError as e:
