@@ -121,9 +121,14 @@ def write_json(path: Path, obj: Any) -> None:
     write_file(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
+def staging_path(final: Path) -> Path:
+    """`.tmp-<name>` next to the checkpoint: never matched as a step, tidied by `recover`."""
+    return final.parent / f".tmp-{final.name}"
+
+
 def staging_dir(final: Path, is_main: bool) -> Path:
-    """The temporary directory a checkpoint is written into (`.tmp-<name>`, never matched as a step)."""
-    tmp = final.parent / f".tmp-{final.name}"
+    """The temporary directory a checkpoint is written into (created by the main process)."""
+    tmp = staging_path(final)
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
         tmp.mkdir(parents=True)

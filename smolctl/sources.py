@@ -27,12 +27,12 @@ class Loaded:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run: final/ if present, else the highest step-*/ with a manifest."""
-    ckpts = Path(run_dir) / "checkpoints"
-    if (ckpts / "final" / "manifest.json").is_file():
-        return ckpts / "final"
-    steps = sorted(p for p in ckpts.glob("step-*") if (p / "manifest.json").is_file())
-    return steps[-1] if steps else None
+    """The newest complete checkpoint of a run: the highest step, final/ winning a tie (while a
+    run is being extended, final/ is older than its newest step-* checkpoints)."""
+    from smolctl.checkpoint import checkpoints
+
+    found = checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def resolve(spec: str | Path) -> Path:

@@ -339,9 +339,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     def save(kind: str = "step") -> Path:
         t = time.perf_counter()
         final = ckpt_io.step_dir(run_dir, step) if kind == "step" else run_dir / "checkpoints" / "final"
-        tmp = final.parent / f".tmp-{final.name}"
+        tmp = ckpt_io.staging_path(final)
         try:
-            tmp = ckpt_io.staging_dir(final, main)
+            ckpt_io.staging_dir(final, main)
             accelerator.wait_for_everyone()
             weights, optim_state = ckpt_io.training_state(loss_module, optimizer.optimizer, mcfg)  # all ranks
             if main:

@@ -481,3 +481,27 @@ def test_the_dashboard_shows_skipped_steps():
     out = StringIO()
     Console(file=out, width=100).print(render(dash.snap))
     assert "skipped" in out.getvalue() and "2 non-finite step(s)" in out.getvalue()
+
+
+def test_models_are_read_from_the_newest_checkpoint_while_a_run_is_extended(trained, tmp_path):
+    """Extending a finished run keeps its final/ until the new final replaces it; meanwhile
+    --model <run> must read the newest step checkpoint, not the older final/."""
+    import shutil
+
+    from smolctl.sources import resolve
+    from smolctl.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    cfg = TrainConfig.from_file(run / "config.yaml")
+    cfg.max_steps, cfg.save_every = 9, 1
+
+    def stop_at_8(e):  # a crash after the save at step 8
+        if e["event"] == "checkpoint" and e["step"] == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, resume="latest", log_file=tmp_path / "run.log", sinks=[stop_at_8])
+    assert json.loads((run / "checkpoints" / "final" / "smolctl.json").read_text())["step"] == 6  # still there
+    assert resolve(run).name == "step-00000008"
+    assert ckpt_io.find_checkpoint(run, "latest").name == "step-00000008"
