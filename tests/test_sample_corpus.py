@@ -1,0 +1,99 @@
+"""The bundled sample corpus (examples/sample/) and the rules of the script that wrote it."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from smolctl.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "examples" / "sample"
+# cosmopedia-v2's columns (HuggingFaceTB/smollm-corpus, config cosmopedia-v2), with their types.
+SCHEMA = {"prompt": str, "text": str, "token_length": int, "audience": str, "format": str, "seed_data": str}
+
+
+def read_split(name):
+    lines = (SAMPLE / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {name: read_split(name) for name in ("train", "heldout")}
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("make_sample_corpus", ROOT / "tools" / "make_sample_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # llama_cpp is imported only when generating
+    return module
+
+
+def test_rows_have_exactly_cosmopedia_v2_schema(splits):
+    for name, rows in splits.items():
+        assert rows, f"{name}.jsonl is empty"
+        for row in rows:
+            assert set(row) == set(SCHEMA), row.keys()
+            for key, kind in SCHEMA.items():
+                assert type(row[key]) is kind, (key, row[key])
+            assert row["text"].strip() and row["prompt"].strip() and row["token_length"] > 0
+
+
+def test_token_length_is_the_bundled_tokenizers_count(splits):
+    tok = load_tokenizer()
+    rows = splits["train"][::25] + splits["heldout"][::5]
+    counts = [len(ids) for ids in tok([r["text"] for r in rows], add_special_tokens=False).input_ids]
+    assert counts == [r["token_length"] for r in rows]
+
+
+def test_heldout_shares_no_document_or_prompt_with_train(splits):
+    train, heldout = splits["train"], splits["heldout"]
+    assert not {r["text"] for r in train} & {r["text"] for r in heldout}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+    assert len({r["text"] for r in train + heldout}) == len(train) + len(heldout)  # no duplicates
+
+
+def test_corpus_is_large_and_varied(splits):
+    train, heldout = splits["train"], splits["heldout"]
+    tokens = {name: sum(r["token_length"] for r in rows) for name, rows in splits.items()}
+    assert len(train) + len(heldout) >= 150 and tokens["train"] + tokens["heldout"] >= 50_000
+    assert 0.05 <= tokens["heldout"] / tokens["train"] <= 0.2
+    assert sum(len(r["text"].encode()) for r in train) >= 250_000
+    assert len({r["audience"] for r in train}) >= 5 and len({r["format"] for r in train}) >= 4
+    assert len({r["prompt"] for r in train}) == len(train)
+
+
+def test_plan_is_seeded_and_holds_out_whole_topics(script):
+    plan = script.make_plan(7, n_train=60, n_heldout=9)
+    assert plan == script.make_plan(7, n_train=60, n_heldout=9)
+    assert plan != script.make_plan(8, n_train=60, n_heldout=9)
+    assert script.make_plan(7, n_train=30, n_heldout=9) == plan[:9 + 30]  # fewer docs: a prefix
+    train = {j.topic for j in plan if j.split == "train"}
+    heldout = {j.topic for j in plan if j.split == "heldout"}
+    assert heldout and not train & heldout
+    assert len({(j.topic, j.audience, j.format) for j in plan}) == len(plan)
+
+
+def test_clean_keeps_prose_and_drops_degenerate_output(script):
+    prose = ("Volcanoes form where melted rock, called magma, rises from deep inside the Earth. Most of them "
+             "sit along the edges of tectonic plates, the giant slabs of crust that slowly drift across the "
+             "planet. When one plate slides beneath another, it sinks into the hot mantle and melts. That "
+             "molten rock is lighter than the solid rock around it, so it pushes upward through cracks. "
+             "Pressure builds as gas bubbles grow inside the magma, much like the fizz in a shaken bottle of "
+             "soda. Eventually the crust gives way, and lava, ash and steam burst out of the ground. Over "
+             "thousands of years, layer after layer of cooled lava piles up into the cone shape we recognise. "
+             "Some volcanoes, such as those in Hawaii, grow over hot spots far from any plate boundary instead.")
+
+    def rec(raw, finish_reason="stop"):
+        return {"raw": raw, "finish_reason": finish_reason}
+
+    assert script.clean(rec(prose)) == (prose, "ok")
+    text, why = script.clean(rec(prose + " And then the last one was cut", "length"))
+    assert why == "ok" and text == prose  # a document cut at max_tokens ends at its last sentence
+    assert script.clean(rec("Too short to be a document."))[0] is None
+    assert script.clean(rec("The cat sat on the mat and smiled. " * 40))[0] is None
