@@ -199,7 +199,13 @@ def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: i
     from smolctl.data import DataSpec
     from smolctl.train import resume_point
 
+    import torch
+
     cfg = cfg.resolved()
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    if gpus and world > gpus:
+        raise SmolctlError(f"--num-processes {world} but this machine has {gpus} GPU(s)",
+                           hint=f"Run one process per GPU: --num-processes {gpus}")
     DataSpec.parse(cfg.data, cfg.text_column)
     if resume is not None:
         ckpt_io.recover(run_dir)
