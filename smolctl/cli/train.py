@@ -195,11 +195,11 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
 
 def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int) -> None:
     """Once, before starting N processes: the checks that would otherwise fail in all of them."""
+    import torch
+
     from smolctl import checkpoint as ckpt_io
     from smolctl.data import DataSpec
     from smolctl.train import resume_point
-
-    import torch
 
     cfg = cfg.resolved()
     gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
