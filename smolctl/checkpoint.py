@@ -46,8 +46,6 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, cfg) from a checkpoint or HF model directory holding model.safetensors."""
-    from smolctl.model import build_model
-
     path = Path(path)
     meta = path / "smolctl.json"
     cfg = (ModelConfig.from_dict(json.loads(meta.read_text())["model"]) if meta.is_file()
@@ -55,14 +53,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     weights = path / WEIGHTS
     if not weights.is_file():
         raise SmolctlError(f"no {WEIGHTS} in {path}", hint="Pass a checkpoint or HF model directory with safetensors weights")
+    return model_from_state(cfg, load_file(str(weights), device=str(device)), device, dtype, source=weights)
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None, source: str | Path = "the weights"):
+    """An eval-mode model for `cfg` holding `state`'s tensors (assigned, not copied: no second allocation)."""
+    from smolctl.model import build_model
+
     model = build_model(cfg, device="meta")
-    state = load_file(str(weights), device=str(device))
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise SmolctlError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
+        raise SmolctlError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
                            hint="The checkpoint is damaged or from another model")
     if cfg.tie_embeddings:
         model.tie_weights()
