@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from smolctl.cli.generate import load_model
-from smolctl.cli.options import (DeviceOpt, DtypeOpt, MaxNewTokensOpt, MinPOpt, ModelOpt, RepetitionPenaltyOpt,
+from smolctl.cli.options import (DeviceOpt, DtypeOpt, MaxNewTokensOpt, MinPOpt, ModelOpt, QuantizeOpt, RepetitionPenaltyOpt,
                                  SampleSeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         repetition_penalty: RepetitionPenaltyOpt = 1.0,
         seed: SampleSeedOpt = None,
         dtype: DtypeOpt = "auto",
+        quantize: QuantizeOpt = "none",
         device: DeviceOpt = None,
     ) -> None:
         from smolctl.chat import Conversation
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        loaded, _ = load_model(model, dtype, device)
+        loaded, _ = load_model(model, dtype, device, quantize)
         conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=max_new_tokens,
                             system=system)
         Repl(conv, loaded.model, sampling, str(model), interactive=sys.stdin.isatty()).run()

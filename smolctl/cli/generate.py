@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import (DeviceOpt, DtypeOpt, MaxNewTokensOpt, MinPOpt, ModelOpt,
+from smolctl.cli.options import (DeviceOpt, DtypeOpt, MaxNewTokensOpt, MinPOpt, ModelOpt, QuantizeOpt,
                                  RepetitionPenaltyOpt, SampleSeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
             "--stop", help="Stop before this string (repeatable).", show_default=False)] = None,
         num_samples: Annotated[int, typer.Option("--num-samples", help="How many continuations to generate.")] = 1,
         dtype: DtypeOpt = "auto",
+        quantize: QuantizeOpt = "none",
         device: DeviceOpt = None,
         as_json: Annotated[bool, typer.Option(
             "--json", help="Print the text, token counts and timings as JSON (no streaming).")] = False,
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
-        loaded, load_s = load_model(model, dtype, device)
+        loaded, load_s = load_model(model, dtype, device, quantize)
         samples = []
         for i in range(num_samples):
             # sample i uses seed + i: each sample differs, and the whole run is reproducible
@@ -92,7 +93,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt
 
 
-def load_model(spec: str | None, dtype: str, device: str | None):
+def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none"):
     """Load --model for generation (imports torch: call inside a command). Returns (Loaded, seconds)."""
     from smolctl.sources import load, pick_device, pick_dtype, resolve
 
@@ -100,11 +101,21 @@ def load_model(spec: str | None, dtype: str, device: str | None):
         load(None)  # raises the "how to get a model" message
     path = resolve(spec)  # a bad spec fails here, before anything is printed
     device = pick_device(device)
+    if quantize != "none" and dtype == "fp32":
+        raise SmolctlError("--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16")
+    if quantize != "none" and device != "cpu":
+        raise SmolctlError(f"--quantize {quantize} is a CPU path (not {device})", hint="Use --dtype bf16 on accelerators")
     torch_dtype = pick_dtype(dtype, device)
     if sys.stderr.isatty():  # progress is for people; scripts get only errors and the speed line
-        print(f"Loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {device})...", file=sys.stderr, flush=True)
+        what = f"{quantize} weights" if quantize != "none" else str(torch_dtype).removeprefix("torch.")
+        print(f"Loading {spec} ({what}, {device})...", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    loaded = load(path, device=device, dtype=torch_dtype)
+    # int4 is quantized from the stored (fp32) weights, not from a bf16 copy of them
+    loaded = load(path, device=device, dtype=None if quantize == "int4" else torch_dtype)
+    if device == "cpu":
+        from smolctl.fastpath import fast_cpu_decoding
+
+        fast_cpu_decoding(loaded.model, int4=quantize == "int4")
     return loaded, time.perf_counter() - t
 
 

@@ -32,3 +32,5 @@ SampleSeedOpt = Annotated[Optional[int], typer.Option(
 DtypeOpt = Annotated[Literal["auto", "fp32", "bf16"], typer.Option(
     "--dtype",
     help="Weights' dtype; auto: bf16 where the device computes it fast, else fp32.")]
+QuantizeOpt = Annotated[Literal["none", "int4"], typer.Option(
+    "--quantize", help="int4: 4-bit weights (groups of 32, like GGUF Q4_1) for ~2x faster CPU decoding.")]
