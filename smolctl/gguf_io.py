@@ -99,7 +99,8 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], G
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # a truncated or foreign file: numpy/struct errors of many kinds
-        raise SmolctlError(f"cannot read GGUF file {path}: {e}", hint="Check that it is a complete .gguf file") from None
+        raise SmolctlError(f"cannot read GGUF file {path}: {e}",
+                           hint="Check that it is a complete .gguf file") from None
 
     def get(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)

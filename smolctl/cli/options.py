@@ -12,7 +12,8 @@ PresetOpt = Annotated[Optional[str], typer.Option(
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="A config file (JSON, YAML or TOML).", show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="A run directory, checkpoint directory, HF model directory, hub id or .gguf file.",
+    "--model", "-m", help="A run directory, checkpoint or HF model directory, .gguf file, hub id, "
+                          "or the name of a model imported with `smolctl import`.",
     show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
@@ -23,8 +24,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens; 0 = off.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample from the smallest set holding this probability; 1 = off.")]
-MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p x the top token's probability; 0 = off.")]
+TopPOpt = Annotated[float, typer.Option(
+    "--top-p", help="Sample from the smallest set holding this probability; 1 = off.")]
+MinPOpt = Annotated[float, typer.Option(
+    "--min-p", help="Drop tokens below min-p x the top token's probability; 0 = off.")]
 RepetitionPenaltyOpt = Annotated[float, typer.Option(
     "--repetition-penalty", help="Above 1 discourages tokens already in the context; 1 = off.")]
 SampleSeedOpt = Annotated[Optional[int], typer.Option(
