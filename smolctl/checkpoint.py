@@ -60,8 +60,6 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, cfg) from a checkpoint or HF model directory holding model.safetensors."""
-    from smolctl.model import build_model
-
     path = Path(path)
     meta = path / "smolctl.json"
     cfg = (ModelConfig.from_dict(json.loads(meta.read_text())["model"]) if meta.is_file()
@@ -69,12 +67,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     weights = path / WEIGHTS
     if not weights.is_file():
         raise SmolctlError(f"no {WEIGHTS} in {path}", hint="Pass a checkpoint or HF model directory with safetensors weights")
-    model = build_model(cfg, device="meta")
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as e:  # safetensors' own error type: a header that isn't one, a short file
         raise SmolctlError(f"{weights} is not a valid safetensors file ({' '.join(str(e).split())[:120]})",
                            hint="The file is damaged or not safetensors; re-export or re-download it") from None
+    return model_from_state(cfg, state, device, dtype, source=weights)
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None, source: str | Path = "the weights"):
+    """An eval-mode model for `cfg` holding `state`'s tensors (assigned, not copied: no second allocation)."""
+    from smolctl.model import build_model
+
+    model = build_model(cfg, device="meta")
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     hint = "The checkpoint is damaged or from another model"
@@ -82,10 +88,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shapes that disagree with config.json
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise SmolctlError(f"{weights} does not match its config: {first[:160]}", hint=hint) from None
+        raise SmolctlError(f"{source} does not match its config: {first[:160]}", hint=hint) from None
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise SmolctlError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
+        raise SmolctlError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
                            hint=hint)
     if cfg.tie_embeddings:
         model.tie_weights()

@@ -9,7 +9,17 @@ stored as they are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+from smolctl.config import ModelConfig
+from smolctl.errors import SmolctlError
+
+if TYPE_CHECKING:
+    import torch
 
 # transformers name (with {i} for the layer) -> GGUF name
 TENSOR_NAMES = {
@@ -57,3 +67,94 @@ def from_gguf_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """GGUF attn_q/attn_k rows -> q_proj/k_proj rows; the inverse of `to_gguf_rows`."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+@dataclass
+class GGUFTokenizer:
+    """What a GGUF says about its tokenizer (llama.cpp's `tokenizer.ggml.*` keys)."""
+
+    model: str  # "gpt2" (byte-level BPE) for SmolLM2
+    tokens: list[str]
+    merges: list[str]
+    token_types: list[int]
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    chat_template: str | None
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFTokenizer]:
+    """(config, float32 state dict with transformers' names, tokenizer info) from a llama GGUF.
+
+    Quantized tensors (Q4_1, Q8_0, ...) are dequantized with the `gguf` package (~3.5 s for the
+    135M model); attn_q / attn_k rows are permuted back to transformers' layout.
+    """
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # a truncated or foreign file: numpy/struct errors of many kinds
+        raise SmolctlError(f"cannot read GGUF file {path}: {e}",
+                           hint="Check that it is a complete .gguf file") from None
+
+    def get(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    arch = get("general.architecture")
+    if arch != "llama":
+        raise SmolctlError(f"{path.name} is a {arch!r} model; smolctl reads only llama-architecture GGUF files",
+                           hint="Use a Llama-family GGUF such as SmolLM2")
+    scaling = get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise SmolctlError(f"{path.name} uses RoPE scaling {scaling!r}; smolctl models use plain RoPE")
+
+    tok = GGUFTokenizer(
+        model=get("tokenizer.ggml.model", "gpt2"), tokens=get("tokenizer.ggml.tokens", []),
+        merges=get("tokenizer.ggml.merges", []), token_types=get("tokenizer.ggml.token_type", []),
+        bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_id=get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=get("tokenizer.ggml.padding_token_id"), chat_template=get("tokenizer.chat_template"))
+    names = {t.name for t in reader.tensors}
+    hidden, n_head = int(get("llama.embedding_length")), int(get("llama.attention.head_count"))
+    n_kv = int(get("llama.attention.head_count_kv", n_head))
+    cfg = ModelConfig(
+        name=get("general.name") or path.stem,
+        vocab_size=int(get("llama.vocab_size") or len(tok.tokens)),
+        hidden_size=hidden,
+        intermediate_size=int(get("llama.feed_forward_length")),
+        num_layers=int(get("llama.block_count")),
+        num_heads=n_head,
+        num_kv_heads=n_kv,
+        head_dim=int(get("llama.rope.dimension_count") or hidden // n_head),
+        max_seq_len=int(get("llama.context_length", 2048)),
+        rope_theta=float(get("llama.rope.freq_base", 10000.0)),
+        # stored as float32 (9.99999974e-06): print it back as the 1e-05 it was meant to be
+        rms_norm_eps=float(f"{get('llama.attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
+        tie_embeddings="output.weight" not in names,
+        bos_token_id=int(tok.bos_token_id or 0),
+        eos_token_id=int(tok.eos_token_id or 0),
+    )
+
+    state = {}
+    for t in reader.tensors:
+        try:
+            hf_name = gguf_to_hf_name(t.name)
+        except KeyError:
+            raise SmolctlError(f"{path.name} holds an unexpected tensor {t.name!r}",
+                               hint="smolctl reads plain Llama GGUF files (no biases, no extra tensors)") from None
+        # t.data is (rows, bytes) for quantized types; dequantize gives (rows, cols) float32
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        if t.name.endswith("attn_q.weight"):
+            w = from_gguf_rows(w, n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = from_gguf_rows(w, n_kv)
+        if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
+            w = w.copy()
+        state[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
+    return cfg, state, tok

