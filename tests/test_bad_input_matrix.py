@@ -192,7 +192,7 @@ CASES = [
     ("eval-model-missing", "corpus", ["eval", "--model", "nope", "--data", "corpus.jsonl"], U,
      ["model not found: nope"]),
     ("eval-hub-model-offline", "corpus", ["eval", "--model", "HuggingFaceTB/SmolLM2-135M", "--data", "corpus.jsonl"],
-     U, ["cannot reach the Hugging Face hub for model HuggingFaceTB/SmolLM2-135M"]),
+     U, ["cannot reach the Hugging Face hub for model 'HuggingFaceTB/SmolLM2-135M'"]),
     ("eval-tokens-zero", None, ["eval", "--model", "{run}", "--tokens", "0"], U, ["--tokens", "must be positive"]),
     ("eval-seq-len-too-long", "corpus", ["eval", "--model", "{run}", "--data", "corpus.jsonl", "--seq-len", "5000"],
      U, ["--seq-len 5000 exceeds the model's context (1024)"]),
