@@ -9,7 +9,8 @@ tokens/s counts the tokens after the first (prefill excluded), best of --repeats
 round-robin (on a shared machine the slow runs are other people's load, not the engine's; all runs
 are in the JSON). Decoding one token reads every weight once, so `bound` = read bandwidth / weight
 bytes per token, with the bandwidth measured on a buffer of the same size as the weights (so
-L3-resident weights are held to the cache's speed), and `% of bound` says how close each engine gets. Prints a Markdown table, then the same numbers as JSON.
+L3-resident weights are held to the cache's speed), and `% of bound` says how close each engine gets.
+Prints a Markdown table, then the same numbers as JSON. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
