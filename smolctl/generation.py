@@ -11,8 +11,10 @@
     complete(model, tokenizer, "The capital of France is", max_new_tokens=8)   # -> the continuation
 
 The loop is our own (model forward + transformers' DynamicCache under inference_mode) rather
-than `model.generate` + a streamer thread: it streams without a thread, stops on stop strings
-without a StoppingCriteria subclass, and decodes faster at batch 1 on CPU (benchmarks/bench_decode.py).
+than `model.generate` + a streamer thread: it streams without a thread, stops on stop strings and
+per row without StoppingCriteria subclasses, fits on a screen, and is a little faster at batch 1
+on CPU (18.4 vs 17.7 tokens/s fp32, 1 thread; benchmarks/README.md). The big CPU wins are in
+smolctl/fastpath.py (bf16 through torch.mv, int4 weights), which the CLI applies after loading.
 Greedy output equals `model.generate(do_sample=False)` token for token (tests/test_generation.py),
 and the logit processors follow transformers' semantics and order: repetition penalty, then
 temperature, top-k, top-p, min-p.
@@ -211,6 +213,14 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     return {i for i in ids if isinstance(i, int) and i >= 0}
 
 
+def unwrap(model):
+    """The plain model inside DDP / accelerate (.module) and torch.compile (._orig_mod) wrappers: a
+    compiled model would recompile for every new sequence length of the decode loop."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
 class Generation:
     """Decode a batch of prompts (strings or token id lists) with a KV cache; iterate it for Steps.
 
@@ -221,7 +231,7 @@ class Generation:
 
     def __init__(self, model, tokenizer, prompts: Sequence[str | Sequence[int]], sampling: Sampling = Sampling(),
                  stop_ids: set[int] | None = None, context_length: int | None = None):
-        self.model = getattr(model, "module", model)  # a DDP / accelerate wrapper: use the model itself
+        self.model = unwrap(model)
         self.tokenizer, self.sampling = tokenizer, sampling
         self.stop_ids = stop_token_ids(tokenizer, self.model) if stop_ids is None else set(stop_ids)
         self.context_length = context_length or getattr(self.model.config, "max_position_embeddings", None)

@@ -60,3 +60,14 @@ def test_bad_input_is_one_line_exit_2(cli, tiny_base_dir, tmp_path, models_dir, 
     assert r.exit_code == 2, r.output
     assert r.output.strip().count("\n") == 0 and words in r.output, r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "import"])
+def test_help_imports_neither_torch_nor_transformers(command):
+    import subprocess
+    import sys
+
+    code = (f"import sys\nfrom smolctl.cli import app\ntry:\n    app([{command!r}, '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in p.stdout, p.stdout + p.stderr

@@ -221,3 +221,13 @@ def test_text_stream_waits_for_whole_characters(tok):
     stream = TextStream(tok)
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == "emoji 🙂 ok" and all("\ufffd" not in p for p in pieces)
+
+
+def test_wrapped_models_decode_as_the_plain_one(model, tok):
+    class Wrapper(torch.nn.Module):  # shaped like DDP / accelerate's wrappers (.module), or compile's (._orig_mod)
+        def __init__(self, inner, attr):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    gen = Generation(Wrapper(Wrapper(model, "_orig_mod"), "module"), tok, ["Hi"], Sampling(max_new_tokens=3))
+    assert gen.model is model
