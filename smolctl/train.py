@@ -579,7 +579,9 @@ def _supersede_later_checkpoints(run_dir: Path, source: Path, step: int, main: b
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for s, path in ckpt_io.checkpoints(run_dir):
         if (s > step or (s == step and path.name == "final")) and path.resolve() != source.resolve():
-            aside = path.parent / f"superseded-{stamp}-{path.name}"
+            aside, n = path.parent / f"superseded-{stamp}-{path.name}", 1
+            while aside.exists():  # two resumes within one second
+                aside, n = path.parent / f"superseded-{stamp}.{n}-{path.name}", n + 1
             os.replace(path, aside)
             say(f"Set aside {path.name} (after step {step}) as {aside.name}")
 
