@@ -23,10 +23,10 @@ PYTHON = sys.executable
 
 @dataclass
 class Row:
-    """One line of the results table: `value` (smolctl) against `baseline_value`, same unit.
+    """One line of the results table: `value` (smolctl's) against `baseline_value`, same unit.
 
-    `ratio` is how many times better smolctl is (higher is better whatever the unit: for times
-    it is baseline / value). `target` is the ratio the issue asks for, if any.
+    `ratio` is value / baseline_value. `target` bounds it: a minimum (throughputs: "at least
+    1.3x the plain loop") or, with `lower_is_better` (times), a maximum ("at most 1.5x").
     """
 
     section: str
@@ -41,13 +41,15 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        if not self.value or not self.baseline_value:
+        if self.value is None or not self.baseline_value:
             return None
-        return self.baseline_value / self.value if self.lower_is_better else self.value / self.baseline_value
+        return self.value / self.baseline_value
 
     @property
     def met(self) -> bool | None:
-        return None if self.target is None or self.ratio is None else self.ratio >= self.target
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "met": self.met}

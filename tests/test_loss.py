@@ -9,10 +9,10 @@ def reference(hidden, weight, labels):
     return F.cross_entropy((hidden @ weight.T).float(), labels)
 
 
-def grads(fn, hidden, weight, labels):
+def grads(fn, hidden, weight, labels, scale=1.0):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = fn(h, w, labels)
-    loss.backward()
+    (loss * scale).backward()  # scale: the trainer backpropagates loss / grad_accum
     return loss.detach(), h.grad, w.grad
 
 
@@ -23,8 +23,10 @@ def test_chunked_cross_entropy_matches_the_plain_loss_and_gradients(monkeypatch,
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(10, 16, generator=g), torch.randn(vocab, 16, generator=g)
     labels = torch.randint(0, vocab, (10,), generator=g)
-    for got, want in zip(grads(linear_cross_entropy, hidden, weight, labels), grads(reference, hidden, weight, labels)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for scale in (1.0, 0.25):
+        for got, want in zip(grads(linear_cross_entropy, hidden, weight, labels, scale),
+                             grads(reference, hidden, weight, labels, scale)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # evaluation: the loss alone
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), reference(hidden, weight, labels))
 
