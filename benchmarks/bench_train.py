@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import os
 import sys
 import tempfile
 import time
@@ -171,12 +172,12 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps discarded (step 1 includes start-up)")
     p.add_argument("--steps", type=int, default=5, help="steps measured")
     p.add_argument("--runs", default="off,on,compile",
-                   help="smolctl runs: off/on (dashboard), compile (dashboard on, --compile)")
+                   help="smolctl runs: off/on (dashboard), compile (dashboard on, --compile, the persistent "
+                        "inductor cache), compile-cold (the same with an empty cache: run it in its own process, "
+                        "before any other compile, or dynamo's in-memory cache makes it warm)")
     p.add_argument("--peak-gflops", type=float, help="matmul peak for MFU (default: measure it)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    import os
-
     for k, v in quiet_env().items():
         os.environ.setdefault(k, v)
     import torch
@@ -204,23 +205,26 @@ def main(argv=None) -> None:
     rows, raw = [], {}
     best: dict[str, float] = {}  # the baselines' best step over all runs
     for run in args.runs.split(","):
-        cache_warm = None
-        if run == "compile":
-            cache_warm = compile_cache_dir().is_dir() and any(compile_cache_dir().iterdir())
-        baselines = ["hf"] if run == "compile" else ["hf", "same"]
-        r = run_once(args, dashboard=run != "off", compile=run == "compile", baselines=baselines, data=data,
-                     blocks=blocks)
+        compiled = run.startswith("compile")
+        with tempfile.TemporaryDirectory() as empty:
+            if run == "compile-cold":
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = empty  # compile_layers honours a directory set here
+            cache_warm = compiled and compile_cache_dir().is_dir() and any(compile_cache_dir().iterdir())
+            baselines = ["hf"] if compiled else ["hf", "same"]
+            r = run_once(args, dashboard=run != "off", compile=compiled, baselines=baselines, data=data, blocks=blocks)
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         raw[run] = r
         for b in baselines:
             best[b] = max(best.get(b, 0.0), tps(r[b]))
         what = {"off": "smolctl train(), dashboard off", "on": "smolctl train(), dashboard on",
-                "compile": "smolctl train(--compile), dashboard on"}[run]
+                "compile": "smolctl train(--compile), dashboard on",
+                "compile-cold": "smolctl train(--compile), empty compile cache"}[run]
         ours, note = tps(r["smolctl"]), notes(r["smolctl"])
         if run in ("off", "on"):
             rows.append(Row(section, f"{what} vs the same loop, plain (harness overhead)", ours, "tok/s",
                             "plain loop calling CausalLMLoss (same kernels)", tps(r["same"]),
                             target=0.97 if run == "on" else None, note=note))
-        if run == "compile":
+        if compiled:
             compile_s = r["first_step_s"] - min(r["smolctl"])
             note += f"; compile {compile_s:.0f} s ({'warm' if cache_warm else 'cold'} cache)"
             raw[run]["compile_s"], raw[run]["cache_warm"] = compile_s, cache_warm

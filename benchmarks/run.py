@@ -30,7 +30,8 @@ SECTIONS = ("train", "data", "startup", "checkpoint", "decode")
 # (preset, precision, batch size, smolctl runs, warmup steps, measured steps)
 TRAIN_FULL = [
     ("tiny", "fp32", 8, "off,on", 3, 10),
-    ("smollm2-135m", "bf16", 4, "off,on,compile", 2, 5),
+    ("smollm2-135m", "bf16", 4, "off,on,compile", 2, 6),
+    ("smollm2-135m", "bf16", 4, "compile-cold", 1, 2),  # its own process: dynamo's memory cache is per process
     ("smollm2-135m", "fp32", 4, "on", 2, 4),
 ]
 TRAIN_QUICK = [("tiny", "fp32", 8, "on", 2, 6)]

@@ -247,10 +247,6 @@ class _Item:
         return _Item((None if self.batch is None else self.batch.pin_memory(), self.state))
 
 
-def _as_is(item):
-    return item
-
-
 def _ignore_sigint(worker_id: int) -> None:
     """Ctrl-C is the trainer's to handle (finish the step, save); the worker must outlive it."""
     import signal

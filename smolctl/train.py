@@ -186,7 +186,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     `_ChunkedLinearCrossEntropy` computes each chunk's loss and gradients at once.
     """
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
-    if hidden.is_cuda and _liger_flce() is not None:
+    if not torch.is_grad_enabled():  # evaluation: detached, so that no gradient is computed
+        return _ChunkedLinearCrossEntropy.apply(hidden.detach(), weight.detach(), labels, dtype)
+    if hidden.is_cuda and _liger_flce() is not None:  # Liger computes the gradients in forward too
         return _liger_flce()(hidden.to(dtype), weight.to(dtype), labels)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, dtype)
 
