@@ -1,0 +1,143 @@
+"""Checkpoint save and load of the full 135M training state, against copying the same bytes.
+
+    python benchmarks/bench_checkpoint.py [--preset smollm2-135m] [--repeats 2]
+
+The state is what `train()` saves: model.safetensors (538 MB), the AdamW moments (1.08 GB), RNG
+and data state, configs and the sha256 manifest, through smolctl.checkpoint's own functions
+(save_model_state, save_rank_state, finalize: written to a staging directory, fsynced, renamed).
+Loading is `find_checkpoint(run, "latest")` (which verifies every sha256) plus the weights and
+`load_training_state` into a fresh AdamW.
+
+The baseline copies the checkpoint's files (the same bytes, the same number of files) with
+shutil.copyfile and fsyncs them: the checkpoint is durable when save returns, so the copy must be
+too. Best of --repeats each, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Row, write_rows  # noqa: E402
+
+
+def training_state(preset: str):
+    import torch
+
+    from smolctl.config import ModelConfig
+    from smolctl.model import build_model
+
+    cfg = ModelConfig.from_preset(preset)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    for p in model.parameters():  # one step, so that the moments exist and are not zeros
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, cfg, opt
+
+
+def save(run: Path, model, cfg, opt) -> Path:
+    from smolctl import checkpoint as ckpt_io
+
+    final = ckpt_io.step_dir(run, 1)
+    tmp = ckpt_io.staging_dir(final, True)
+    ckpt_io.save_model_state(tmp, model, cfg, opt, {"step": 1, "tokens_seen": 1024, "world_size": 1})
+    ckpt_io.save_rank_state(tmp, 0, {"epoch": 0, "carry": [1, 2, 3], "docs": 5, "tokens": 1024})
+    ckpt_io.finalize(tmp, final)
+    return final
+
+
+def save_before(out: Path, model, cfg, opt) -> None:
+    """What saving did before streaming: safetensors.save() to bytes, then hashing by rereading."""
+    from safetensors.torch import save as st_save
+
+    from smolctl import checkpoint as ckpt_io
+
+    out.mkdir(parents=True)
+    ckpt_io.write_file(out / "model.safetensors", st_save(ckpt_io.model_state(model), metadata={"format": "pt"}))
+    tensors, _ = ckpt_io._flatten_optimizer(opt.state_dict())
+    ckpt_io.write_file(out / "optimizer.safetensors", st_save(tensors))
+    for p in out.iterdir():
+        ckpt_io._sha256(p)
+
+
+def load(run: Path, cfg) -> None:
+    import torch
+
+    from smolctl import checkpoint as ckpt_io
+    from smolctl.model import build_model
+
+    ckpt = ckpt_io.find_checkpoint(run, "latest")
+    model = build_model(cfg, device="meta")
+    model.load_state_dict(ckpt_io.load_file(str(ckpt / ckpt_io.WEIGHTS)), strict=False, assign=True)
+    model.tie_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ckpt_io.load_training_state(ckpt, opt, 0, 1)
+
+
+def copy_files(src: Path, dst: Path) -> None:
+    dst.mkdir()
+    for p in sorted(src.iterdir()):
+        shutil.copyfile(p, dst / p.name)
+        fd = os.open(dst / p.name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="smollm2-135m")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--before", action="store_true", help="also time the previous save path")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    model, cfg, opt = training_state(args.preset)
+    saves, loads, copies, before = [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="smolctl-bench-ckpt-") as tmp:
+        tmp = Path(tmp)
+        for i in range(args.repeats):
+            run = tmp / f"run{i}"
+            saves.append(timed(lambda: save(run, model, cfg, opt)))
+            ckpt = run / "checkpoints" / "step-00000001"
+            size = sum(f.stat().st_size for f in ckpt.iterdir())
+            copies.append(timed(lambda: copy_files(ckpt, tmp / f"copy{i}")))
+            loads.append(timed(lambda: load(run, cfg)))
+            if args.before:
+                before.append(timed(lambda: save_before(tmp / f"before{i}", model, cfg, opt)))
+            shutil.rmtree(run)
+            shutil.rmtree(tmp / f"copy{i}")
+            shutil.rmtree(tmp / f"before{i}", ignore_errors=True)
+    gb = size / 1e9
+    copy_s = min(copies)
+    rows = [
+        Row("Checkpoint", f"save, {args.preset} full training state ({gb:.2f} GB)", min(saves), "s",
+            "copy the same files + fsync", copy_s, lower_is_better=True, target=2.0,
+            note=f"best of {args.repeats}; {gb / min(saves):.2f} GB/s"),
+        Row("Checkpoint", "load (verify sha256 + weights + optimizer)", min(loads), "s",
+            "copy the same files + fsync", copy_s, lower_is_better=True, note=f"best of {args.repeats}"),
+    ]
+    if before:
+        rows.append(Row("Checkpoint", "save the weights + moments the previous way (safetensors.save() bytes, "
+                        "hash by rereading)", min(before), "s", "copy the same files + fsync", copy_s,
+                        lower_is_better=True, note="for comparison: replaced by streaming writes"))
+    write_rows(rows, args.out, {"bytes": size, "save_s": saves, "load_s": loads, "copy_s": copies, "before_s": before})
+
+
+if __name__ == "__main__":
+    main()

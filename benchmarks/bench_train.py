@@ -1,0 +1,244 @@
+"""Training throughput: smolctl's `train()` against a plain transformers + torch loop, step by step.
+
+    python benchmarks/bench_train.py --preset tiny --precision fp32 --batch-size 8
+    python benchmarks/bench_train.py --preset smollm2-135m --precision bf16 --batch-size 4 --steps 5
+
+smolctl runs through `smolctl.train.train()` -- the real data pipeline (a background worker
+tokenizing and packing a .jsonl corpus), metrics.jsonl, the log file and, when on, the Rich
+dashboard rendering to a terminal-like in-memory console. The baselines are plain loops over the
+same token blocks with fused AdamW and gradient clipping:
+
+    hf       LlamaForCausalLM(input_ids, labels=..., shift_labels=...): transformers' own loss
+    same     the same loop calling smolctl's CausalLMLoss (the same kernels as smolctl's step)
+
+The machine is shared, so the baselines are not run before or after smolctl but interleaved with
+it: after each smolctl step, a sink runs one step of every baseline on the block smolctl just
+consumed (the dashboard's refresh thread is paused meanwhile, so that its cost stays smolctl's).
+Step times are wall time between consecutive "train" events, so they include everything the
+harness does per step. Throughput is tokens per step over the BEST step after warm-up (other jobs
+on a shared machine only ever add time; the median is reported alongside, in the JSON and notes).
+
+Prints (or writes with --out) JSON rows: tokens/s, MFU against the measured matmul peak, and
+the ratios. Each (preset, precision) runs in its own process: Accelerate's state is per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Row, corpus, median, quiet_env, write_rows  # noqa: E402
+
+
+class Enough(Exception):
+    """Raised by the benchmark sink once it has its steps: no need for train() to finish (and
+    write a final 1.6 GB checkpoint)."""
+
+
+class PlainLoop:
+    """The baseline: transformers' LlamaForCausalLM, torch AdamW (fused), clip_grad_norm_."""
+
+    def __init__(self, mcfg, bf16: bool, seed: int, lr: float = 3e-3):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from smolctl.model import init_weights
+        from smolctl.train import CausalLMLoss
+
+        torch.manual_seed(seed)
+        hf = mcfg.to_hf()
+        hf._attn_implementation = "sdpa"
+        self.model = LlamaForCausalLM(hf)
+        init_weights(self.model, mcfg.init_std)
+        self.model.train()
+        self.same = CausalLMLoss(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
+        self.bf16 = bf16
+
+    def step(self, batch, loss: str) -> float:
+        import torch
+
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            if loss == "hf":
+                y = y.contiguous()  # transformers views it flat
+                out = self.model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+            else:
+                out = self.same(x, y)
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out.item()
+
+
+class Interleaved:
+    """A metrics sink: times smolctl's steps, and runs one step of each baseline after each."""
+
+    def __init__(self, plain: PlainLoop | None, baselines: list[str], blocks, warmup: int, steps: int, dashboard=None):
+        self.plain, self.baselines, self.blocks = plain, baselines, blocks
+        self.warmup, self.steps, self.dashboard = warmup, steps, dashboard
+        self.smolctl: list[float] = []
+        self.base: dict[str, list[float]] = {b: [] for b in baselines}
+        self.first_step_s = None
+        self.first_losses = None  # (smolctl's, the first baseline's) on the first block: same init, same data
+        self.last = None
+
+    def __call__(self, e: dict) -> None:
+        now = time.perf_counter()
+        if e["event"] == "start":
+            self.last = now
+            return
+        if e["event"] != "train":
+            return
+        step, took = e["step"], now - self.last
+        if step == 1:
+            self.first_step_s = took
+        if step > self.warmup:
+            self.smolctl.append(took)
+        pause = self.dashboard is not None and self.dashboard.live.auto_refresh
+        if pause:
+            self.dashboard.live.stop()  # a refresh thread must not slow the baselines down
+        for name in self.baselines:
+            t = time.perf_counter()
+            loss = self.plain.step(self.blocks[step - 1], name)
+            if step > self.warmup:
+                self.base[name].append(time.perf_counter() - t)
+            if step == 1 and self.first_losses is None:
+                self.first_losses = (e["loss"], loss)
+        if pause:
+            self.dashboard.live.start()
+        if step >= self.warmup + self.steps:
+            raise Enough
+        self.last = time.perf_counter()
+
+
+def token_blocks(data: str, seq_len: int, batch_size: int, n: int):
+    """The first n batches smolctl's stream yields for this data: the baselines train on them too."""
+    from smolctl.data import BlockStream, DataSpec, batches
+
+    out = []
+    for batch, _ in batches(BlockStream(DataSpec.parse(data), seq_len, batch_size), num_workers=0):
+        out.append(batch)
+        if len(out) == n:
+            return out
+    raise SystemExit("corpus too small")
+
+
+def run_once(args, *, dashboard: bool, compile: bool, baselines: list[str], data: str, blocks) -> dict:
+    """One smolctl train() run, its baselines interleaved. Returns step-time lists (seconds)."""
+    from rich.console import Console
+
+    from smolctl.dashboard import Dashboard
+    from smolctl.train import TrainConfig, train
+
+    mcfg_seed = 42
+    cfg = TrainConfig(preset=args.preset, data=data, batch_size=args.batch_size, seq_len=args.seq_len,
+                      max_steps=10_000, save_every=10**9, log_every=1, device="cpu", seed=mcfg_seed,
+                      mixed_precision="bf16" if args.precision == "bf16" else "no", compile=compile)
+    plain = PlainLoop(cfg.model_config(), args.precision == "bf16", mcfg_seed) if baselines else None
+    dash = Dashboard(Console(file=io.StringIO(), force_terminal=True, width=120)) if dashboard else None
+    bench = Interleaved(plain, baselines, blocks, args.warmup, args.steps, dash)
+    sinks = ([dash] if dash else []) + [bench]
+    with tempfile.TemporaryDirectory(prefix="smolctl-bench-") as tmp:
+        try:
+            train(cfg, Path(tmp) / "run", log_file=Path(tmp) / "run.log", sinks=sinks)
+        except Enough:
+            pass
+        finally:
+            if dash:
+                dash.close()
+    result = {"smolctl": bench.smolctl, **bench.base, "first_step_s": bench.first_step_s,
+              "first_losses": bench.first_losses}
+    del plain, bench
+    gc.collect()
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=2, help="steps discarded (step 1 includes start-up)")
+    p.add_argument("--steps", type=int, default=5, help="steps measured")
+    p.add_argument("--runs", default="off,on,compile",
+                   help="smolctl runs: off/on (dashboard), compile (dashboard on, --compile, the persistent "
+                        "inductor cache), compile-cold (the same with an empty cache: run it in its own process, "
+                        "before any other compile, or dynamo's in-memory cache makes it warm)")
+    p.add_argument("--peak-gflops", type=float, help="matmul peak for MFU (default: measure it)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    for k, v in quiet_env().items():
+        os.environ.setdefault(k, v)
+    import torch
+
+    from common import matmul_peak
+    from smolctl.config import ModelConfig
+    from smolctl.train import compile_cache_dir, flops_per_token
+
+    peak = args.peak_gflops or matmul_peak()[args.precision]
+    mcfg = ModelConfig.from_preset(args.preset)
+    fpt = flops_per_token(mcfg, args.seq_len)
+    tokens = args.batch_size * args.seq_len
+    data = str(corpus())
+    blocks = token_blocks(data, args.seq_len, args.batch_size, args.warmup + args.steps)
+    label = f"{args.preset} {args.precision} B{args.batch_size}×S{args.seq_len}"
+    section = f"Training · {label}"
+
+    def tps(times):  # the best step: interference from other jobs only ever adds time
+        return tokens / min(times)
+
+    def notes(times):
+        v = tps(times)
+        return f"MFU {100 * fpt * v / (peak * 1e9):.1f}%; median step {tokens / median(times):,.0f} tok/s"
+
+    rows, raw = [], {}
+    best: dict[str, float] = {}  # the baselines' best step over all runs
+    for run in args.runs.split(","):
+        compiled = run.startswith("compile")
+        with tempfile.TemporaryDirectory() as empty:
+            if run == "compile-cold":
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = empty  # compile_layers honours a directory set here
+            cache_warm = compiled and compile_cache_dir().is_dir() and any(compile_cache_dir().iterdir())
+            baselines = ["hf"] if compiled else ["hf", "same"]
+            r = run_once(args, dashboard=run != "off", compile=compiled, baselines=baselines, data=data, blocks=blocks)
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        raw[run] = r
+        for b in baselines:
+            best[b] = max(best.get(b, 0.0), tps(r[b]))
+        what = {"off": "smolctl train(), dashboard off", "on": "smolctl train(), dashboard on",
+                "compile": "smolctl train(--compile), dashboard on",
+                "compile-cold": "smolctl train(--compile), empty compile cache"}[run]
+        ours, note = tps(r["smolctl"]), notes(r["smolctl"])
+        if run in ("off", "on"):
+            rows.append(Row(section, f"{what} vs the same loop, plain (harness overhead)", ours, "tok/s",
+                            "plain loop calling CausalLMLoss (same kernels)", tps(r["same"]),
+                            target=0.97 if run == "on" else None, note=note))
+        if compiled:
+            compile_s = r["first_step_s"] - min(r["smolctl"])
+            note += f"; compile {compile_s:.0f} s ({'warm' if cache_warm else 'cold'} cache)"
+            raw[run]["compile_s"], raw[run]["cache_warm"] = compile_s, cache_warm
+        rows.append(Row(section, f"{what} vs plain transformers loop", ours, "tok/s",
+                        "LlamaForCausalLM(labels=), fused AdamW", tps(r["hf"]),
+                        target=1.3 if run == "compile" and args.precision == "bf16" else None, note=note))
+    for b, name in (("hf", "plain transformers loop (labels=)"), ("same", "plain loop calling CausalLMLoss")):
+        if b in best:
+            mfu = 100 * fpt * best[b] / (peak * 1e9)
+            rows.append(Row(section, f"baseline: {name}", best[b], "tok/s", note=f"MFU {mfu:.1f}%; best of all runs"))
+    extra = {"config": label, "peak_gflops": peak, "flops_per_token": fpt, "tokens_per_step": tokens,
+             "torch_threads": torch.get_num_threads(), "raw": raw}
+    write_rows(rows, args.out, extra)
+
+
+if __name__ == "__main__":
+    main()
