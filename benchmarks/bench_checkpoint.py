@@ -49,7 +49,8 @@ def save(run: Path, model, cfg, opt) -> Path:
 
     final = ckpt_io.step_dir(run, 1)
     tmp = ckpt_io.staging_dir(final, True)
-    ckpt_io.save_model_state(tmp, model, cfg, opt, {"step": 1, "tokens_seen": 1024, "world_size": 1})
+    weights, optim_state = ckpt_io.training_state(model, opt, cfg, prefix="")
+    ckpt_io.save_model_state(tmp, weights, cfg, optim_state, {"step": 1, "tokens_seen": 1024, "world_size": 1})
     ckpt_io.save_rank_state(tmp, 0, {"epoch": 0, "carry": [1, 2, 3], "docs": 5, "tokens": 1024})
     ckpt_io.finalize(tmp, final)
     return final
@@ -80,7 +81,8 @@ def load(run: Path, cfg) -> None:
     model.load_state_dict(ckpt_io.load_file(str(ckpt / ckpt_io.WEIGHTS)), strict=False, assign=True)
     model.tie_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    ckpt_io.load_training_state(ckpt, opt, 0, 1)
+    ckpt_io.load_training_state(ckpt, 0, 1)
+    ckpt_io.load_optimizer(ckpt_io.read_optimizer(ckpt), model, opt)
 
 
 def copy_files(src: Path, dst: Path) -> None:
