@@ -228,7 +228,7 @@ def batches(stream: BlockStream, num_workers: int = 1) -> Iterator[tuple[torch.T
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                          collate_fn=_Item, pin_memory=torch.cuda.is_available(),
                                          prefetch_factor=4 if num_workers else None,
-                                         worker_init_fn=_ignore_sigint if num_workers else None)
+                                         worker_init_fn=_ignore_stop_signals if num_workers else None)
     for item in loader:
         batch, state = item.batch, item.state
         if batch is None:
@@ -247,8 +247,10 @@ class _Item:
         return _Item((None if self.batch is None else self.batch.pin_memory(), self.state))
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C is the trainer's to handle (finish the step, save); the worker must outlive it."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM are the trainer's to handle (finish the step, save): the worker must
+    outlive them, also when they reach the whole process group (a terminal, a scheduler)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
