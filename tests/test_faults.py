@@ -73,8 +73,9 @@ def _arm(fault: tuple) -> None:
         def write_file(path, data):
             count[0] += 1
             if count[0] == n:
+                whole = data if isinstance(data, bytes) else b"".join(bytes(chunk) for chunk in data)
                 with open(path, "wb") as f:
-                    f.write(data[:int(len(data) * frac)])
+                    f.write(whole[:int(len(whole) * frac)])
                 _die(f"torn write of {path.parent.name}/{path.name} at {frac:.0%}")
             real_write(path, data)
 
