@@ -250,8 +250,7 @@ def resolve_model_config(preset: str | None = None, config: str | Path | None = 
     if config is not None:
         return ModelConfig.from_file(config)
     if model is not None:
-        if not Path(model).exists():
-            raise SmolctlError(f"model path not found: {model}",
-                               hint="Pass a run directory, a checkpoint directory or an HF model directory")
-        return ModelConfig.from_dir(model)
+        from smolctl.sources import model_config
+
+        return model_config(model)
     return ModelConfig.from_preset(preset or "smollm2-135m")

@@ -92,8 +92,33 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], G
     135M model); attn_q / attn_k rows are permuted back to transformers' layout.
     """
     import torch
-    from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    path = Path(path)
+    reader, cfg, tok = read_gguf_header(path)
+    state = {}
+    for t in reader.tensors:
+        try:
+            hf_name = gguf_to_hf_name(t.name)
+        except KeyError:
+            raise SmolctlError(f"{path.name} holds an unexpected tensor {t.name!r}",
+                               hint="smolctl reads plain Llama GGUF files (no biases, no extra tensors)") from None
+        # t.data is (rows, bytes) for quantized types; dequantize gives (rows, cols) float32
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        if t.name.endswith("attn_q.weight"):
+            w = from_gguf_rows(w, cfg.num_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = from_gguf_rows(w, cfg.num_kv_heads)
+        if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
+            w = w.copy()
+        state[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
+    return cfg, state, tok
+
+
+def read_gguf_header(path: str | Path):
+    """(reader, config, tokenizer info) of a llama GGUF: its metadata only, no tensor is read."""
+    from gguf import GGUFReader
 
     path = Path(path)
     try:
@@ -139,22 +164,4 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], G
         bos_token_id=int(tok.bos_token_id or 0),
         eos_token_id=int(tok.eos_token_id or 0),
     )
-
-    state = {}
-    for t in reader.tensors:
-        try:
-            hf_name = gguf_to_hf_name(t.name)
-        except KeyError:
-            raise SmolctlError(f"{path.name} holds an unexpected tensor {t.name!r}",
-                               hint="smolctl reads plain Llama GGUF files (no biases, no extra tensors)") from None
-        # t.data is (rows, bytes) for quantized types; dequantize gives (rows, cols) float32
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        if t.name.endswith("attn_q.weight"):
-            w = from_gguf_rows(w, n_head)
-        elif t.name.endswith("attn_k.weight"):
-            w = from_gguf_rows(w, n_kv)
-        if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
-            w = w.copy()
-        state[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
-    return cfg, state, tok
+    return reader, cfg, tok

@@ -91,7 +91,9 @@ def resolve(spec: str | Path) -> Path:
             return path
         raise SmolctlError(f"{spec} is neither a run, a checkpoint nor an HF model directory", hint=HINT)
     if path.exists():
-        raise SmolctlError(f"{spec} is not a model (expected a directory or a .gguf file)", hint=HINT)
+        config_file = path.suffix in (".json", ".yaml", ".yml", ".toml")
+        raise SmolctlError(f"{spec} is not a model (expected a directory or a .gguf file)",
+                           hint="A model config file goes to --config" if config_file else HINT)
     name = ALIASES.get(str(spec).lower(), str(spec))
     if "/" not in name and (models_dir() / name / "config.json").is_file():
         return models_dir() / name
@@ -103,6 +105,18 @@ def resolve(spec: str | Path) -> Path:
     known = imported_models()
     raise SmolctlError(f"model not found: {spec}",
                        hint=HINT + (f" (imported here: {', '.join(known)})" if known else ""))
+
+
+def model_config(spec: str | Path):
+    """The config of the model `spec` names (anything --model takes), without reading its weights."""
+    from smolctl.config import ModelConfig
+
+    path = resolve(spec)
+    if path.suffix == ".gguf":
+        from smolctl.gguf_io import read_gguf_header
+
+        return read_gguf_header(path)[1]
+    return ModelConfig.from_dir(path)
 
 
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:

@@ -40,7 +40,7 @@ def test_inspect_hf_directory(cli, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["count-params", "--preset", "nope"], "unknown preset 'nope'. Valid presets: smollm2-135m, tiny"),
     (["inspect", "--config", "/no/such.yaml"], "config file not found"),
-    (["inspect", "--model", "/no/such/dir"], "model path not found"),
+    (["inspect", "--model", "/no/such/dir"], "model not found"),
     (["inspect", "--preset", "tiny", "--model", "x"], "only one of --preset, --config and --model"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, args, words):
@@ -61,7 +61,7 @@ def test_bad_input_in_a_real_process(tmp_path):
 
 def test_model_dir_without_config(cli, tmp_path):
     r = cli("inspect", "--model", tmp_path)
-    assert r.exit_code == 2 and "neither a checkpoint nor an HF model directory" in r.output
+    assert r.exit_code == 2 and "is neither a run, a checkpoint nor an HF model directory" in r.output
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["count-params", "--help"], ["inspect", "--help"]])
@@ -142,3 +142,22 @@ def test_broken_plugin_warns_but_cli_still_works(monkeypatch, capsys):
 def test_python_dash_m_and_version():
     p = subprocess.run([sys.executable, "-m", "smolctl", "--version"], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.startswith("smolctl ")
+
+
+def test_inspect_and_count_params_take_every_model_source(cli, tiny_chat_gguf, models_dir):
+    """A .gguf file (its metadata only) and an imported name resolve like --model does elsewhere."""
+    import json
+
+    from smolctl.sources import import_model
+
+    path, model, cfg = tiny_chat_gguf
+    want = sum(p.numel() for p in model.parameters())
+    r = cli("count-params", "--model", path, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["total"] == want
+    import_model(path)
+    r = cli("count-params", "--model", "tiny-chat", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["total"] == want
+    r = cli("inspect", "--model", "tiny-chat")
+    assert r.exit_code == 0 and f'"num_hidden_layers": {cfg.num_layers},' in r.output
