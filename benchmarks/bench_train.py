@@ -17,6 +17,7 @@ consumed (the dashboard's refresh thread is paused meanwhile, so that its cost s
 Step times are wall time between consecutive "train" events, so they include everything the
 harness does per step. Throughput is tokens per step over the BEST step after warm-up (other jobs
 on a shared machine only ever add time; the median is reported alongside, in the JSON and notes).
+Speed-ups are against the plain transformers loop's best step over all runs in the process.
 
 Prints (or writes with --out) JSON rows: tokens/s, MFU against the measured matmul peak, and
 the ratios. Each (preset, precision) runs in its own process: Accelerate's state is per process.
@@ -202,34 +203,41 @@ def main(argv=None) -> None:
         v = tps(times)
         return f"MFU {100 * fpt * v / (peak * 1e9):.1f}%; median step {tokens / median(times):,.0f} tok/s"
 
-    rows, raw = [], {}
-    best: dict[str, float] = {}  # the baselines' best step over all runs
+    raw: dict = {}
+    best: dict[str, float] = {}  # each baseline's best step over all runs
     for run in args.runs.split(","):
         compiled = run.startswith("compile")
         with tempfile.TemporaryDirectory() as empty:
             if run == "compile-cold":
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = empty  # compile_layers honours a directory set here
             cache_warm = compiled and compile_cache_dir().is_dir() and any(compile_cache_dir().iterdir())
-            baselines = ["hf"] if compiled else ["hf", "same"]
+            # "same" first: like smolctl's step it then follows another model's step (one that follows
+            # its own model finds the weights warm in the L3 cache: "hf" does, which only favours it)
+            baselines = ["hf"] if compiled else ["same", "hf"]
             r = run_once(args, dashboard=run != "off", compile=compiled, baselines=baselines, data=data, blocks=blocks)
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if compiled:
+            r["compile_s"], r["cache_warm"] = r["first_step_s"] - min(r["smolctl"]), cache_warm
         raw[run] = r
         for b in baselines:
             best[b] = max(best.get(b, 0.0), tps(r[b]))
+
+    # Harness overhead: against the same-kernel loop interleaved in the same run. Speed-ups: against
+    # the plain transformers loop's best step over ALL runs, the strictest baseline this run has.
+    rows = []
+    for run, r in raw.items():
         what = {"off": "smolctl train(), dashboard off", "on": "smolctl train(), dashboard on",
                 "compile": "smolctl train(--compile), dashboard on",
                 "compile-cold": "smolctl train(--compile), empty compile cache"}[run]
         ours, note = tps(r["smolctl"]), notes(r["smolctl"])
         if run in ("off", "on"):
             rows.append(Row(section, f"{what} vs the same loop, plain (harness overhead)", ours, "tok/s",
-                            "plain loop calling CausalLMLoss (same kernels)", tps(r["same"]),
+                            "plain loop calling CausalLMLoss (same kernels), same run", tps(r["same"]),
                             target=0.97 if run == "on" else None, note=note))
-        if compiled:
-            compile_s = r["first_step_s"] - min(r["smolctl"])
-            note += f"; compile {compile_s:.0f} s ({'warm' if cache_warm else 'cold'} cache)"
-            raw[run]["compile_s"], raw[run]["cache_warm"] = compile_s, cache_warm
+        if "compile_s" in r:
+            note += f"; compile {r['compile_s']:.0f} s ({'warm' if r['cache_warm'] else 'cold'} cache)"
         rows.append(Row(section, f"{what} vs plain transformers loop", ours, "tok/s",
-                        "LlamaForCausalLM(labels=), fused AdamW", tps(r["hf"]),
+                        "LlamaForCausalLM(labels=), fused AdamW, best of all runs", best["hf"],
                         target=1.3 if run == "compile" and args.precision == "bf16" else None, note=note))
     for b, name in (("hf", "plain transformers loop (labels=)"), ("same", "plain loop calling CausalLMLoss")):
         if b in best:

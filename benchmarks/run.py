@@ -5,7 +5,7 @@
     python benchmarks/run.py --only train,startup
 
 Writes benchmarks/results/latest.json (rows, raw timings, machine) and latest.md (the table), and
-puts the table into benchmarks/README.md. Each section runs in its own process (Accelerate's
+puts the table into benchmarks/README.md and README.md (--quick: latest-quick.*, READMEs untouched). Each section runs in its own process (Accelerate's
 state is per process; memory is returned between sections). See benchmarks/README.md.
 """
 
@@ -109,21 +109,17 @@ def main(argv=None) -> None:
     result = {"machine": info, "quick": args.quick, "seconds": total, "peak_gflops": peak,
               "rows": [r.to_dict() for r in rows], "raw": raw}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = "latest-quick" if args.quick else "latest"  # a quick run never replaces the full results
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(rows, info, peak, args.quick, total)
-    (args.out / "latest.md").write_text(md)
+    (args.out / f"{name}.md").write_text(md)
     if args.out == RESULTS and not args.quick and set(only) == set(SECTIONS):
-        update_readme(HERE / "README.md", md)
+        for readme in (HERE / "README.md", ROOT / "README.md"):
+            update_readme(readme, md)
     print(md)
 
 
 def decode(quick: bool, raw: dict) -> list[Row]:
-    """The decode benchmark is benchmarks/bench_decode.py (its own owner). Contract: it accepts
-    `--out PATH` (and `--quick`), and writes {"rows": [Row dicts as in common.Row], ...}."""
-    script = HERE / "bench_decode.py"
-    if not script.is_file():
-        return [Row("Decode", "batch 1 greedy tokens/s vs transformers generate and llama.cpp", None, "tok/s",
-                    note="pending: benchmarks/bench_decode.py is not in this checkout yet")]
     r = section("bench_decode.py", *(["--quick"] if quick else []))
     raw["decode"] = r
     return rows_of(r) or [Row("Decode", "bench_decode.py", None, "tok/s", note=r.get("error", "no rows"))]

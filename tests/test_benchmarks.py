@@ -1,0 +1,54 @@
+"""The benchmark suite's plumbing (not its timings): rows, ratios against targets, the README table."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from common import Row  # noqa: E402
+
+
+def test_row_ratio_and_target_in_both_directions():
+    faster = Row("s", "throughput", 130.0, "tok/s", "plain", 100.0, target=1.3)
+    slower = Row("s", "throughput", 129.0, "tok/s", "plain", 100.0, target=1.3)
+    time_ok = Row("s", "save", 3.0, "s", "copy", 2.0, lower_is_better=True, target=2.0)
+    time_bad = Row("s", "save", 4.5, "s", "copy", 2.0, lower_is_better=True, target=2.0)
+    assert faster.ratio == pytest.approx(1.3) and faster.met and not slower.met
+    assert time_ok.met and not time_bad.met
+    assert Row("s", "no baseline", 1.0, "s").met is None
+    assert Row("s", "not measured", None, "s", "copy", 2.0, target=2.0).to_dict()["met"] is None
+
+
+def test_markdown_table_goes_between_the_readme_markers(tmp_path):
+    import run
+
+    rows = [Row("Checkpoint", "save", 3.0, "s", "copy", 2.0, lower_is_better=True, target=2.0)]
+    info = {"cpu": "Test CPU", "cores": 2, "isa": [], "torch": "t", "transformers": "x", "python": "3",
+            "date": "today", "load_avg_1m": 0.5}
+    md = run.markdown(rows, info, {"fp32": 1.0, "bf16": 2.0}, quick=False, seconds=60)
+    assert "Test CPU, 2 cores" in md and "| Checkpoint | save | 3.00 s | copy: 2.00 s | 1.50× | ≤ 2× | ✅ |" in md
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n")
+    run.update_readme(readme, md)
+    text = readme.read_text()
+    assert "old table" not in text and md in text and text.startswith("intro\n") and text.endswith("outro\n")
+
+
+def test_decode_rows_pair_each_smolctl_path_with_the_engine_reading_the_same_weights():
+    import bench_decode
+
+    def engine(name, weights, tps):
+        return {"engine": name, "weights": weights, "tokens_per_s": tps, "pct_of_bound": 50.0,
+                "greedy_tokens_equal_to_fp32": "8/8"}
+
+    table = [engine("smolctl", "fp32", 20.0), engine("smolctl", "bf16, torch.mv", 30.0),
+             engine("smolctl", "int4 + bf16 head", 40.0), engine("transformers generate", "fp32", 10.0),
+             engine("transformers generate", "bf16", 15.0)]
+    rows = bench_decode.comparisons(table, SimpleNamespace(new_tokens=8, threads=1))
+    assert [(r.value, r.baseline_value) for r in rows] == [(20.0, 10.0), (30.0, 15.0)]  # no llama.cpp: no int4 row
+    rows = bench_decode.comparisons(table + [engine("llama.cpp", "Q4_1 (GGUF)", 80.0)],
+                                    SimpleNamespace(new_tokens=8, threads=1))
+    assert rows[-1].ratio == pytest.approx(0.5) and "llama.cpp" in rows[-1].name
