@@ -8,6 +8,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Each test runs in its own directory: defaults such as ./logs/<run>.log and ./runs/ land
+    there, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def cli():
     """Invoke the smolctl app in-process: cli("count-params", "--json") -> click Result."""
