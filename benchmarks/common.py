@@ -25,8 +25,10 @@ PYTHON = sys.executable
 class Row:
     """One line of the results table: `value` (smolctl's) against `baseline_value`, same unit.
 
-    `ratio` is value / baseline_value. `target` bounds it: a minimum (throughputs: "at least
-    1.3x the plain loop") or, with `lower_is_better` (times), a maximum ("at most 1.5x").
+    `ratio` is value / baseline_value, unless `paired` gives it: the median of per-step ratios of
+    two interleaved loops, which cancels the drift that both share (see bench_train.py). `target`
+    bounds it: a minimum (throughputs: "at least 1.3x the plain loop") or, with `lower_is_better`
+    (times), a maximum ("at most 1.5x").
     """
 
     section: str
@@ -38,9 +40,12 @@ class Row:
     lower_is_better: bool = False
     target: float | None = None
     note: str = ""
+    paired: float | None = None
 
     @property
     def ratio(self) -> float | None:
+        if self.paired is not None:
+            return self.paired
         if self.value is None or not self.baseline_value:
             return None
         return self.value / self.baseline_value

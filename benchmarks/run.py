@@ -5,8 +5,9 @@
     python benchmarks/run.py --only train,startup
 
 Writes benchmarks/results/latest.json (rows, raw timings, machine) and latest.md (the table), and
-puts the table into benchmarks/README.md and README.md (--quick: latest-quick.*, READMEs untouched). Each section runs in its own process (Accelerate's
-state is per process; memory is returned between sections). See benchmarks/README.md.
+puts the table into benchmarks/README.md and README.md (--quick: latest-quick.*, READMEs
+untouched). Each section runs in its own process (Accelerate's state is per process; memory is
+returned between sections). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SECTIONS = ("train", "data", "startup", "checkpoint", "decode")
 # (preset, precision, batch size, smolctl runs, warmup steps, measured steps)
 TRAIN_FULL = [
     ("tiny", "fp32", 8, "off,on", 3, 10),
-    ("smollm2-135m", "bf16", 4, "off,on,compile", 2, 6),
+    ("smollm2-135m", "bf16", 4, "off,on,compile", 2, 8),
     ("smollm2-135m", "bf16", 4, "compile-cold", 1, 2),  # its own process: dynamo's memory cache is per process
     ("smollm2-135m", "fp32", 4, "on", 2, 4),
 ]
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
             r = section("bench_train.py", "--preset", preset, "--precision", precision, "--batch-size", str(batch),
                         "--runs", runs, "--warmup", str(warmup), "--steps", str(steps),
                         "--peak-gflops", str(peak[precision]))
-            raw[f"train {preset} {precision}"] = r
+            raw[f"train {preset} {precision} {runs}"] = r
             got = rows_of(r)
             rows += got
             ours = [x.value for x in got if x.name.startswith("smolctl train(), dashboard on vs plain transformers")]

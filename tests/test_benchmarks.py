@@ -19,6 +19,8 @@ def test_row_ratio_and_target_in_both_directions():
     assert faster.ratio == pytest.approx(1.3) and faster.met and not slower.met
     assert time_ok.met and not time_bad.met
     assert Row("s", "no baseline", 1.0, "s").met is None
+    paired = Row("s", "overhead", 90.0, "tok/s", "same loop", 100.0, target=0.97, paired=0.98)
+    assert paired.ratio == 0.98 and paired.met and paired.to_dict()["ratio"] == 0.98
     assert Row("s", "not measured", None, "s", "copy", 2.0, target=2.0).to_dict()["met"] is None
 
 

@@ -3,7 +3,7 @@
     smolctl inspect                          # the seed's SmolLM2-135M (built on the meta device)
     smolctl inspect --preset tiny
     smolctl inspect --config my-model.yaml
-    smolctl inspect --model runs/demo        # a run, checkpoint or HF model directory
+    smolctl inspect --model runs/demo        # any --model source: run, checkpoint, HF dir, .gguf, imported name
 """
 
 from __future__ import annotations
