@@ -19,7 +19,7 @@ harness does per step. Throughput is tokens per step over the BEST step after wa
 on a shared machine only ever add time; the median is reported alongside, in the JSON and notes).
 Speed-ups are against the plain transformers loop's best step over all runs in the process. The
 harness overhead is the median of per-step ratios: smolctl's step against the same-kernel step that
-runs right after it (both see the machine of that moment; steps drift by up to 20% within a run).
+runs right after it (both see the machine of that moment; steps drift by 20-40% within a run here).
 
 Prints (or writes with --out) JSON rows: tokens/s, MFU against the measured matmul peak, and
 the ratios. Each (preset, precision) runs in its own process: Accelerate's state is per process.
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
         ours, note = tps(r["smolctl"]), notes(r["smolctl"])
         if run in ("off", "on"):
             # Each smolctl step and the "same" step right after it share the machine's state of the
-            # moment (steps drift by 20% within a run here), so the ratio is the median of per-step
+            # moment (steps drift by 20-40% within a run here), so the ratio is the median of per-step
             # pairs; the best steps' ratio is in the note.
             paired = median([b / a for a, b in zip(r["smolctl"], r["same"])])
             rows.append(Row(section, f"{what} vs the same loop, plain (harness overhead)", ours, "tok/s",
