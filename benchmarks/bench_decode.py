@@ -140,8 +140,12 @@ def main(argv=None) -> None:
     from smolctl.sources import import_model, imported_models, load
 
     default_model = args.model == "smollm2-instruct"
-    gguf = None if args.gguf == "none" else Path(args.gguf) if args.gguf else \
-        smollm2_gguf() if default_model else None
+    if args.gguf == "none":
+        gguf = None
+    elif args.gguf:
+        gguf = Path(args.gguf)
+    else:  # llama.cpp reads PyPI's file only when the model decoded is the one imported from it
+        gguf = smollm2_gguf() if default_model else None
     if default_model and not imported_models():
         print("Importing SmolLM2-135M-Instruct (once, as `smolctl import` does)")
         import_model(gguf or smollm2_gguf())
@@ -232,6 +236,7 @@ def comparisons(table: list[dict], args) -> list[Row]:
                             note=f"{a['pct_of_bound']}% of the bandwidth bound; greedy = fp32 "
                                  f"{a['greedy_tokens_equal_to_fp32']}"))
     return rows
+
 
 if __name__ == "__main__":
     main()

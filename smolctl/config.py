@@ -169,16 +169,14 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
-        """A checkpoint or HF model directory (its config.json), or a run directory (its latest checkpoint)."""
+        """A checkpoint or HF model directory (its config.json). A run directory, a .gguf or an
+        imported name: `smolctl.sources.model_config`, which resolves them first."""
         path = Path(path)
         if path.is_file():
             raise SmolctlError(f"{path} is a file, not a model directory",
                                hint="Pass its directory, or a config file with --config")
         if (path / "config.json").is_file():
             return cls.from_file(path / "config.json")
-        latest = sorted((path / "checkpoints").glob("*/config.json"))
-        if latest:
-            return cls.from_file(latest[-1])
         raise SmolctlError(f"{path} is neither a checkpoint nor an HF model directory (no config.json)",
                            hint="Pass a run directory, a checkpoint directory or an HF model directory")
 
