@@ -53,8 +53,8 @@ class PlainLoop:
         import torch
         from transformers import LlamaForCausalLM
 
+        from smolctl.loss import CausalLMLoss
         from smolctl.model import init_weights
-        from smolctl.train import CausalLMLoss
 
         torch.manual_seed(seed)
         hf = mcfg.to_hf()
@@ -140,8 +140,9 @@ def run_once(args, *, dashboard: bool, compile: bool, baselines: list[str], data
     """One smolctl train() run, its baselines interleaved. Returns step-time lists (seconds)."""
     from rich.console import Console
 
+    from smolctl.config import TrainConfig
     from smolctl.dashboard import Dashboard
-    from smolctl.train import TrainConfig, train
+    from smolctl.train import train
 
     mcfg_seed = 42
     cfg = TrainConfig(preset=args.preset, data=data, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -184,10 +185,10 @@ def main(argv=None) -> None:
     for k, v in quiet_env().items():
         os.environ.setdefault(k, v)
     import torch
-
     from common import matmul_peak
+
     from smolctl.config import ModelConfig
-    from smolctl.train import compile_cache_dir, flops_per_token
+    from smolctl.perf import compile_cache_dir, flops_per_token
 
     peak = args.peak_gflops or matmul_peak()[args.precision]
     mcfg = ModelConfig.from_preset(args.preset)

@@ -15,7 +15,7 @@ else the chunked one; fused AdamW; bf16 autocast; grad clipping):
     train()     smolctl.train.train(compile=True) on a generated .jsonl corpus: the real data
                 pipeline (background worker, pinned memory), metrics every 10 steps
 
-MFU = flops_per_token(S) x tokens/s / peak, the peak from smolctl.train.PEAK_TFLOPS (H100/H200
+MFU = flops_per_token(S) x tokens/s / peak, the peak from smolctl.perf.PEAK_TFLOPS (H100/H200
 dense bf16: 989 TFLOP/s). Target: >= 45 % (~360k tokens/s at S=2048).
 """
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         return 0
 
     from smolctl.config import ModelConfig
-    from smolctl.train import device_peak_tflops, flops_per_token
+    from smolctl.perf import device_peak_tflops, flops_per_token
 
     t_start = time.perf_counter()
     device = torch.device("cuda")
@@ -102,8 +102,9 @@ def bare_steps(args, mcfg, device, compiled: bool) -> tuple[float, dict]:
     `steps` steps (no host sync in between)."""
     import torch
 
+    from smolctl.loss import CausalLMLoss
     from smolctl.model import build_model
-    from smolctl.train import CausalLMLoss, compile_layers
+    from smolctl.perf import compile_layers
 
     torch.manual_seed(0)
     model = build_model(mcfg, device=device)
@@ -148,7 +149,8 @@ def through_train(args) -> tuple[float, dict]:
     the metrics at each log step)."""
     from common import corpus
 
-    from smolctl.train import TrainConfig, train
+    from smolctl.config import TrainConfig
+    from smolctl.train import train
 
     class Enough(Exception):
         pass

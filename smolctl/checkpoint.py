@@ -191,7 +191,11 @@ def training_state(module: torch.nn.Module, optimizer, cfg: ModelConfig, prefix:
     collective: every rank calls it; the full dicts land on rank 0 (others get empty ones).
     `prefix` is the wrapper's own (CausalLMLoss holds the LlamaForCausalLM as `.model`).
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(module, options=full)
@@ -214,7 +218,10 @@ def read_optimizer(ckpt: Path) -> dict:
 def load_optimizer(state: dict, module: torch.nn.Module, optimizer) -> None:
     """Put `read_optimizer`'s state into `optimizer`, after accelerator.prepare (under FSDP each
     rank keeps its own shard of the whole state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     if state["state"]:  # empty: saved before the first update; a fresh optimizer is the same
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +252,111 @@ def resolve_model_config(preset: str | None = None, config: str | Path | None = 
 
         return model_config(model)
     return ModelConfig.from_preset(preset or "smollm2-135m")
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset, optionally overridden field by field (a config file's `model:` section)
+    preset: str = "smollm2-135m"
+    model: dict[str, Any] = field(default_factory=dict)
+    # data
+    data: str = "cosmopedia-v2"  # the seed's stream; "sample" is the bundled corpus
+    text_column: str = "text"
+    eval_data: str | None = None  # None: the held-out split when --data sample, else no eval
+    tokenizer: str | None = None  # None: the bundled SmolLM2 tokenizer
+    shuffle_buffer: int = 0  # blocks held for shuffling (0: stream order)
+    num_workers: int = 1  # a background DataLoader worker tokenizes and packs
+    # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * processes
+    batch_size: int = 8  # micro-batch per device
+    seq_len: int | None = None  # None: the model's max_seq_len (2048 for SmolLM2-135M)
+    grad_accum: int = 1
+    # optimizer and schedule: the SmolLM2-135M recipe (huggingface/smollm config_smollm2_135M.yaml)
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    schedule: str = "wsd"  # warmup-stable-decay, or "cosine"
+    warmup_steps: int | None = None  # None: 2% of max_steps, at most 2000 (the recipe's value)
+    decay_frac: float = 0.2  # WSD: linear decay to min_lr over the last 20% of steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # loop
+    max_steps: int = 5000
+    mixed_precision: str = "auto"  # auto: accelerate launch's setting, else bf16 on GPUs that support it
+    compile: bool = False
+    seed: int = 42
+    device: str | None = None  # None: what Accelerate picks
+    save_every: int = 500
+    keep_last: int | None = None
+    eval_every: int = 0  # 0: only at the end
+    eval_tokens: int = 32768
+    sample_every: int = 0
+    sample_prompt: str = "Once upon a time"
+    sample_tokens: int = 32
+    log_every: int = 10
+    report_to: str = "none"  # tensorboard, wandb or none
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    peak_tflops: float | None = None  # the device's peak for MFU; None: from a table of GPUs
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict({"preset": self.preset, **self.model})
+
+    def resolved(self) -> TrainConfig:
+        """Fill the derived defaults and check every value; raises SmolctlError."""
+        cfg = dataclasses.replace(self)
+        mcfg = cfg.model_config()
+        cfg.seq_len = cfg.seq_len or mcfg.max_seq_len
+        if cfg.warmup_steps is None:
+            cfg.warmup_steps = min(2000, max(1, round(0.02 * cfg.max_steps)))
+        checks = [
+            (cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}"),
+            (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
+            (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
+            (cfg.seq_len > 0, f"--seq-len must be positive, got {cfg.seq_len}"),
+            (cfg.seq_len <= mcfg.max_seq_len,
+             f"--seq-len {cfg.seq_len} exceeds the model's max positions ({mcfg.max_seq_len})"),
+            (cfg.lr > 0 and cfg.min_lr >= 0, "--lr must be positive and min_lr non-negative"),
+            (cfg.schedule in ("wsd", "cosine"), f"schedule must be wsd or cosine, got {cfg.schedule!r}"),
+            (0 <= cfg.decay_frac <= 1, "decay_frac must be within [0, 1]"),
+            (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
+             f"--mixed-precision must be auto, no, bf16 or fp16, got {cfg.mixed_precision!r}"),
+            (cfg.save_every > 0, f"--save-every must be positive, got {cfg.save_every}"),
+            (cfg.max_bad_steps > 0, f"--max-bad-steps must be at least 1, got {cfg.max_bad_steps}"),
+            (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
+            (min(cfg.eval_every, cfg.sample_every, cfg.shuffle_buffer, cfg.warmup_steps) >= 0,
+             "--eval-every, --sample-every, --shuffle-buffer and warmup must not be negative"),
+            (cfg.num_workers in (0, 1), "--num-workers must be 0 or 1 (one ordered stream per rank)"),
+            (cfg.report_to in ("none", "tensorboard", "wandb"), "--report-to must be tensorboard, wandb or none"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SmolctlError(message)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SmolctlError(f"unknown training config keys: {', '.join(unknown)}",
+                               hint=f"Valid keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """A YAML/TOML/JSON file: training keys at the top level (or under `train:`), the model as
+        `preset:` and/or a `model:` mapping of ModelConfig fields (or a preset name)."""
+        d = read_mapping(path)
+        d = {**d.pop("train", {}), **d}
+        model = d.get("model")
+        if isinstance(model, str):
+            d["preset"], d["model"] = model, {}
+        elif isinstance(model, dict) and "preset" in model:
+            d["model"] = dict(model)
+            d["preset"] = d["model"].pop("preset")
+        return cls.from_dict(d)
+

@@ -20,304 +20,20 @@ import shutil
 import signal
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from smolctl import checkpoint as ckpt_io
-from smolctl.config import ModelConfig, read_mapping, write_mapping
+from smolctl.config import ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.errors import SmolctlError
+from smolctl.loss import CausalLMLoss, evaluate
 from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
-
-
-@dataclass
-class TrainConfig:
-    # model: a preset, optionally overridden field by field (a config file's `model:` section)
-    preset: str = "smollm2-135m"
-    model: dict[str, Any] = field(default_factory=dict)
-    # data
-    data: str = "cosmopedia-v2"  # the seed's stream; "sample" is the bundled corpus
-    text_column: str = "text"
-    eval_data: str | None = None  # None: the held-out split when --data sample, else no eval
-    tokenizer: str | None = None  # None: the bundled SmolLM2 tokenizer
-    shuffle_buffer: int = 0  # blocks held for shuffling (0: stream order)
-    num_workers: int = 1  # a background DataLoader worker tokenizes and packs
-    # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * processes
-    batch_size: int = 8  # micro-batch per device
-    seq_len: int | None = None  # None: the model's max_seq_len (2048 for SmolLM2-135M)
-    grad_accum: int = 1
-    # optimizer and schedule: the SmolLM2-135M recipe (huggingface/smollm config_smollm2_135M.yaml)
-    lr: float = 3e-3
-    min_lr: float = 0.0
-    schedule: str = "wsd"  # warmup-stable-decay, or "cosine"
-    warmup_steps: int | None = None  # None: 2% of max_steps, at most 2000 (the recipe's value)
-    decay_frac: float = 0.2  # WSD: linear decay to min_lr over the last 20% of steps
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    # loop
-    max_steps: int = 5000
-    mixed_precision: str = "auto"  # auto: accelerate launch's setting, else bf16 on GPUs that support it
-    compile: bool = False
-    seed: int = 42
-    device: str | None = None  # None: what Accelerate picks
-    save_every: int = 500
-    keep_last: int | None = None
-    eval_every: int = 0  # 0: only at the end
-    eval_tokens: int = 32768
-    sample_every: int = 0
-    sample_prompt: str = "Once upon a time"
-    sample_tokens: int = 32
-    log_every: int = 10
-    report_to: str = "none"  # tensorboard, wandb or none
-    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
-    peak_tflops: float | None = None  # the device's peak for MFU; None: from a table of GPUs
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict({"preset": self.preset, **self.model})
-
-    def resolved(self) -> TrainConfig:
-        """Fill the derived defaults and check every value; raises SmolctlError."""
-        cfg = dataclasses.replace(self)
-        mcfg = cfg.model_config()
-        cfg.seq_len = cfg.seq_len or mcfg.max_seq_len
-        if cfg.warmup_steps is None:
-            cfg.warmup_steps = min(2000, max(1, round(0.02 * cfg.max_steps)))
-        checks = [
-            (cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}"),
-            (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
-            (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
-            (cfg.seq_len > 0, f"--seq-len must be positive, got {cfg.seq_len}"),
-            (cfg.seq_len <= mcfg.max_seq_len,
-             f"--seq-len {cfg.seq_len} exceeds the model's max positions ({mcfg.max_seq_len})"),
-            (cfg.lr > 0 and cfg.min_lr >= 0, "--lr must be positive and min_lr non-negative"),
-            (cfg.schedule in ("wsd", "cosine"), f"schedule must be wsd or cosine, got {cfg.schedule!r}"),
-            (0 <= cfg.decay_frac <= 1, "decay_frac must be within [0, 1]"),
-            (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
-             f"--mixed-precision must be auto, no, bf16 or fp16, got {cfg.mixed_precision!r}"),
-            (cfg.save_every > 0, f"--save-every must be positive, got {cfg.save_every}"),
-            (cfg.max_bad_steps > 0, f"--max-bad-steps must be at least 1, got {cfg.max_bad_steps}"),
-            (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
-            (min(cfg.eval_every, cfg.sample_every, cfg.shuffle_buffer, cfg.warmup_steps) >= 0,
-             "--eval-every, --sample-every, --shuffle-buffer and warmup must not be negative"),
-            (cfg.num_workers in (0, 1), "--num-workers must be 0 or 1 (one ordered stream per rank)"),
-            (cfg.report_to in ("none", "tensorboard", "wandb"), "--report-to must be tensorboard, wandb or none"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SmolctlError(message)
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SmolctlError(f"unknown training config keys: {', '.join(unknown)}",
-                               hint=f"Valid keys: {', '.join(sorted(known))}")
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        """A YAML/TOML/JSON file: training keys at the top level (or under `train:`), the model as
-        `preset:` and/or a `model:` mapping of ModelConfig fields (or a preset name)."""
-        d = read_mapping(path)
-        d = {**d.pop("train", {}), **d}
-        model = d.get("model")
-        if isinstance(model, str):
-            d["preset"], d["model"] = model, {}
-        elif isinstance(model, dict) and "preset" in model:
-            d["model"] = dict(model)
-            d["preset"] = d["model"].pop("preset")
-        return cls.from_dict(d)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """The learning rate for optimizer step `step` (1-based), a pure function of the config.
-
-    WSD: linear warmup to lr, constant, then linear decay to min_lr over the last decay_frac of
-    the run. cosine: linear warmup, then half a cosine down to min_lr.
-    """
-    if step <= cfg.warmup_steps:  # warmup: lr * step / warmup
-        return cfg.lr * step / max(1, cfg.warmup_steps)
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_steps = round(cfg.decay_frac * cfg.max_steps)
-    decay_start = cfg.max_steps - decay_steps
-    if step <= decay_start:  # stable
-        return cfg.lr
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (cfg.max_steps - step) / max(1, decay_steps)  # decay
-
-
-class CausalLMLoss(nn.Module):
-    """The model plus its loss, as one module: the one place the loss is computed.
-
-    Wrapping (rather than calling model.model directly) keeps DDP's hooks on the forward pass.
-    Blocks are already shifted (inputs = block[:-1], labels = block[1:]), so we don't use
-    transformers' labels= path, which would shift them again.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, labels.flatten())
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mean(cross_entropy(hidden @ weight.T, labels)) without the full (N, V) logits.
-
-    hidden (N, C), weight (V, C), labels (N,) of token ids (no ignore_index: blocks are packed).
-    The logits are the step's largest activation: 4 x 256 tokens x 49,152 x 4 bytes = 200 MB in fp32,
-    and a plain `F.cross_entropy(logits.float())` writes and rereads them ~8 times over forward and
-    backward. Liger's fused Triton kernel takes over on CUDA when installed; otherwise
-    `_ChunkedLinearCrossEntropy` computes each chunk's loss and gradients at once.
-    """
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
-    if not torch.is_grad_enabled():  # evaluation: detached, so that no gradient is computed
-        return _ChunkedLinearCrossEntropy.apply(hidden.detach(), weight.detach(), labels, dtype)
-    if hidden.is_cuda and _liger_flce() is not None:  # Liger computes the gradients in forward too
-        return _liger_flce()(hidden.to(dtype), weight.to(dtype), labels)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, dtype)
-
-
-def _liger_flce():
-    """Liger's fused linear cross-entropy function, or None when liger-kernel is not installed."""
-    global _LIGER
-    if _LIGER is False:
-        try:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-            _LIGER = liger_fused_linear_cross_entropy
-        except ImportError:
-            _LIGER = None
-    return _LIGER
-
-
-_LIGER = False  # not looked up yet
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and both gradients in the forward pass, the fp32 logits a chunk of rows at a time.
-
-    Per chunk: logits = h @ W.T in `dtype` (bf16 under autocast, as nn.Linear computes them),
-    then in fp32 (as `logits.float()`), in place: p = exp(logits - max), loss = max + log(sum p)
-    - logit[label], and dlogits = (p / sum p - onehot) / N, stored in `dtype` into one (N, V)
-    buffer. Then, as nn.Linear's backward would: dh = dlogits @ W and dW = dlogits.T @ h, one
-    matmul each. Backward only scales the saved gradients (by 1 / grad_accum, say).
-
-    Same FLOPs as the plain path; what it saves is memory traffic, which on a CPU costs about as
-    much as the lm_head's matmuls: the plain path allocates and walks (N, V) fp32 tensors some
-    eight times (the cast, log_softmax and its backward, nll's zero-filled gradient, the cast back).
-    Here one fp32 pass makes the loss and the gradient, and only the `dtype` gradient is (N, V).
-    Chunks bound the fp32 memory (on a GPU without Liger: 24 chunks for 16 x 2048 tokens) but
-    are kept large, since every op costs a synchronisation of the CPU's threads.
-    """
-
-    CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 1,365 rows at V = 49,152 (all of B4 x S256)
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, dtype):
-        n, vocab = hidden.shape[0], weight.shape[0]
-        rows = max(1, _ChunkedLinearCrossEntropy.CHUNK_BYTES // (4 * vocab))
-        need_h, need_w = ctx.needs_input_grad[:2]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            h_all, w = hidden.to(dtype), weight.to(dtype)
-            grad = torch.empty(n, vocab, dtype=dtype, device=hidden.device) if need_h or need_w else None
-            for start in range(0, n, rows):
-                h, y = h_all[start:start + rows], labels[start:start + rows, None]
-                logits = F.linear(h, w).float()  # (rows, V) fp32, a fresh tensor: modified in place below
-                target = logits.gather(1, y)
-                top = logits.amax(1, keepdim=True)
-                probs = logits.sub_(top).exp_()  # unnormalised softmax
-                norm = probs.sum(1, keepdim=True)
-                total += (top + norm.log() - target).sum()  # logsumexp - logit[label]
-                if grad is not None:
-                    probs.mul_((norm * n).reciprocal_())  # softmax / N
-                    probs.scatter_add_(1, y, torch.full_like(target, -1.0 / n))  # - onehot / N
-                    grad[start:start + rows] = probs
-            grad_h = (grad @ w).to(hidden.dtype) if need_h else None
-            grad_w = (grad.T @ h_all).to(weight.dtype) if need_w else None
-        ctx.save_for_backward(grad_h, grad_w)
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors  # ours alone, used once: scaled in place (no 113 MB copy)
-        return (None if grad_h is None else grad_h.mul_(grad_out),
-                None if grad_w is None else grad_w.mul_(grad_out), None, None)
-
-
-def compile_layers(model: nn.Module, eager_attention: bool = False) -> None:
-    """torch.compile each decoder layer in place, with inductor's caches in a persistent directory.
-
-    Regional compilation: the 30 layers share one code object, so dynamo traces and inductor
-    compiles one layer graph (forward and backward) and reuses it for all of them, instead of
-    one 30-layer graph (a cold compile of ~80 s on 2 CPU cores). What it buys is fusion of the
-    elementwise work around the matmuls (RMSNorm, RoPE, SiLU, residual adds and autocast's
-    casts), which dominates a CPU step at hidden size 576. The embedding and the loss stay eager
-    (the loss is already fused, see linear_cross_entropy); parameter names are unchanged, so
-    checkpoints are the same.
-
-    eager_attention: transformers' matmul-softmax-matmul attention instead of SDPA, for short
-    sequences on a CPU. Compiled, it beats SDPA's CPU flash kernel, whose backward is slow (5x
-    its forward: ~15% of a 135M step at S=256); it keeps the (B, heads, S, S) probabilities for
-    backward, 9 MB a layer at B4 x S256 but 600 MB at S=2048, hence short sequences only.
-
-    The FX-graph and AOTAutograd caches are on by default but live in /tmp/torchinductor_<user>;
-    here they default to ~/.cache/smolctl/torchinductor (TORCHINDUCTOR_CACHE_DIR overrides), so
-    a warm start skips inductor's codegen and C++/Triton compiles: only dynamo's trace remains.
-    """
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
-    if eager_attention:
-        model.config._attn_implementation = "eager"
-    for layer in model.model.layers:
-        layer.compile()
-
-
-def compile_cache_dir() -> Path:
-    """~/.cache/smolctl/torchinductor, unless TORCHINDUCTOR_CACHE_DIR names another directory
-    (torch itself sets it to its /tmp default when transformers is imported: that one doesn't count)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
-        return Path(chosen)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl" / "torchinductor"
-
-
-def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight used in a matmul (the lm_head's too, tied or not;
-    the embedding lookup is free) plus attention's 12 * layers * hidden * seq_len (PaLM, app. B)."""
-    h, n = mcfg.hidden_size, mcfg.num_layers
-    kv = mcfg.num_kv_heads * mcfg.head_dim
-    per_layer = h * (h + 2 * kv + h) + 3 * h * mcfg.intermediate_size
-    return 6 * (n * per_layer + mcfg.vocab_size * h) + 12 * n * h * seq_len
-
-
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165, "3090": 71}
-
-
-def device_peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return None
+from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, memory_gb
+from smolctl.schedule import lr_at
 
 
 @dataclass
@@ -562,7 +278,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                 emit("train", step=step, max_steps=cfg.max_steps, loss=mean_loss, lr=lr,
                      grad_norm=grad_norm.item(), tokens_seen=tokens_seen, tokens_per_s=tps,
                      mfu=fpt * tps / (peak * 1e12 * world) if peak else None,
-                     elapsed_s=elapsed_before + now - t0, memory_gb=_memory_gb(device))
+                     elapsed_s=elapsed_before + now - t0, memory_gb=memory_gb(device))
                 window_loss.zero_()
                 window_steps, window_t = 0, time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0:
@@ -586,31 +302,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     _close(emit_to)
     return TrainResult(step, None, last_ckpt, run_dir)
 
-
-@torch.no_grad()
-def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size: int, tokens: int, device,
-             tokenizer: str | None = None, autocast=nullcontext) -> tuple[float, int]:
-    """Mean loss over the first `tokens` predicted tokens of `spec`, read in order (one epoch at most).
-
-    Returns (loss, tokens actually scored): whole batches, so slightly more than asked.
-    """
-    stream = BlockStream(spec, seq_len, batch_size, tokenizer, max_epochs=1)
-    was_training = loss_module.training
-    loss_module.eval()
-    total, n = 0.0, 0
-    for batch, _ in batches(stream, num_workers=0):
-        batch = batch.to(device)
-        with autocast():
-            loss = loss_module(batch[:, :-1], batch[:, 1:])
-        total += loss.item() * batch[:, 1:].numel()
-        n += batch[:, 1:].numel()
-        if n >= tokens:
-            break
-    loss_module.train(was_training)
-    if n == 0:
-        raise SmolctlError(f"the eval data ({spec.describe()}) is shorter than one batch "
-                           f"({batch_size} x {seq_len + 1} tokens)", hint="Use more eval text or a smaller batch/seq-len")
-    return total / n, n
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world_size: int,
@@ -713,17 +404,6 @@ def _require_tracker(name: str) -> None:
     module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
     if importlib.util.find_spec(module) is None:
         raise SmolctlError(f"--report-to {name} needs the {module} package", hint=f"pip install {module}")
-
-
-def _memory_gb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-    except ImportError:
-        return None
 
 
 def _close(sinks: list) -> None:

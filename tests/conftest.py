@@ -60,7 +60,7 @@ MICRO = {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, 
 
 @pytest.fixture
 def micro_cfg(corpus):
-    from smolctl.train import TrainConfig
+    from smolctl.config import TrainConfig
 
     def make(**kw):
         base = dict(preset="tiny", model=dict(MICRO), data=str(corpus), batch_size=2, seq_len=16,

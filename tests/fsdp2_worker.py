@@ -17,8 +17,8 @@ from torch.distributed.fsdp import fully_shard
 
 from smolctl import checkpoint as ckpt_io
 from smolctl.config import ModelConfig
+from smolctl.loss import CausalLMLoss
 from smolctl.model import build_model
-from smolctl.train import CausalLMLoss
 
 MODEL = {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_heads": 2, "num_kv_heads": 1,
          "intermediate_size": 64}

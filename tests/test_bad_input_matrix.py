@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import MICRO, write_corpus
 
 MODEL_YAML = "model: {preset: tiny, " + ", ".join(f"{k}: {v}" for k, v in MICRO.items()) + "}\n"
@@ -22,7 +21,8 @@ HF_CONFIG = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "int
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """A finished micro run (step-00000002, final at 4) and a run without checkpoints."""
-    from smolctl.train import TrainConfig, train
+    from smolctl.config import TrainConfig
+    from smolctl.train import train
 
     root = tmp_path_factory.mktemp("shared")
     corpus = write_corpus(root / "corpus.jsonl")
@@ -240,7 +240,7 @@ def test_bad_input(case, cli, shared, tmp_path, monkeypatch):
     if name == "out-of-memory":  # what a GPU says when the batch doesn't fit (no machine is harmed)
         import torch
 
-        from smolctl.train import CausalLMLoss
+        from smolctl.loss import CausalLMLoss
 
         def oom(*args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")

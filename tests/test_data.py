@@ -3,8 +3,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import write_corpus
+
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.errors import SmolctlError
 from smolctl.tokenizer import load_tokenizer

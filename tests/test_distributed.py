@@ -23,9 +23,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import MICRO, WORDS, kill_tree
-from smolctl.train import TrainConfig, train
+
+from smolctl.config import TrainConfig
+from smolctl.train import train
 
 SEQ, B, STEPS, DOCS = 16, 2, 10, 12  # 12 documents per file: an epoch is 6 steps, so STEPS crosses one
 TOL = 1e-5  # fp32 on CPU: the same sums in another order (DDP's all-reduce, one 2B batch vs two B's)

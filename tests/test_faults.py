@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import MICRO, kill_tree, write_corpus
+
 from smolctl import checkpoint as ckpt_io
 
 STEPS, SAVE_EVERY = 64, 2
@@ -264,7 +264,8 @@ CKPT_FILES = ["config.json", "model.safetensors", "smolctl.json", "optimizer.saf
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished micro run: step-00000003 and final/ (step 6)."""
-    from smolctl.train import TrainConfig, train
+    from smolctl.config import TrainConfig
+    from smolctl.train import train
 
     root = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(root / "corpus.jsonl")
@@ -435,7 +436,7 @@ def test_non_finite_steps_are_skipped_shown_and_stop_the_run(tmp_path, cli, monk
     """From step 4 on the loss is NaN: steps 4 and 5 are skipped (no update, no checkpoint), shown
     as such, and with --max-bad-steps 3 step 6 stops the run: exit 1, one line naming the last
     good checkpoint, which verifies and resumes."""
-    from smolctl.train import CausalLMLoss
+    from smolctl.loss import CausalLMLoss
 
     real, calls = CausalLMLoss.forward, [0]
 
@@ -489,8 +490,9 @@ def test_models_are_read_from_the_newest_checkpoint_while_a_run_is_extended(trai
     --model <run> must read the newest step checkpoint, not the older final/."""
     import shutil
 
+    from smolctl.config import TrainConfig
     from smolctl.sources import resolve
-    from smolctl.train import TrainConfig, train
+    from smolctl.train import train
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)

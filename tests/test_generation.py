@@ -5,8 +5,18 @@ import torch
 
 from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
-from smolctl.generation import (Generation, Sampling, TextStream, complete, min_p_filter, pick, process_logits,
-                                repetition_penalty, top_k_filter, top_p_filter)
+from smolctl.generation import (
+    Generation,
+    Sampling,
+    TextStream,
+    complete,
+    min_p_filter,
+    pick,
+    process_logits,
+    repetition_penalty,
+    top_k_filter,
+    top_p_filter,
+)
 from smolctl.model import build_model
 from smolctl.tokenizer import load_tokenizer
 
@@ -180,8 +190,13 @@ def test_repetition_penalty_on_hand_made_logits():
 
 
 def test_processors_match_transformers_warpers():
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(3, 1000) * 3

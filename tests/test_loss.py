@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smolctl.train import _ChunkedLinearCrossEntropy, linear_cross_entropy
+from smolctl.loss import _ChunkedLinearCrossEntropy, linear_cross_entropy
 
 
 def reference(hidden, weight, labels):

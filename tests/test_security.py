@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import MICRO, write_corpus
+
 from smolctl import checkpoint as ckpt_io
 from smolctl.errors import SmolctlError
 
@@ -51,7 +51,8 @@ def test_the_source_never_trusts_remote_code_nor_unpickles():
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    from smolctl.train import TrainConfig, train
+    from smolctl.config import TrainConfig
+    from smolctl.train import train
 
     monkeypatch.chdir(tmp_path)
     corpus = write_corpus(tmp_path / "corpus.jsonl")

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from smolctl import checkpoint as ckpt_io
+from smolctl.config import TrainConfig
 from smolctl.errors import SmolctlError
-from smolctl.train import TrainConfig, lr_at, train
+from smolctl.schedule import lr_at
+from smolctl.train import train
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
 

@@ -40,8 +40,8 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from smolctl.data import DataSpec
+        from smolctl.loss import CausalLMLoss, evaluate
         from smolctl.sources import load
-        from smolctl.train import CausalLMLoss, evaluate
 
         spec = DataSpec.parse(data, text_column, split="heldout")
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

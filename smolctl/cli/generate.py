@@ -19,8 +19,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import (DeviceOpt, DtypeOpt, MaxNewTokensOpt, MinPOpt, ModelOpt, QuantizeOpt,
-                                 RepetitionPenaltyOpt, SampleSeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
+from smolctl.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    MaxNewTokensOpt,
+    MinPOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RepetitionPenaltyOpt,
+    SampleSeedOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+)
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
 

@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
                                                 "that has checkpoints.")] = False,
         dashboard: DashOpt = True,
     ) -> None:
-        from smolctl.train import TrainConfig
+        from smolctl.config import TrainConfig
 
         flags = {k: v for k, v in locals().items() if v is not None and k in TrainConfig.__dataclass_fields__}
         cfg = TrainConfig.from_file(config) if config else TrainConfig()
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         num_processes: NumProcOpt = None,
         dashboard: DashOpt = True,
     ) -> None:
-        from smolctl.train import TrainConfig
+        from smolctl.config import TrainConfig
 
         if run_dir is None and Path(from_).is_dir() and Path(from_).parent.name == "checkpoints":
             run_dir = Path(from_).parent.parent

@@ -1,0 +1,24 @@
+"""The learning-rate schedule, a pure function of the step and the training config."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, cfg) -> float:
+    """The learning rate for optimizer step `step` (1-based), a pure function of the config.
+
+    WSD: linear warmup to lr, constant, then linear decay to min_lr over the last decay_frac of
+    the run. cosine: linear warmup, then half a cosine down to min_lr.
+    """
+    if step <= cfg.warmup_steps:  # warmup: lr * step / warmup
+        return cfg.lr * step / max(1, cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_steps = round(cfg.decay_frac * cfg.max_steps)
+    decay_start = cfg.max_steps - decay_steps
+    if step <= decay_start:  # stable
+        return cfg.lr
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (cfg.max_steps - step) / max(1, decay_steps)  # decay
+
