@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from smolctl import fsutil
 from smolctl.errors import SmolctlError
 from smolctl.generation import Generation, Sampling, stop_token_ids
 
@@ -110,12 +111,9 @@ class Conversation:
         if path.is_dir():
             raise SmolctlError(f"{path} is a directory", hint="Give a file name, e.g. /save chat.json")
         data = {"model": model_name, "chat_template": self.chat, "messages": self.messages()}
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            fsutil.write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise SmolctlError(f"cannot write {path}: {e.strerror}", hint="Pick a writable path") from None
         return path
 

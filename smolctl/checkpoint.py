@@ -19,11 +19,9 @@ come from safetensors, everything else is JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import shutil
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, load_file, save_file
 
+from smolctl import fsutil
 from smolctl.config import ModelConfig
 from smolctl.data import tuples
 from smolctl.errors import SmolctlError
@@ -63,9 +62,7 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra:
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, cfg) from a checkpoint or HF model directory holding model.safetensors."""
     path = Path(path)
-    meta = path / "smolctl.json"
-    cfg = (ModelConfig.from_dict(json.loads(meta.read_text())["model"]) if meta.is_file()
-           else ModelConfig.from_dir(path))
+    cfg = read_config(path)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise SmolctlError(f"no {WEIGHTS} in {path}", hint="Pass a checkpoint or HF model directory with safetensors weights")
@@ -75,6 +72,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise SmolctlError(f"{weights} is not a valid safetensors file ({' '.join(str(e).split())[:120]})",
                            hint="The file is damaged or not safetensors; re-export or re-download it") from None
     return model_from_state(cfg, state, device, dtype, source=weights)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The model config of a checkpoint or model directory, from the one file every command reads:
+    smolctl.json's when there is one (ours: it round-trips every field), else config.json."""
+    meta = Path(path) / "smolctl.json"
+    if not meta.is_file():
+        return ModelConfig.from_dir(path)
+    try:
+        return ModelConfig.from_dict(json.loads(meta.read_text())["model"])
+    except (ValueError, KeyError, TypeError):
+        raise SmolctlError(f"{meta} is damaged (not the JSON smolctl writes)",
+                           hint="Pass another checkpoint or model") from None
 
 
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
@@ -126,7 +136,7 @@ def write_file(path: Path, data: bytes | list) -> None:
     """
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     with ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(_sha256_of, chunks)
+        digest = pool.submit(fsutil.sha256, chunks)
         with open(path, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
@@ -177,9 +187,14 @@ def staging_dir(final: Path, is_main: bool) -> Path:
     """The temporary directory a checkpoint is written into (created by the main process)."""
     tmp = staging_path(final)
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
+        fsutil.remove(tmp)  # a leftover of an interrupted save
         tmp.mkdir(parents=True)
     return tmp
+
+
+def check_finite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first weight holding NaN or inf, if any: such a state is never saved."""
+    return next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def training_state(module: torch.nn.Module, optimizer, cfg: ModelConfig, prefix: str = "model.") -> tuple[dict, dict]:
@@ -263,16 +278,7 @@ def finalize(tmp: Path, final: Path) -> None:
     manifest = {"files": {p.name: {"sha256": _sha256(p, written=True), "bytes": p.stat().st_size} for p in files},
                 "time": time.time()}
     write_json(tmp / MANIFEST, {**manifest, "sha256": _manifest_sha256(manifest)})
-    _fsync_dir(tmp)
-    if final.exists():
-        old = final.parent / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsutil.publish(tmp, final, aside=final.parent / f".old-{final.name}")
 
 
 def recover(run_dir: Path, say=print) -> None:
@@ -290,19 +296,18 @@ def recover(run_dir: Path, say=print) -> None:
                 raise SmolctlError("superseded")
             verify(tmp)
         except SmolctlError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            fsutil.remove(tmp)
             continue
-        os.replace(tmp, final)
+        fsutil.publish(tmp, final)
         say(f"Recovered {final.name}: its save had finished but was not yet renamed into place")
     for old in ckpts.glob(".old-*"):
-        shutil.rmtree(old, ignore_errors=True)
+        fsutil.remove(old)
 
 
-def verify(ckpt: Path) -> None:
+def verify(ckpt: Path, hint: str = "Resume from another checkpoint: --from latest skips damaged ones") -> None:
     """Check the manifest against its own checksum and every file against the manifest; raise
     naming the first bad file."""
     mpath = ckpt / MANIFEST
-    hint = "Resume from another checkpoint: --from latest skips damaged ones"
     if not mpath.is_file():
         raise SmolctlError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}: its save was interrupted)", hint=hint)
     try:
@@ -320,7 +325,7 @@ def verify(ckpt: Path) -> None:
             raise SmolctlError(f"checkpoint file {ckpt / name} is missing", hint=hint)
     sized = [name for name, want in files.items() if (ckpt / name).stat().st_size == want["bytes"]]
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        digests = dict(zip(sized, pool.map(lambda name: _sha256(ckpt / name), sized)))
+        digests = dict(zip(sized, pool.map(lambda name: fsutil.sha256(ckpt / name), sized)))
     for name, want in files.items():
         if digests.get(name) != want["sha256"]:
             raise SmolctlError(f"checkpoint file {ckpt / name} is corrupt (sha256 does not match the manifest)",
@@ -329,7 +334,7 @@ def verify(ckpt: Path) -> None:
 
 def _manifest_sha256(manifest: dict) -> str:
     """The manifest's checksum of itself (without this field): a damaged manifest is caught too."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return fsutil.sha256([json.dumps(manifest, sort_keys=True).encode()])
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -348,15 +353,16 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out, key=lambda x: (x[0], x[1].name == "final"))
 
 
-def find_checkpoint(run_dir: Path, which: str, say=print) -> Path:
+def find_checkpoint(run_dir: Path, which: str, say=print, hint: str | None = None) -> Path:
     """`which`: "latest" (the newest checkpoint that verifies; damaged ones are skipped, saying so),
-    a step number, or a checkpoint path."""
+    a step number, or a checkpoint path. `hint`: what to do about a damaged one (default: resume's)."""
+    check = (lambda p: verify(p, hint)) if hint else verify
     if which != "latest" and not which.isdigit():
         path = Path(which)
         if not (path / MANIFEST).is_file() and not (path / "smolctl.json").is_file():
             raise SmolctlError(f"--from {which}: not a checkpoint directory",
                                hint="Use a step number, 'latest', or a checkpoint path")
-        verify(path)
+        check(path)
         return path
     found = checkpoints(run_dir)
     if not found:
@@ -364,7 +370,7 @@ def find_checkpoint(run_dir: Path, which: str, say=print) -> Path:
     if which == "latest":
         for step, path in reversed(found):
             try:
-                verify(path)
+                check(path)
                 return path
             except SmolctlError as e:
                 say(f"Skipping damaged checkpoint: {e}")
@@ -374,7 +380,7 @@ def find_checkpoint(run_dir: Path, which: str, say=print) -> Path:
     if not matches:
         steps = ", ".join(str(s) for s, _ in found)
         raise SmolctlError(f"run {run_dir} has no checkpoint at step {step}", hint=f"Checkpoints: {steps}")
-    verify(matches[0])
+    check(matches[0])
     return matches[0]
 
 
@@ -418,7 +424,7 @@ def prune(run_dir: Path, keep_last: int | None) -> None:
         return
     steps = [p for _, p in checkpoints(run_dir) if p.name.startswith("step-")]
     for p in steps[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        fsutil.remove(p)
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -463,23 +469,4 @@ def _sha256(path: Path, written: bool = False) -> str:
         size, mtime, digest = _DIGESTS.pop(os.path.abspath(path), (None, None, None))
         if (size, mtime) == (stat.st_size, stat.st_mtime_ns):
             return digest
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256_of(chunks: list) -> str:
-    h = hashlib.sha256()
-    for chunk in chunks:
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return fsutil.sha256(path)

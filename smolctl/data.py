@@ -103,6 +103,26 @@ class DataSpec:
         return ds
 
 
+def first_document(spec: DataSpec, tokenizer: str | None = None) -> list[int]:
+    """Open the data and tokenize its first document: a corpus that cannot be read fails here, in
+    one line, before a run creates anything."""
+    from smolctl.tokenizer import load_tokenizer
+
+    try:
+        row = next(iter(spec.open()), None)
+    except SmolctlError:
+        raise
+    except Exception as e:  # datasets/pyarrow/json: many exception types for "not what it says it is"
+        reason = " ".join(str(e).split())[:200]
+        raise SmolctlError(f"cannot read {spec.describe()}: {type(e).__name__}: {reason}",
+                           hint="Check that the files are what their suffix says (.jsonl: one JSON object per "
+                                "line; .parquet: a Parquet file; text: UTF-8)") from None
+    if row is None:
+        raise SmolctlError(f"the corpus is empty: {spec.describe()} has no documents",
+                           hint="Point --data at files with text in them")
+    return load_tokenizer(tokenizer)(_text(row, spec), add_special_tokens=False)["input_ids"]
+
+
 def _local_files(data: str) -> list[str]:
     path = Path(data).expanduser()
     if path.is_file():

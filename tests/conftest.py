@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path, monkeypatch):
-    """Each test runs in its own directory: defaults such as ./logs/<run>.log and ./runs/ land
+    """Each test runs in its own directory: defaults such as ./runs/<name>/ land
     there, never in the checkout."""
     monkeypatch.chdir(tmp_path)
 

@@ -27,7 +27,7 @@ def test_train_then_resume_through_the_cli(cli, tmp_path, micro_yaml, monkeypatc
     r = cli("resume", "--run-dir", "runs/demo", "--max-steps", 8)  # extend from latest (final, step 6)
     assert r.exit_code == 0, r.output
     assert "step      8/8" in r.output
-    log = (tmp_path / "logs" / "demo.log").read_text()
+    log = (tmp_path / "runs" / "demo" / "train.log").read_text()
     steps = [int(line.split(" step ")[1].split("/")[0]) for line in log.splitlines() if "/" in line.split(" step ")[-1][:12]]
     assert steps == list(range(1, 9))  # resume appended, nothing repeated
 

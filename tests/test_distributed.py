@@ -48,7 +48,7 @@ def exact_docs(tag: str, n: int, seed: int) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
-    """Commands write logs/ and runs/ under the working directory: keep them out of the repo."""
+    """Commands write runs/ under the working directory: keep them out of the repo."""
     monkeypatch.chdir(tmp_path)
 
 
@@ -168,7 +168,7 @@ def test_two_process_run_killed_and_resumed_continues_exactly(two_proc):
                        cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert train_losses(metrics) == train_losses(two_proc.run / "metrics.jsonl")  # bit for bit, no step twice
-    log_steps = [int(line.split(" step ")[1].split("/")[0]) for line in (root / "logs" / "killed.log").read_text()
+    log_steps = [int(line.split(" step ")[1].split("/")[0]) for line in (root / "killed" / "train.log").read_text()
                  .splitlines() if " step " in line and "/" in line.split(" step ")[1][:12]]
     assert log_steps == list(range(1, STEPS + 1))
 

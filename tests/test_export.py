@@ -306,14 +306,20 @@ def test_cli_writes_gguf_with_summary_and_refuses_to_overwrite(cli, tiny, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary left behind
 
 
-def test_cli_hf_refuses_non_empty_dir_and_force_replaces_it(cli, tiny, tmp_path):
+def test_cli_hf_refuses_non_empty_dir_and_force_replaces_only_an_export(cli, tiny, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out)
-    assert r.exit_code == 2 and "is not empty" in r.output
+    assert r.exit_code == 2 and "already exists. Pass --force" in r.output
+    r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out, "--force")  # not something export wrote
+    assert r.exit_code == 2 and "refusing to replace" in r.output and "not a Hugging Face model directory" in r.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out, "--force")
+    (out / "notes.txt").unlink()
+    r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out)  # an empty directory is fine
+    assert r.exit_code == 0, r.output
+    (out / "notes.txt").write_text("mine")
+    r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out, "--force")  # an earlier export: replaced
     assert r.exit_code == 0, r.output
     assert "notes.txt" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").is_file()
     assert "from_pretrained" in r.output
@@ -356,5 +362,5 @@ def test_export_refuses_to_write_over_its_own_source(tiny):
     from smolctl.errors import SmolctlError
     from smolctl.export import export
 
-    with pytest.raises(SmolctlError, match="holds the model being exported"):
+    with pytest.raises(SmolctlError, match="is, holds or lies inside the model being exported"):
         export(tiny[0], "hf", tiny[0], force=True)

@@ -25,7 +25,7 @@ STEPS, SAVE_EVERY = 64, 2
 
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
-    """Commands write logs/ and runs/ under the working directory: keep them out of the repo."""
+    """Commands write runs/ under the working directory: keep them out of the repo."""
     monkeypatch.chdir(tmp_path)
 
 
@@ -205,7 +205,7 @@ def test_kill_anywhere_then_resume_is_exact(tmp_path, forkserver):
     assert p.exitcode == 0 and len(kills) >= 20
     assert train_rows(metrics) == train_rows(tmp_path / "straight" / "metrics.jsonl")
     assert [r[0] for r in train_rows(metrics)] == list(range(1, STEPS + 1))
-    assert log_steps(tmp_path / "logs" / "run.log") == list(range(1, STEPS + 1))
+    assert log_steps(tmp_path / "run" / "train.log") == list(range(1, STEPS + 1))
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no staging leftovers
     final = [(tmp_path / r / "checkpoints" / "final" / "model.safetensors").read_bytes() for r in ("run", "straight")]
     assert final[0] == final[1]
@@ -225,28 +225,35 @@ def test_a_torn_last_metrics_row_is_dropped_when_resuming(tmp_path):
     assert path.read_text() == "".join(good[:2])
 
 
-def test_a_save_cut_between_its_two_renames_is_recovered(tmp_path, micro_cfg, cli, monkeypatch):
+def _extend_killed_between_renames(cwd: str, run: str, cfg) -> None:
+    """In a forked child: extend the run, SIGKILL-like death (os._exit) between finalize's renames."""
+    from smolctl import fsutil
+    from smolctl.train import train
+
+    os.chdir(cwd)
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(src).name == ".tmp-final":
+            os._exit(137)  # nothing runs after this: no finally, no cleanup
+        real(src, dst)
+
+    fsutil.os.replace = replace
+    train(cfg, Path(run), resume="latest")
+
+
+def test_a_save_cut_between_its_two_renames_is_recovered(tmp_path, micro_cfg, cli, forkserver):
     """Replacing final/ takes two renames (old aside, new in). Killed between them, the run has
     no final/ but a finished `.tmp-final`: the next resume moves it into place and goes on."""
     from smolctl.train import train
 
-    monkeypatch.chdir(tmp_path)  # logs/ go here
     run = tmp_path / "run"
     train(micro_cfg(max_steps=4, save_every=100), run)  # final/ at step 4
-    real = os.replace
-
-    class Killed(BaseException):  # nothing in smolctl may catch it, like SIGKILL
-        pass
-
-    def replace(src, dst):
-        if Path(src).name == ".tmp-final":
-            raise Killed
-        real(src, dst)
-
-    monkeypatch.setattr(ckpt_io.os, "replace", replace)
-    with pytest.raises(Killed):
-        train(micro_cfg(max_steps=6, save_every=100), run, resume="latest")  # extends final/ to step 6
-    monkeypatch.setattr(ckpt_io.os, "replace", real)
+    p = forkserver.Process(target=_extend_killed_between_renames,
+                           args=(str(tmp_path), str(run), micro_cfg(max_steps=6, save_every=100)))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 137
     names = {p.name for p in (run / "checkpoints").iterdir()}
     assert "final" not in names and {".tmp-final", ".old-final"} <= names
     r = cli("resume", "--run-dir", run, "--from", "latest", "--max-steps", 8, "--no-dashboard")
@@ -461,7 +468,7 @@ def test_non_finite_steps_are_skipped_shown_and_stop_the_run(tmp_path, cli, monk
     rows_ = [json.loads(x) for x in (tmp_path / "runs/nan/metrics.jsonl").read_text().splitlines()]
     assert [(r_["event"], r_["step"]) for r_ in rows_ if r_["event"] in ("train", "skip")] == \
         [("train", 1), ("train", 2), ("train", 3), ("skip", 4), ("skip", 5), ("skip", 6)]
-    log = (tmp_path / "logs/nan.log").read_text()
+    log = (tmp_path / "runs/nan/train.log").read_text()
     assert log.count("skipped: non-finite") == 3
     monkeypatch.setattr(CausalLMLoss, "forward", real)
     r = cli("resume", "--from", "latest", "--max-steps", 4, "--no-dashboard")

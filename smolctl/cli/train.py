@@ -43,7 +43,7 @@ WorkersOpt = Annotated[Optional[int], opt("--num-workers", help="0: tokenize in 
                                           "1 (default): in a background worker.")]
 ReportOpt = Annotated[Optional[str], opt("--report-to", help="tensorboard, wandb or none.")]
 RunDirOpt = Annotated[Optional[Path], opt("--run-dir", help="The run directory (default runs/<run-name>).")]
-LogFileOpt = Annotated[Optional[Path], opt("--log-file", help="The human-readable log (default logs/<run-name>.log).")]
+LogFileOpt = Annotated[Optional[Path], opt("--log-file", help="The human-readable log (default <run-dir>/train.log).")]
 BadStepsOpt = Annotated[Optional[int], opt("--max-bad-steps", help="Stop after N non-finite (NaN/inf) steps in "
                                            "a row; each is skipped, with no update (default 10).")]
 NumProcOpt = Annotated[Optional[int], opt("--num-processes", help="Train in N processes on this machine (DDP: "
@@ -198,6 +198,7 @@ def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: i
     import torch
 
     from smolctl import checkpoint as ckpt_io
+    from smolctl import fsutil
     from smolctl.data import DataSpec
     from smolctl.train import resume_point
 
@@ -207,8 +208,9 @@ def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: i
         raise SmolctlError(f"--num-processes {world} but this machine has {gpus} GPU(s)",
                            hint=f"Run one process per GPU: --num-processes {gpus}")
     DataSpec.parse(cfg.data, cfg.text_column)
-    if resume is not None:
-        ckpt_io.recover(run_dir)
+    if resume is not None:  # under the run's lock, released before the launch: rank 0 takes it then
+        with fsutil.run_lock(run_dir):
+            ckpt_io.recover(run_dir)
     resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None)
 
 
