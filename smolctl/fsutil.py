@@ -295,14 +295,21 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
     created the directory. A second process gets a one-line error naming the holder's PID. The
     kernel drops a flock when its process dies, so a lock left by a killed run never blocks."""
     run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir()
         created = True
     except FileExistsError:
         created = False
+    except OSError as e:
+        raise SmolctlError(f"cannot write to run directory {run_dir}: {e.strerror}",
+                           hint="Pick another --run-dir") from None
     while True:
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SmolctlError(f"cannot write to run directory {run_dir}: {e.strerror}",
+                               hint="Pick another --run-dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -68,7 +68,7 @@ def resolve(spec: str | Path) -> Path:
     """The directory (or .gguf file) holding the weights that `spec` names. A checkpoint's
     manifest is verified (sha256 of every file, once per process); a run resolves to its newest
     checkpoint that verifies (the highest step, final/ winning a tie), damaged ones skipped, saying so."""
-    from smolctl.checkpoint import find_checkpoint
+    from smolctl.checkpoint import checkpoints, find_checkpoint
     from smolctl.hub import looks_like_hub_id
 
     path = Path(spec).expanduser()
@@ -76,11 +76,9 @@ def resolve(spec: str | Path) -> Path:
         return path
     if path.is_dir():
         if (path / "checkpoints").is_dir():
-            try:
-                found = find_checkpoint(path, "latest", hint=DAMAGED,
-                                        say=lambda message: print(message, file=sys.stderr))
-            except SmolctlError as e:
-                raise SmolctlError(f"{e.message}", hint="Train it first, or pass a checkpoint") from None
+            if not checkpoints(path):
+                raise SmolctlError(f"run {path} has no complete checkpoint yet", hint="Train it first, or pass a checkpoint")
+            found = find_checkpoint(path, "latest", hint=DAMAGED, say=lambda message: print(message, file=sys.stderr))
             _VERIFIED.add(found.resolve())
             return found
         if (path / "config.json").is_file():
