@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smolctl import fsutil
 from smolctl.errors import SmolctlError
 
 
@@ -234,9 +235,9 @@ def write_mapping(path: str | Path, data: dict[str, Any]) -> None:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        fsutil.write_text(path, yaml.safe_dump(data, sort_keys=False))
     else:
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        fsutil.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def resolve_model_config(preset: str | None = None, config: str | Path | None = None,

@@ -266,12 +266,12 @@ def _bad_corpus(tmp_path: Path, kind: str) -> Path:
     data = tmp_path / "data"
     data.mkdir()
     if kind == "not-objects":
-        (data / "c.jsonl").write_text("[1, 2]\n\"text\"\n")
+        (data / "c.jsonl").write_text("\"text\"\n42\n")
     elif kind == "garbage-parquet":
         (data / "c.parquet").write_bytes(bytes(range(256)) * 8)
     elif kind == "bad-second-file":  # read only after ~20 steps: fails mid-run, not a SmolctlError
         write_corpus(data / "a.jsonl")
-        (data / "b.jsonl").write_text("[1, 2]\n")
+        (data / "b.jsonl").write_text("42\n")
     return data
 
 
