@@ -112,7 +112,7 @@ def check(spec: Spec, value: Any, where: str = "", flags: bool = False, strict: 
         if not finite or not _within(value, meta):
             rule = _bounds(meta, spec.type)
             if not finite:
-                rule = "finite and not negative" if rule == "not negative" else f"{rule} and finite" if rule else "finite"
+                rule = {"not negative": "finite and not negative", "": "finite"}.get(rule, f"{rule} and finite")
             verb = "must not be negative" if rule == "not negative" else f"must be {rule}"
             raise SmolctlError(f"{label} {verb}, got {value!r}")
     if meta.get("choices") is not None and value not in meta["choices"]:

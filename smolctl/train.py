@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from smolctl import checkpoint as ckpt_io
-from smolctl.config import RESUMABLE, ModelConfig, TrainConfig, write_mapping
+from smolctl.config import RESUMABLE, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss, evaluate

@@ -127,8 +127,8 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
 
         sink = PlainSink()
     try:
-        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [], overwrite=overwrite,
-                       allow_config_change=allow_config_change)
+        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
+                       overwrite=overwrite, allow_config_change=allow_config_change)
     finally:
         if hasattr(sink, "close"):
             sink.close()
