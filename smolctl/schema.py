@@ -78,9 +78,9 @@ def validate(cls: type, values: dict[str, Any], what: str, where: str = "", flag
     `strict`: no coercion (metadata smolctl wrote itself: a string where a number belongs is damage).
     `also`: keys the caller handles itself, passed through as they are."""
     known = [*specs(cls), *also]
-    unknown = sorted(k for k in values if k not in known)
+    unknown = sorted(str(k) for k in values if k not in known)  # YAML keys may be numbers
     if unknown:
-        names = ", ".join(f"{k}{_did_you_mean(str(k), known)}" for k in unknown)
+        names = ", ".join(f"{k}{_did_you_mean(k, known)}" for k in unknown)
         raise SmolctlError(f"{where}unknown {what} keys: {names}", hint=f"Valid keys: {', '.join(sorted(known))}")
     return {k: v if k in also else check(specs(cls)[k], v, where, flags, strict) for k, v in values.items()}
 
@@ -129,7 +129,7 @@ def _coerce(spec: Spec, value: Any, label: str, strict: bool) -> Any:
         if not isinstance(value, list):
             raise SmolctlError(f"{label} must be a list, got {value!r}")
         item = Spec(spec.name, spec.item, False, {})
-        return [_coerce(item, v, label, strict) for v in value]
+        return [check(item, v, strict=strict, label=label) for v in value]
     if t is dict:
         if not isinstance(value, dict):
             raise SmolctlError(f"{label} must be a mapping of keys to values, got {value!r}")
