@@ -118,15 +118,15 @@ _VERIFIED: set[Path] = set()
 
 def model_config(spec: str | Path):
     """The config of the model `spec` names (anything --model takes), without reading its weights:
-    the same file loading reads."""
-    from smolctl.checkpoint import read_config
+    the one loading would use."""
+    from smolctl.metadata import model_config_of
 
     path = resolve(spec)
     if path.suffix == ".gguf":
         from smolctl.gguf_io import read_gguf_header
 
         return read_gguf_header(path)[1]
-    return read_config(path)
+    return model_config_of(path)
 
 
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
