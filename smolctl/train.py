@@ -92,17 +92,13 @@ LOG = "train.log"  # the human-readable log, in the run directory: one log per r
 
 def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
     """What a fresh run can check before it creates anything: the config, the run directory, the
-    data (its first document is read and tokenized), the sample prompt."""
+    data (its first document is read and tokenized), the tracker."""
     from smolctl.data import first_document
-    from smolctl.tokenizer import load_tokenizer
 
     cfg = cfg.resolved()
     cfg.model_config()
     resume_point(cfg, run_dir, None, overwrite, 1)
     first_document(DataSpec.parse(cfg.data, cfg.text_column), cfg.tokenizer)
-    if cfg.sample_every and not load_tokenizer(cfg.tokenizer)(cfg.sample_prompt)["input_ids"]:
-        raise SmolctlError(f"sample_prompt {cfg.sample_prompt!r} has no tokens, and samples are asked for "
-                           f"every {cfg.sample_every} steps", hint="Give sample_prompt some text, or leave --sample-every out")
     if cfg.report_to != "none":
         _require_tracker(cfg.report_to)
 
