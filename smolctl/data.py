@@ -112,6 +112,8 @@ def first_document(spec: DataSpec, tokenizer: str | None = None) -> list[int]:
         row = next(iter(spec.open()), None)
     except SmolctlError:
         raise
+    except UnicodeDecodeError as e:
+        raise _not_utf8(e) from None
     except Exception as e:  # datasets/pyarrow/json: many exception types for "not what it says it is"
         reason = " ".join(str(e).split())[:200]
         raise SmolctlError(f"cannot read {spec.describe()}: {type(e).__name__}: {reason}",
@@ -121,6 +123,11 @@ def first_document(spec: DataSpec, tokenizer: str | None = None) -> list[int]:
         raise SmolctlError(f"the corpus is empty: {spec.describe()} has no documents",
                            hint="Point --data at files with text in them")
     return load_tokenizer(tokenizer)(_text(row, spec), add_special_tokens=False)["input_ids"]
+
+
+def _not_utf8(e: UnicodeDecodeError) -> SmolctlError:
+    return SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                        hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def _local_files(data: str) -> list[str]:
@@ -155,8 +162,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         except SmolctlError as e:
             yield None, {"error": str(e)}  # re-raised by the trainer: no traceback through workers
         except UnicodeDecodeError as e:
-            yield None, {"error": f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start}). "
-                                  "Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"}
+            yield None, {"error": str(_not_utf8(e))}
 
     def _batches(self):
         from smolctl.tokenizer import load_tokenizer

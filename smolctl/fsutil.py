@@ -293,7 +293,7 @@ def check_replaceable(path: Path, force: bool, ours: Callable[[Path], bool], wha
 def run_lock(run_dir: Path) -> Iterator[bool]:
     """Create `run_dir` if needed and hold its exclusive lock for the block; yield whether this call
     created the directory. A second process gets a one-line error naming the holder's PID. The
-    kernel drops a flock when its process dies, so a lock left by a killed run never blocks."""
+    kernel drops a flock when its process dies, so the lock file a killed run leaves never blocks."""
     run_dir = Path(run_dir)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +333,9 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield created
-    finally:
+    finally:  # removed while still held (a waiter notices, above): a run that ends leaves no lock file
+        if os.path.isdir(run_dir):
+            Path(run_dir / LOCK).unlink(missing_ok=True)
         os.close(fd)
 
 

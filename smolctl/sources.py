@@ -106,8 +106,11 @@ def verify(path: Path) -> None:
     """A checkpoint's manifest against its files (a directory without one -- an HF model, an
     import -- has nothing to check). Once per process: `generate` resolves, then loads."""
     from smolctl.checkpoint import MANIFEST, verify as verify_checkpoint
+    from smolctl.metadata import META, read_meta
 
     if (path / MANIFEST).is_file() and path.resolve() not in _VERIFIED:
+        if (path / META).is_file():
+            read_meta(path)  # the metadata first: a damaged smolctl.json is named as such
         verify_checkpoint(path, hint=DAMAGED)
         _VERIFIED.add(path.resolve())
 
