@@ -6,7 +6,8 @@ with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` lo
     runs/demo/checkpoints/step-00000500/
         config.json          transformers' LlamaConfig (the architecture)
         model.safetensors    weights; a tied lm_head is not stored twice
-        smolctl.json         our ModelConfig, the training config, step, tokens seen
+        tokenizer.json + tokenizer_config.json      the run's tokenizer (no chat template: a base model)
+        smolctl.json         our ModelConfig, the training config, step, tokens seen, provenance
         optimizer.safetensors + optimizer.json      AdamW moments / param groups
         rng-rank0.json + rng-rank0.safetensors      python, numpy, torch (CPU, CUDA) RNG states
         data-rank0.json [+ data-rank0.safetensors]  the data stream's position (see data.py)
@@ -14,7 +15,8 @@ with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` lo
 
 It is written into a temporary directory and renamed into place only when complete, so a
 crash mid-save leaves the previous checkpoint as the latest. Nothing here unpickles: tensors
-come from safetensors, everything else is JSON.
+come from safetensors, everything else is JSON. Every file is written with open(), so it gets the
+umask's mode like any other file (safetensors' own save_file makes its file 0600).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, load_file
 
 from smolctl.config import ModelConfig
 from smolctl.data import tuples
@@ -55,7 +57,7 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra:
     """Write config.json, model.safetensors and smolctl.json into `out` (which must exist)."""
     out = Path(out)
     cfg.to_hf().to_json_file(str(out / "config.json"))
-    save_file(model_state(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    write_tensors(out / WEIGHTS, model_state(model), {"format": "pt"})
     meta = {"model": cfg.to_dict(), **(extra or {})}
     (out / "smolctl.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -227,9 +229,16 @@ def load_optimizer(state: dict, module: torch.nn.Module, optimizer) -> None:
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict) -> None:
-    """The main process's part: weights, configs, optimizer (the dicts from `training_state`)."""
+def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict,
+                     tokenizer=None) -> None:
+    """The main process's part: weights, configs, tokenizer files, optimizer (the dicts from
+    `training_state`)."""
     cfg.to_hf().to_json_file(str(tmp / "config.json"))
+    if tokenizer is not None:
+        from smolctl.tokenizer import save_tokenizer
+
+        for path in save_tokenizer(tokenizer, tmp, cfg.max_seq_len):  # small files: reread to fsync them
+            write_file(path, path.read_bytes())
     write_json(tmp / "smolctl.json", {"model": cfg.to_dict(), **meta})
     tensors, rest = _flatten_optimizer(optimizer_state)
     write_json(tmp / "optimizer.json", rest)

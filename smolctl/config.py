@@ -71,9 +71,13 @@ class ModelConfig:
     # -- transformers ----------------------------------------------------------------------
 
     def to_hf(self, **extra: Any):
-        """transformers' LlamaConfig for this architecture (the one place names are mapped)."""
+        """transformers' LlamaConfig for this architecture (the one place names are mapped).
+
+        pad_token_id defaults to the EOS, as SmolLM2-Instruct's config and GGUF have it (training
+        packs blocks and never pads; runtimes that batch prompts need some id, and warn without)."""
         from transformers import LlamaConfig
 
+        extra = {"pad_token_id": self.eos_token_id, **extra}
         return LlamaConfig(
             architectures=["LlamaForCausalLM"],
             vocab_size=self.vocab_size,
@@ -264,6 +268,7 @@ class TrainConfig:
     text_column: str = "text"
     eval_data: str | None = None  # None: the held-out split when --data sample, else no eval
     tokenizer: str | None = None  # None: the bundled SmolLM2 tokenizer
+    license: str | None = None  # declared in exports (GGUF general.license), e.g. apache-2.0
     shuffle_buffer: int = 0  # blocks held for shuffling (0: stream order)
     num_workers: int = 1  # a background DataLoader worker tokenizes and packs
     # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * processes

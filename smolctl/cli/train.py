@@ -95,6 +95,8 @@ def register(app: typer.Typer) -> None:
         report_to: ReportOpt = None,
         peak_tflops: Annotated[Optional[float], opt("--peak-tflops", help="The device's peak TFLOP/s for MFU "
                                                     "(known GPUs are looked up).")] = None,
+        license: Annotated[Optional[str], opt("--license", help="The license exports declare (GGUF "
+                                              "general.license), e.g. apache-2.0.")] = None,
         run_name: Annotated[Optional[str], opt("--run-name", help="Default: <preset>-<date>-<time>.")] = None,
         run_dir: RunDirOpt = None,
         log_file: LogFileOpt = None,
