@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load, load_file
+from safetensors.torch import load_file
 
 from smolctl.config import ModelConfig
 from smolctl.data import tuples
@@ -53,10 +53,23 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
+def write_config(cfg: ModelConfig, out: Path, **extra) -> None:
+    """config.json: transformers' LlamaConfig (`extra`: more of its fields), and two additions.
+
+    pad_token_id = the EOS unless given, as SmolLM2-Instruct has it: training packs blocks and never
+    pads, but runtimes that batch prompts need an id (transformers warns without one). Only in the
+    file: in the LlamaConfig we train, a pad id would freeze that embedding row (padding_idx).
+    rope_theta at the top level too: transformers 5 keeps it only in rope_parameters, and 4.x and
+    llama.cpp's converter read the top-level key (silently falling back to 10,000 without it)."""
+    conf = json.loads(cfg.to_hf(**{"pad_token_id": cfg.eos_token_id, **extra}).to_json_string())
+    conf.setdefault("rope_theta", cfg.rope_theta)
+    (Path(out) / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+
+
 def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra: dict | None = None) -> None:
     """Write config.json, model.safetensors and smolctl.json into `out` (which must exist)."""
     out = Path(out)
-    cfg.to_hf().to_json_file(str(out / "config.json"))
+    write_config(cfg, out)
     write_tensors(out / WEIGHTS, model_state(model), {"format": "pt"})
     meta = {"model": cfg.to_dict(), **(extra or {})}
     (out / "smolctl.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -233,7 +246,7 @@ def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state
                      tokenizer=None) -> None:
     """The main process's part: weights, configs, tokenizer files, optimizer (the dicts from
     `training_state`)."""
-    cfg.to_hf().to_json_file(str(tmp / "config.json"))
+    write_config(cfg, tmp)
     if tokenizer is not None:
         from smolctl.tokenizer import save_tokenizer
 

@@ -71,13 +71,9 @@ class ModelConfig:
     # -- transformers ----------------------------------------------------------------------
 
     def to_hf(self, **extra: Any):
-        """transformers' LlamaConfig for this architecture (the one place names are mapped).
-
-        pad_token_id defaults to the EOS, as SmolLM2-Instruct's config and GGUF have it (training
-        packs blocks and never pads; runtimes that batch prompts need some id, and warn without)."""
+        """transformers' LlamaConfig for this architecture (the one place names are mapped)."""
         from transformers import LlamaConfig
 
-        extra = {"pad_token_id": self.eos_token_id, **extra}
         return LlamaConfig(
             architectures=["LlamaForCausalLM"],
             vocab_size=self.vocab_size,

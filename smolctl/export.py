@@ -180,11 +180,10 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 
 def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "model") -> None:
-    import torch
     from safetensors.torch import save
     from transformers import GenerationConfig
 
-    from smolctl.checkpoint import WEIGHTS, model_state
+    from smolctl.checkpoint import WEIGHTS, model_state, write_config
     from smolctl.dtypes import torch_dtype as to_torch
     from smolctl.tokenizer import save_tokenizer
 
@@ -192,11 +191,7 @@ def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "mo
     torch_dtype = to_torch(dtype)
     ids = special_ids(tok, cfg)
 
-    conf = json.loads(cfg.to_hf(dtype=torch_dtype, pad_token_id=ids["pad"]).to_json_string())
-    # transformers 5 keeps theta only in rope_parameters; 4.x and llama.cpp's converter read the
-    # top-level key (and would silently fall back to 10,000), so write both.
-    conf.setdefault("rope_theta", cfg.rope_theta)
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    write_config(cfg, out, dtype=torch_dtype, pad_token_id=ids["pad"])
     eos = [ids["eos"]] + [i for i in [end_of_turn_id(tok)] if i is not None and i != ids["eos"]]
     GenerationConfig(bos_token_id=ids["bos"], eos_token_id=eos[0] if len(eos) == 1 else eos,
                      pad_token_id=ids["pad"]).save_pretrained(str(out))

@@ -95,17 +95,18 @@ class GGUFInfo:
     general: dict[str, Any] = field(default_factory=dict)
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFInfo]:
+def read_gguf(path: str | Path, header=None) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFInfo]:
     """(config, float32 state dict with transformers' names, tokenizer and provenance) from a llama GGUF.
 
     Quantized tensors (Q4_1, Q8_0, ...) are dequantized with the `gguf` package (~3.5 s for the
-    135M model); attn_q / attn_k rows are permuted back to transformers' layout.
+    135M model); attn_q / attn_k rows are permuted back to transformers' layout. `header`: what
+    read_gguf_header(path) returned, when the caller has it already.
     """
     import torch
     from gguf.quants import dequantize
 
     path = Path(path)
-    reader, cfg, tok = read_gguf_header(path)
+    reader, cfg, tok = header or read_gguf_header(path)
     state = {}
     for t in reader.tensors:
         try:

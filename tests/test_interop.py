@@ -12,7 +12,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
 from conftest import MICRO, WORDS
 
 PROMPT = "the quick brown fox jumps over lazy dogs in warm summer light while students read"
@@ -44,6 +43,7 @@ def custom_tok_dir(tmp_path_factory):
 def custom_run(tmp_path_factory, custom_tok_dir):
     """A micro run trained with the custom tokenizer and a license, under umask 002."""
     from conftest import write_corpus
+
     from smolctl.config import TrainConfig
     from smolctl.train import train
 
@@ -326,13 +326,18 @@ def test_auto_dtype_is_bf16_only_with_amx(tmp_path):
 
 
 def test_dtype_vocabulary_is_shared(cli, tiny_base_dir, tmp_path):
+    from smolctl.dtypes import cpu_has_amx_bf16
     from smolctl.export import canonical_dtype
 
     assert [canonical_dtype("hf", d) for d in ("f32", "fp16", "bfloat16")] == ["fp32", "fp16", "bf16"]
     assert [canonical_dtype("gguf", d) for d in ("fp32", "f16", "Q8_0")] == ["fp32", "fp16", "q8_0"]
     r = cli("generate", "Hello", "--model", tiny_base_dir, "-n", "2", "--dtype", "f32")
     assert r.exit_code == 0, r.output
-    assert "Loading" in r.stderr and "fp32: asked for" in r.stderr and "Loading" not in r.stdout
+    assert "Loading" not in r.output  # off a terminal, without --verbose: only the speed line
+    r = cli("generate", "Hello", "--model", tiny_base_dir, "-n", "2", "--verbose")
+    assert r.exit_code == 0, r.output
+    assert "Loading" not in r.stdout and "auto, this CPU has" in r.stderr
+    assert ("bf16: auto" in r.stderr) == cpu_has_amx_bf16()
     r = cli("generate", "Hello", "--model", tiny_base_dir, "-n", "2", "--dtype", "q8_0")
     assert r.exit_code == 2 and r.output.strip().count("\n") == 0
     assert "unknown dtype 'q8_0' for --dtype" in r.output and "auto, fp32, bf16, fp16" in r.output

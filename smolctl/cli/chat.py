@@ -33,6 +33,7 @@ from smolctl.cli.options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    VerboseOpt,
 )
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         quantize: QuantizeOpt = "none",
         device: DeviceOpt = None,
+        verbose: VerboseOpt = False,
         commands: Annotated[Optional[bool], typer.Option(
             "--commands/--no-commands", help="Read /commands from the input (default: on a terminal only; "
                                              "piped lines are all messages).", show_default=False)] = None,
@@ -63,7 +65,7 @@ def register(app: typer.Typer) -> None:
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        loaded, _ = load_model(model, dtype, device, quantize)
+        loaded, _ = load_model(model, dtype, device, quantize, verbose)
         conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=max_new_tokens,
                             system=system)
         interactive = sys.stdin.isatty()

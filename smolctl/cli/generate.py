@@ -31,6 +31,7 @@ from smolctl.cli.options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    VerboseOpt,
 )
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         quantize: QuantizeOpt = "none",
         device: DeviceOpt = None,
+        verbose: VerboseOpt = False,
         as_json: Annotated[bool, typer.Option(
             "--json", help="Print the text, token counts and timings as JSON (no streaming).")] = False,
     ) -> None:
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
-        loaded, load_s = load_model(model, dtype, device, quantize)
+        loaded, load_s = load_model(model, dtype, device, quantize, verbose)
         samples = []
         for i in range(num_samples):
             # sample i uses seed + i: each sample differs, and the whole run is reproducible
@@ -105,7 +107,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt
 
 
-def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none"):
+def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none", verbose: bool = False):
     """Load --model for generation (imports torch: call inside a command). Returns (Loaded, seconds)."""
     from smolctl.dtypes import GENERATE, canonical, pick_dtype
     from smolctl.sources import load, pick_device, resolve
@@ -122,8 +124,8 @@ def load_model(spec: str | None, dtype: str, device: str | None, quantize: str =
                            hint="Use --dtype bf16 on accelerators")
     torch_dtype, why = pick_dtype(dtype, device)
     what = f"{quantize} weights, bf16" if quantize != "none" else why
-    # one line on stderr, terminal or not: which dtype auto chose changes speed and greedy output
-    print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
+    if verbose or sys.stderr.isatty():  # scripts get only errors and the speed line, unless they ask
+        print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
     t = time.perf_counter()
     # int4 is quantized from the stored (fp32) weights, not from a bf16 copy of them
     loaded = load(path, device=device, dtype=None if quantize == "int4" else torch_dtype)
