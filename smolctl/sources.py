@@ -109,15 +109,16 @@ def resolve(spec: str | Path) -> Path:
 
 
 def model_config(spec: str | Path):
-    """The config of the model `spec` names (anything --model takes), without reading its weights."""
-    from smolctl.config import ModelConfig
+    """The config of the model `spec` names (anything --model takes), without reading its weights:
+    the one loading would use."""
+    from smolctl.metadata import model_config_of
 
     path = resolve(spec)
     if path.suffix == ".gguf":
         from smolctl.gguf_io import read_gguf_header
 
         return read_gguf_header(path)[1]
-    return ModelConfig.from_dir(path)
+    return model_config_of(path)
 
 
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
@@ -144,10 +145,9 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
 def provenance(path: Path) -> dict:
     """general.* provenance a checkpoint records in smolctl.json (imports: the source GGUF's;
     training runs: the run's name and license); {} for other directories."""
-    try:
-        return dict(json.loads((path / "smolctl.json").read_text()).get("general") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+    from smolctl.metadata import META, read_meta
+
+    return dict(read_meta(path).general) if (path / META).is_file() else {}
 
 
 def pick_device(name: str | None = None) -> str:
