@@ -20,6 +20,7 @@ carry-over tokens, the optional block shuffle buffer and its RNG, the epoch and 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -135,8 +136,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         except SmolctlError as e:
             yield None, {"error": str(e)}  # re-raised by the trainer: no traceback through workers
         except UnicodeDecodeError as e:
-            yield None, {"error": f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start}). "
-                                  "Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"}
+            yield None, {"error": str(_not_utf8(e))}
 
     def _batches(self):
         from smolctl.tokenizer import load_tokenizer
@@ -211,6 +211,25 @@ def _text(row: dict, spec: DataSpec) -> str:
         raise SmolctlError(f"column {spec.text_column!r} holds {type(text).__name__}, not text",
                            hint="Pick a text column with --text-column")
     return text
+
+
+def token_stream(spec: DataSpec, tokenizer: str | None = None) -> Iterator[list[int]]:
+    """One pass over `spec`'s documents, in order, as token ids, each document followed by
+    <|endoftext|>: the stream BlockStream packs, for evaluation (which reads it once, unpacked)."""
+    from smolctl.tokenizer import load_tokenizer
+
+    tok, rows = load_tokenizer(tokenizer), iter(spec.open())
+    try:
+        while texts := [_text(row, spec) for row in itertools.islice(rows, TOKENIZE_DOCS)]:
+            for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+                yield ids + [EOT_ID]
+    except UnicodeDecodeError as e:
+        raise _not_utf8(e) from None
+
+
+def _not_utf8(e: UnicodeDecodeError) -> SmolctlError:
+    return SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                        hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def tuples(x):
