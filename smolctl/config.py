@@ -181,6 +181,7 @@ class ModelConfig:
                            hint="Pass a run directory, a checkpoint directory or an HF model directory")
 
 
+DEFAULT_PRESET = "smollm2-135m"
 PRESETS: dict[str, dict[str, Any]] = {
     # HuggingFaceTB/SmolLM2-135M, exactly as the seed prints it: 134,515,008 parameters.
     "smollm2-135m": dict(
@@ -251,14 +252,15 @@ def resolve_model_config(preset: str | None = None, config: str | Path | None = 
         from smolctl.sources import model_config
 
         return model_config(model)
-    return ModelConfig.from_preset(preset or "smollm2-135m")
+    return ModelConfig.from_preset(preset or DEFAULT_PRESET)
 
 
 @dataclass
 class TrainConfig:
     # model: a preset, optionally overridden field by field (a config file's `model:` section)
-    preset: str = "smollm2-135m"
+    preset: str | None = None  # None: smollm2-135m, or the init_from model's config
     model: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # continued pretraining: start from this model's weights (any --model source)
     # data
     data: str = "cosmopedia-v2"  # the seed's stream; "sample" is the bundled corpus
     text_column: str = "text"
@@ -300,7 +302,36 @@ class TrainConfig:
     peak_tflops: float | None = None  # the device's peak for MFU; None: from a table of GPUs
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict({"preset": self.preset, **self.model})
+        return ModelConfig.from_dict({"preset": self.preset or DEFAULT_PRESET, **self.model})
+
+    def with_init_model(self) -> TrainConfig:
+        """For a fresh run from `init_from`: that model's config and tokenizer, pinned into this
+        config (written to config.yaml, so that a resume never reads the source again).
+
+        The model config comes from the source. An explicit one (a preset, a `model:` section)
+        that differs from it anywhere but the name and the init std is refused, and so is a
+        tokenizer with more tokens than the model's vocabulary.
+        """
+        from smolctl.sources import model_config, tokenizer_of
+        from smolctl.tokenizer import load_tokenizer
+
+        source = model_config(self.init_from)
+        if self.preset is not None or self.model:
+            mine = self.model_config()
+            diff = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "init_std")
+                    and getattr(mine, f.name) != getattr(source, f.name)]
+            if diff:
+                raise SmolctlError(f"--init-from {self.init_from} does not fit this run's model config ("
+                                   + ", ".join(f"{k} {getattr(source, k)} there, {getattr(mine, k)} here" for k in diff)
+                                   + ")", hint="Leave --preset and the config's model section out: "
+                                               "the model config comes from --init-from")
+        tokenizer = self.tokenizer if self.tokenizer is not None else tokenizer_of(self.init_from)
+        n_tokens = len(load_tokenizer(tokenizer))
+        if n_tokens > source.vocab_size:
+            raise SmolctlError(f"the tokenizer has {n_tokens:,} tokens, more than the "
+                               f"vocabulary of --init-from {self.init_from} ({source.vocab_size:,})",
+                               hint="Use the model's own tokenizer (leave --tokenizer out)")
+        return dataclasses.replace(self, preset=None, model=source.to_dict(), tokenizer=tokenizer)
 
     def resolved(self) -> TrainConfig:
         """Fill the derived defaults and check every value; raises SmolctlError."""

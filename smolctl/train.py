@@ -80,6 +80,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
 
     from smolctl.model import build_model
 
+    if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
+        cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     mcfg = cfg.model_config()
     run_dir = Path(run_dir)
@@ -117,6 +119,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
     step, tokens_seen, data_state, elapsed_before = 0, 0, None, 0.0
+    if cfg.init_from and resume_path is None:  # continued pretraining: step 0 only; a resume has its own weights
+        from smolctl.sources import load
+
+        model.load_state_dict(load(cfg.init_from, dtype=torch.float32).model.state_dict())
     if resume_path is not None:
         weights = ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS))
         model.load_state_dict(weights, strict=not mcfg.tie_embeddings)
@@ -166,7 +172,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     fpt = flops_per_token(mcfg, cfg.seq_len)
     peak = device_peak_tflops(device, cfg.peak_tflops)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    verb = f"Resuming from {resume_path} (step {step})" if resume_path else "Training"
+    verb = (f"Resuming from {resume_path} (step {step})" if resume_path else
+            f"Training from the weights of {cfg.init_from}" if cfg.init_from else "Training")
     emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
                        f"{spec.describe()}, {world} x {device.type} process(es), mixed precision {mixed}, "
                        f"{tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",

@@ -3,6 +3,7 @@
     smolctl train --max-steps 5000                          # SmolLM2-135M on cosmopedia-v2 (hub)
     smolctl train --preset tiny --data sample --max-steps 300 --batch-size 8 --seq-len 256
     smolctl train --config examples/tiny.yaml --lr 1e-3     # flags override the file
+    smolctl train --init-from smollm2-instruct --data sample --seq-len 256   # continued pretraining
     smolctl resume --from 500                               # the newest run under runs/
     smolctl resume --run-dir runs/demo --from latest --max-steps 8000
     smolctl train --num-processes 2 ...                     # N processes on this machine (torchrun)
@@ -58,10 +59,15 @@ RESUMABLE = ("max_steps", "save_every", "eval_every", "sample_every", "log_every
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, help="Pretrain a model from scratch (on the seed's cosmopedia-v2 stream by default).")
+    @command(app, help="Pretrain a model from scratch, or from a model's weights with --init-from (on the "
+             "seed's cosmopedia-v2 stream by default).")
     def train(
         preset: PresetOpt = None,
         config: ConfigOpt = None,
+        init_from: Annotated[Optional[str], opt("--init-from", help="Continued pretraining: start from this "
+                                                "model's weights, config and tokenizer (a run, checkpoint, HF "
+                                                "directory, .gguf, imported name or hub id), with a fresh "
+                                                "optimizer and schedule.")] = None,
         data: DataOpt = None,
         text_column: Annotated[Optional[str], opt("--text-column", help="The text column (default text).")] = None,
         eval_data: Annotated[Optional[str], opt("--eval-data", help="Held-out data for --eval-every "
@@ -102,7 +108,7 @@ def register(app: typer.Typer) -> None:
                                                 "that has checkpoints.")] = False,
         dashboard: DashOpt = True,
     ) -> None:
-        from smolctl.config import TrainConfig
+        from smolctl.config import DEFAULT_PRESET, TrainConfig
 
         flags = {k: v for k, v in locals().items() if v is not None and k in TrainConfig.__dataclass_fields__}
         cfg = TrainConfig.from_file(config) if config else TrainConfig()
@@ -110,7 +116,8 @@ def register(app: typer.Typer) -> None:
         if run_name is not None and (Path(run_name).name != run_name or run_name in (".", "..")):
             raise SmolctlError(f"--run-name {run_name!r} is not a plain name (it would be written outside runs/)",
                                hint="Use a name without '/' or '..', or --run-dir for a path")
-        name = run_name or (run_dir.name if run_dir else f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        model_name = cfg.preset or (Path(cfg.init_from).name if cfg.init_from else DEFAULT_PRESET)
+        name = run_name or (run_dir.name if run_dir else f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard, num_processes)
 
     @command(app, help="Continue a run from one of its checkpoints, exactly where it stopped.")
@@ -201,6 +208,8 @@ def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: i
     from smolctl.data import DataSpec
     from smolctl.train import resume_point
 
+    if cfg.init_from and resume is None:
+        cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
     if gpus and world > gpus:
