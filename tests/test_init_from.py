@@ -59,8 +59,10 @@ def test_init_from_a_run_starts_from_its_weights(micro_cfg, tmp_path, source_run
     recorded = yaml.safe_load((cont / "config.yaml").read_text())
     meta = json.loads((cont / "checkpoints" / "final" / "smolctl.json").read_text())
     assert recorded["init_from"] == meta["train"]["init_from"] == str(source_run)
-    source_cfg = ModelConfig.from_dict(json.loads((source_run / "checkpoints/final/smolctl.json").read_text())["model"])
-    assert dataclasses.replace(ModelConfig.from_dict(meta["model"]), name="x") == dataclasses.replace(source_cfg, name="x")
+    source_meta = json.loads((source_run / "checkpoints" / "final" / "smolctl.json").read_text())
+    same_name = dict(name="x")
+    assert (dataclasses.replace(ModelConfig.from_dict(meta["model"]), **same_name)
+            == dataclasses.replace(ModelConfig.from_dict(source_meta["model"]), **same_name))
     assert meta["step"] == 2 and meta["tokens_seen"] == 2 * 2 * 16  # counted from 0: a fresh run
 
 
