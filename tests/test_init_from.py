@@ -144,3 +144,31 @@ def test_sources_that_do_not_fit_are_refused_before_anything_is_written(micro_cf
         train(micro_cfg(**{"preset": None, "model": {}, **override}, init_from=source), tmp_path / "run")
     assert words in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The arguments of each `smolctl` line in a README section's first code block."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = text.split(f"### {section}\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True)[1:] for line in block.splitlines() if line.startswith("smolctl ")]
+
+
+def test_the_readme_commands_with_a_tiny_stand_in(cli, tiny_chat_gguf, models_dir, tmp_path):
+    """As written, but with a tiny model imported under SmolLM2-Instruct's name (`smolctl import`
+    itself downloads it from PyPI) and --max-steps 2, as the README says."""
+    from smolctl.sources import SMOLLM2_INSTRUCT, import_model
+
+    import_model(tiny_chat_gguf[0], out=models_dir / SMOLLM2_INSTRUCT)
+    imp, evaluate, train_args = readme_commands("Continued pretraining")
+    assert imp == ["import"]
+    r = cli(*evaluate)
+    assert r.exit_code == 0 and "scored 6,707 tokens" in r.output, r.output
+    steps = train_args.index("--max-steps") + 1
+    r = cli(*train_args[:steps], "2", *train_args[steps + 1:])
+    assert r.exit_code == 0, r.output
+    assert "Training from the weights of smollm2-instruct" in r.output
+    run = tmp_path / "runs" / train_args[train_args.index("--run-name") + 1]
+    assert yaml.safe_load((run / "config.yaml").read_text())["init_from"] == "smollm2-instruct"
