@@ -331,7 +331,8 @@ class TrainConfig:
             raise SmolctlError(f"the tokenizer has {n_tokens:,} tokens, more than the "
                                f"vocabulary of --init-from {self.init_from} ({source.vocab_size:,})",
                                hint="Use the model's own tokenizer (leave --tokenizer out)")
-        return dataclasses.replace(self, preset=None, model=source.to_dict(), tokenizer=tokenizer)
+        model = dataclasses.replace(source, name=Path(self.init_from).stem)  # not config.json's "config"
+        return dataclasses.replace(self, preset=None, model=model.to_dict(), tokenizer=tokenizer)
 
     def resolved(self) -> TrainConfig:
         """Fill the derived defaults and check every value; raises SmolctlError."""

@@ -169,6 +169,6 @@ def test_the_readme_commands_with_a_tiny_stand_in(cli, tiny_chat_gguf, models_di
     steps = train_args.index("--max-steps") + 1
     r = cli(*train_args[:steps], "2", *train_args[steps + 1:])
     assert r.exit_code == 0, r.output
-    assert "Training from the weights of smollm2-instruct" in r.output
+    assert "Training from the weights of smollm2-instruct" in r.output and "eval loss" in r.output
     run = tmp_path / "runs" / train_args[train_args.index("--run-name") + 1]
     assert yaml.safe_load((run / "config.yaml").read_text())["init_from"] == "smollm2-instruct"
