@@ -271,7 +271,8 @@ class TrainConfig:
                                     "with a fresh optimizer and schedule.")
     # data
     data: str = setting("cosmopedia-v2", "'sample' (bundled corpus), 'cosmopedia-v2' (the hub stream), a hub "
-                        "dataset id, or local .jsonl/.json/.parquet/.txt files: a path, directory or glob.")
+                        "dataset id, DIR:config (a local copy of a hub dataset repo), or local "
+                        ".jsonl/.json/.parquet/.txt files: a path, directory or glob.")
     text_column: str = setting("text", "The text column.", nonempty=True)
     eval_data: str | None = setting(None, "Held-out data for --eval-every (default: the sample's held-out split "
                                     "with --data sample).", resumable=True)
