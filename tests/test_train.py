@@ -162,13 +162,22 @@ def test_resume_errors(micro_cfg, tmp_path):
 
 
 def test_eval_and_sample_events(micro_cfg, tmp_path, corpus):
-    pytest.importorskip("smolctl.generation")
-    train(micro_cfg(max_steps=4, eval_every=2, sample_every=4, eval_data=str(corpus), eval_tokens=64), tmp_path / "r")
+    from transformers import LlamaForCausalLM
+
+    from smolctl.tokenizer import load_tokenizer
+
+    train(micro_cfg(max_steps=4, eval_every=2, sample_every=4, eval_data=str(corpus), eval_tokens=64,
+                    sample_tokens=8), tmp_path / "r")
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4] and all(r["tokens"] >= 64 for r in evals)
     samples = [r for r in rows if r["event"] == "sample"]
-    assert samples and samples[0]["prompt"] == "Once upon a time" and isinstance(samples[0]["text"], str)
+    assert [(r["step"], r["prompt"]) for r in samples] == [(4, "Once upon a time")]
+    # the sample is the greedy continuation by the step-4 weights (the final checkpoint), as transformers decodes it
+    model, tok = LlamaForCausalLM.from_pretrained(tmp_path / "r" / "checkpoints" / "final"), load_tokenizer()
+    prompt = tok("Once upon a time", return_tensors="pt").input_ids
+    new = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:]
+    assert samples[0]["text"] == tok.decode(new, skip_special_tokens=True) and len(new) == 8
 
 
 MICRO_YAML = ("model: {{preset: tiny, num_layers: 1, hidden_size: 32, num_heads: 2, num_kv_heads: 1, "
