@@ -2,7 +2,7 @@
 
 `accelerate launch --multi_gpu --num_processes 2 --num_machines 1` and `smolctl train
 --num-processes 2` (torchrun) both give DistributedType.MULTI_CPU with DDP; `accelerate launch
---cpu --num_processes 2` would start only one process (accelerate 1.15: `--cpu` means one CPU process).
+--cpu --num_processes 2` would start only one process (measured with accelerate 1.15).
 
 The data is built so that the comparison with one process is exact by construction: every
 document is exactly SEQ tokens, so with its <|endoftext|> it is exactly one block (seq_len + 1
