@@ -28,7 +28,13 @@ def test_wsd_schedule():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0).resolved()
     assert [lr_at(s, cfg) for s in (1, 5, 10)] == [0.1, 0.5, 1.0]  # linear warmup
     assert lr_at(11, cfg) == lr_at(80, cfg) == 1.0  # stable
-    assert lr_at(90, cfg) == pytest.approx(0.5) and lr_at(100, cfg) == 0.0  # decay over the last 20%
+    # decay over the last 20 steps, in 21 strides: step 81 is one stride down, the last step one stride up
+    decay = [lr_at(s, cfg) for s in range(81, 101)]
+    assert decay == pytest.approx([(21 - k) / 21 for k in range(1, 21)])
+    assert lr_at(100, cfg) == pytest.approx(1 / 21)  # the last step still learns
+    low = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1).resolved()
+    assert lr_at(100, low) == pytest.approx(0.1 + 0.9 / 21)
+    assert lr_at(3, TrainConfig(max_steps=3, warmup_steps=0, decay_frac=1.0, lr=1.0).resolved()) == pytest.approx(0.25)
 
 
 def test_cosine_schedule_and_default_warmup():
