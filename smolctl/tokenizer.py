@@ -17,7 +17,13 @@ from pathlib import Path
 from smolctl.errors import SmolctlError
 
 BUNDLED = Path(__file__).parent / "assets" / "tokenizer"
-EOT = "<|endoftext|>"
+EOT = "<|endoftext|>"  # SmolLM2's end of document (id 0): pretraining's bos, eos and separator
+
+
+def eot_id(tok) -> int | None:
+    """The id of <|endoftext|> in `tok`, or None where it has no such token (it would map to unk)."""
+    i = tok.convert_tokens_to_ids(EOT)
+    return i if i is not None and tok.convert_ids_to_tokens(i) == EOT else None
 
 
 @lru_cache(maxsize=4)
