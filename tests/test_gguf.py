@@ -20,7 +20,7 @@ def test_row_permutation_is_llama_cpps():
     assert (from_gguf_rows(ours[gguf_order], 2) == ours).all()
 
 
-def test_the_test_gguf_runs_in_llama_cpp_as_its_model(tiny_chat_gguf, llama):
+def test_the_test_gguf_runs_in_llama_cpp_as_its_model(tiny_chat_gguf, llama):  # noqa: F811 (the fixture)
     """The fixture file (conftest.write_gguf, which permutes with to_gguf_rows) computes in llama.cpp
     the model's own logits: the layout the reader tests below undo is llama.cpp's, not just ours."""
     path, model, _ = tiny_chat_gguf

@@ -15,7 +15,6 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="A run directory, checkpoint or HF model directory, .gguf file, hub id, "
                           "or the name of a model imported with `smolctl import`.",
     show_default=False)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="cpu, cuda, cuda:1, mps... (default: the best available).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

@@ -6,7 +6,7 @@
     smolctl resume --from 500                               # the newest run under runs/
     smolctl resume --run-dir runs/demo --from latest --max-steps 8000
     smolctl train --num-processes 2 ...                     # N processes on this machine (torchrun)
-    accelerate launch --config_file examples/accelerate/multi-gpu.yaml -m smolctl train ...
+    accelerate launch --config_file examples/accelerate/multi-gpu-ddp.yaml -m smolctl train ...
 """
 
 from __future__ import annotations
