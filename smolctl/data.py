@@ -1,16 +1,17 @@
 """Training data: documents -> tokens -> packed blocks, with exactly resumable state.
 
     spec = DataSpec.parse("sample")             # or "cosmopedia-v2", "org/name", a file, dir or glob
-    stream = BlockStream(spec, tokenizer_dir=None, seq_len=256, batch_size=8, rank=0, world_size=1)
+    stream = BlockStream(spec, seq_len=256, batch_size=8, rank=0, world_size=1)  # tokenizer=None: bundled
     for batch, state in stream:                 # batch: (8, 257) int64; state: JSON-able + tensors
         ...
     stream = BlockStream(..., state=state)      # continues with the very next batch
 
 Every source -- the hub's cosmopedia-v2 or local .jsonl/.json/.parquet/.txt files -- is read through
 `datasets.load_dataset(..., streaming=True)`. Documents are tokenized with the SmolLM2 tokenizer,
-each followed by <|endoftext|> (id 0), and the token stream is cut into consecutive blocks of
-seq_len + 1 tokens (inputs = block[:-1], labels = block[1:]): no padding, and every token lands
-in exactly one block, tails of documents carrying over into the next block (and across epochs).
+each followed by <|endoftext|> (id 0; the EOS of a tokenizer that has no such token), and the
+token stream is cut into consecutive blocks of seq_len + 1 tokens (inputs = block[:-1], labels =
+block[1:]): no padding, and every token lands in exactly one block, tails of documents carrying
+over into the next block (and across epochs).
 
 The resumable state is ours, not `datasets`' shuffle (which doesn't save its buffer): the
 source position (`IterableDataset.state_dict()`, taken from a fresh dataset per epoch), the
@@ -31,7 +32,6 @@ import torch
 
 from smolctl.errors import SmolctlError
 
-EOT_ID = 0  # <|endoftext|>
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "sample"
 HUB_DEFAULT = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -157,9 +157,11 @@ class BlockStream(torch.utils.data.IterableDataset):
             yield None, {"error": str(_not_utf8(e))}
 
     def _batches(self):
-        from smolctl.tokenizer import load_tokenizer
+        from smolctl.tokenizer import eot_id, load_tokenizer
 
         tok = load_tokenizer(self.tokenizer)
+        separator = eot_id(tok)  # after every document
+        separator = tok.eos_token_id if separator is None else separator
         st = dict(self.state or {})
         if st and (st.get("world_size", 1), st.get("rank", 0)) != (self.world_size, self.rank):
             raise SmolctlError(f"this data state was saved by rank {st.get('rank')} of {st.get('world_size')} "
@@ -194,7 +196,7 @@ class BlockStream(torch.utils.data.IterableDataset):
                 docs += len(texts)
                 for ids in tok(texts, add_special_tokens=False)["input_ids"]:
                     carry.extend(ids)
-                    carry.append(EOT_ID)
+                    carry.append(separator)
                 source_state = ds.state_dict()
                 while len(carry) >= block:
                     blk, carry = torch.tensor(carry[:block], dtype=torch.long), carry[block:]

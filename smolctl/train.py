@@ -412,8 +412,6 @@ def _in_main_thread() -> bool:
 def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
     try:
         if fresh and (run_dir / "checkpoints").exists():
-            import shutil
-
             shutil.rmtree(run_dir / "checkpoints")
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 `accelerate launch --multi_gpu --num_processes 2 --num_machines 1` and `smolctl train
 --num-processes 2` (torchrun) both give DistributedType.MULTI_CPU with DDP; `accelerate launch
---cpu --num_processes 2` would start only one process (measured, see ENVIRONMENT.md).
+--cpu --num_processes 2` would start only one process (measured with accelerate 1.15).
 
 The data is built so that the comparison with one process is exact by construction: every
 document is exactly SEQ tokens, so with its <|endoftext|> it is exactly one block (seq_len + 1
@@ -148,22 +148,31 @@ def test_resuming_with_another_world_size_is_refused(two_proc, cli):
 def test_two_process_run_killed_and_resumed_continues_exactly(two_proc):
     """SIGKILL every process of a `smolctl train --num-processes 2` run (launcher, both ranks and
     their data workers) at a random step, then `accelerate launch ... resume --from latest`: the
-    per-step losses equal the uninterrupted run's, each step logged once."""
+    per-step losses equal the uninterrupted run's, each step logged once.
+
+    The run is held at that step (a sitecustomize on its PYTHONPATH makes rank 0 sleep after logging
+    it; rank 1 then waits in the next all-reduce), so the kill never races the run to its end."""
     root, rng = two_proc.root, random.Random(os.environ.get("SMOLCTL_FAULT_SEED", "6"))
     kill_at = rng.randint(3, STEPS - 2)
+    (root / "hold").mkdir(exist_ok=True)
+    (root / "hold" / "sitecustomize.py").write_text(
+        "import time\nfrom smolctl import metrics\nwrite = metrics.JsonlSink.__call__\n\n"
+        "def write_then_hold(self, e):\n    write(self, e)\n"
+        f"    if e['event'] == 'train' and e['step'] == {kill_at}:\n        time.sleep(3600)\n\n"
+        "metrics.JsonlSink.__call__ = write_then_hold\n")
+    held = {**env(root), "PYTHONPATH": os.pathsep.join([str(root / "hold"), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", "killed",
-                          *COMMON], cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          *COMMON], cwd=root, env=held, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics, deadline = root / "killed" / "metrics.jsonl", time.time() + 240
     while time.time() < deadline and p.poll() is None:
         if metrics.exists() and any(s >= kill_at for s, _ in train_losses(metrics)):
             break
-        time.sleep(0.01)
+        time.sleep(0.05)
     kill_tree(p.pid)
-    p.communicate()
-    steps = [s for s, _ in train_losses(metrics)]
-    print(f"killed at step {steps[-1]} (aimed at {kill_at}); checkpoints: "
-          f"{sorted(c.name for c in (root / 'killed' / 'checkpoints').iterdir())}")
-    assert steps and steps[-1] < STEPS, "the run finished before it could be killed"
+    output = p.communicate()[0].decode(errors="replace")
+    steps = [s for s, _ in train_losses(metrics)] if metrics.exists() else []
+    assert steps and steps[-1] == kill_at, output[-3000:]
+    print(f"killed at step {kill_at}; checkpoints: {sorted(c.name for c in (root / 'killed' / 'checkpoints').iterdir())}")
     r = subprocess.run([*ACCELERATE, "resume", "--run-dir", "killed", "--from", "latest", "--no-dashboard"],
                        cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
