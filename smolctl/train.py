@@ -31,8 +31,8 @@ from smolctl.config import ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.distributed import PeerFailed, is_peer_failure, place
 from smolctl.distributed import accelerator as make_accelerator
-from smolctl.launch import resume_command
 from smolctl.errors import SmolctlError
+from smolctl.launch import resume_command
 from smolctl.loss import CausalLMLoss, evaluate
 from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, memory_gb
@@ -65,9 +65,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
                 return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup, progress)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if is_peer_failure(e):
-                    how = _how_to_continue(run_dir, where.world)
                     raise PeerFailed(f"process {where.rank} of {where.world} stopped: another process of the job "
-                                     "failed or was killed", hint=how[0].upper() + how[1:]) from None
+                                     "failed or was killed", hint=_how_to_continue(run_dir, where.world)) from None
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                     raise
                 raise SmolctlError(f"out of memory with --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}",
@@ -82,15 +81,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
                 # It ends the whole job (the launcher stops the others): say which process, and how to go on.
                 how = _how_to_continue(run_dir, where.world)
                 raise SmolctlError(f"process {where.rank} of {where.world} failed: {e.message}",
-                                   hint=f"{e.hint.rstrip('.')}; then {how}" if e.hint else how[0].upper() + how[1:],
-                                   exit_code=e.exit_code) from None
+                                   hint=f"{e.hint.rstrip('.')}. {how}" if e.hint else how, exit_code=e.exit_code) from None
             raise
 
 
 def _how_to_continue(run_dir: Path, world: int) -> str:
     if ckpt_io.checkpoints(run_dir):
-        return f"continue with: {resume_command(run_dir, world)}"
-    return "start again with the same command (there is no checkpoint yet)"
+        return f"Continue with: {resume_command(run_dir, world)}"
+    return "Start again with the same command (there is no checkpoint yet)"
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
