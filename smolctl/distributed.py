@@ -2,15 +2,16 @@
 
 Every way of starting `smolctl train` comes through `accelerator()`: plain, `--num-processes N`
 (torchrun, see launch.py), `accelerate launch`, or a scheduler that sets WORLD_SIZE / RANK /
-LOCAL_RANK / MASTER_ADDR / MASTER_PORT itself; on CPUs (gloo) and GPUs (nccl) alike. It forms the
-process group itself, before Accelerate looks: Accelerate joins a multi-process launch on a
-machine without GPUs only when told `cpu=True`, and without `--device cpu` every rank used to
-train alone, as a world of one, on the same run directory.
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT itself; on CPUs (gloo) and GPUs (nccl) alike. The device
+and the process group are decided together because Accelerate joins a multi-process launch on a
+machine without GPUs only when told `cpu=True`: without `--device cpu`, every rank used to train
+alone, as a world of one, on the same run directory.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -68,47 +69,56 @@ def pick_device(requested: str | None, where: Place) -> torch.device:
         device = torch.device(requested) if requested else torch.device(_best_device_type())
     except RuntimeError:
         raise SmolctlError(f"--device {requested!r} is not a device", hint="Use cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda":
+    if device.type == "cuda":  # always with its index: torch.cuda.set_device takes no other
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if where.world > 1:
-            if device.index is not None:
-                raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
-                                   hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
-            device = torch.device("cuda", where.local_rank)
+        if where.world > 1 and device.index is not None:
+            raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
+                               hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", where.local_rank if where.world > 1 else device.index or 0)
         if where.world > 1 and device.index >= gpus:
             raise SmolctlError(f"{where.world} processes need a GPU each, but torch sees {gpus} on this machine",
                                hint=f"Run one process per GPU ({gpus}), or pass --device cpu")
-        if (device.index or 0) >= gpus:
+        if device.index >= gpus:
             raise SmolctlError(f"--device {requested or 'cuda'}: torch sees {gpus} GPU(s) on this machine",
                                hint="Pick one of them, or pass --device cpu")
-    elif where.world > 1 and device.type != "cpu":
-        raise SmolctlError(f"{where.world} processes on {device.type} cannot form a process group",
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SmolctlError("--device mps: torch sees no Apple GPU here", hint="Use --device cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise SmolctlError(f"--device {requested}: smolctl trains on cpu, cuda or mps", hint="Pick one of them")
+    if where.world > 1 and device.type == "mps":
+        raise SmolctlError(f"{where.world} processes on mps cannot form a process group",
                            hint="Use CUDA GPUs, or --device cpu")
     return device
 
 
 def accelerator(requested_device: str | None, **kwargs):
-    """The Accelerator of this process, on the device and in the process group decided above.
+    """The Accelerator of this process, on the device decided above, in the job's process group:
+    gloo on CPUs, nccl on GPUs (Accelerate forms it, told the backend and the timeout).
 
     Fails on every rank, before anything is written, when the launch and the job disagree: a
-    world size with no way to reach the other processes, or an Accelerator that ended up in a
+    world size whose other processes cannot be reached, or an Accelerator that ended up in a
     different world than the launcher started.
     """
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     where = place()
     device = pick_device(requested_device, where)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if where.world > 1 and not torch.distributed.is_initialized():
-        backend, bound = ("nccl", {"device_id": device}) if device.type == "cuda" else ("gloo", {})
-        try:
-            torch.distributed.init_process_group(backend, timeout=TIMEOUT, **bound)
-        except (RuntimeError, ValueError) as e:  # the rendezvous: address unreachable, port taken, timeout
-            raise SmolctlError(f"process {where.rank} of {where.world} could not join the job at "
-                               f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {_first_line(e)}",
-                               hint=FIX) from None
-    acc = Accelerator(cpu=device.type == "cpu", **kwargs)
+    if where.world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend, timeout=TIMEOUT)]
+    try:
+        with warnings.catch_warnings():  # under a bare scheduler it splits the cores and says so on every rank
+            warnings.filterwarnings("ignore", "OMP_NUM_THREADS/MKL_NUM_THREADS unset")
+            acc = Accelerator(cpu=device.type == "cpu", **kwargs)
+    except torch.distributed.DistError as e:  # the rendezvous: address unreachable, port taken, timeout
+        raise SmolctlError(f"process {where.rank} of {where.world} could not join the job at "
+                           f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {_first_line(e)}",
+                           hint="MASTER_ADDR:MASTER_PORT must be a free port on the machine of rank 0 that every "
+                                "process can reach; the launchers pick one (smolctl train --num-processes N, "
+                                "torchrun --standalone, accelerate launch)") from None
     if (acc.num_processes, acc.process_index, acc.device.type) != (where.world, where.rank, device.type):
         raise SmolctlError(f"the launcher started {where.world} process(es) on {device.type}, but Accelerate "
                            f"made this one process {acc.process_index} of {acc.num_processes} on {acc.device}",

@@ -67,12 +67,18 @@ def test_the_default_device_is_the_cpu_for_one_process_or_many():
 
 @pytest.mark.parametrize("device, where, words", [
     ("cuda:1", Place(0, 0, 2), "would put all 2 processes on one GPU"),
-    ("mps", Place(0, 0, 2), "2 processes on mps cannot form a process group"),
     ("gpu", Place(0, 0, 1), "--device 'gpu' is not a device"),
+    ("meta", Place(0, 0, 1), "--device meta: smolctl trains on cpu, cuda or mps"),
 ])
 def test_devices_a_job_cannot_use_are_refused(device, where, words):
     with pytest.raises(SmolctlError, match=words):
         pick_device(device, where)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks what a machine without MPS does")
+def test_mps_without_mps_is_refused():
+    with pytest.raises(SmolctlError, match="torch sees no Apple GPU"):
+        pick_device("mps", Place(0, 0, 1))
 
 
 @no_gpu
@@ -95,3 +101,26 @@ def test_resume_command_and_argv_surgery(tmp_path):
     assert resume_command("runs/x", 4) == "smolctl resume --num-processes 4 --run-dir runs/x --from latest"
     argv = ["train", "--num-processes", "2", "--data", "d", "--num-processes=3", "--num-processes-x", "1"]
     assert without_option(argv, "--num-processes") == ["train", "--data", "d", "--num-processes-x", "1"]
+
+
+def test_a_process_that_cannot_join_its_job_says_so_in_one_line(tmp_path, corpus):
+    """Rank 0 of 2 told a MASTER_PORT that is taken: one line naming the address, exit 2, nothing
+    written. (A subprocess: a failed rendezvous leaves Accelerate's process-wide state half set.)"""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, **LAUNCH_ENV, "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": str(port),
+               "CUDA_VISIBLE_DEVICES": ""}
+        r = subprocess.run([sys.executable, "-m", "smolctl", "train", "--preset", "tiny", "--data", str(corpus),
+                            "--max-steps", "2", "--run-dir", "joined"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"Error: process 0 of 2 could not join the job at 127.0.0.1:{port}: ")
+    assert "address already in use" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "joined").exists() and not (tmp_path / "logs").exists()
