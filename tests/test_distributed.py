@@ -329,7 +329,9 @@ def test_a_rank_failing_on_its_data_ends_the_job_with_one_line(two_proc, launche
     launcher exits non-zero, and no process of the job is left."""
     root, run = two_proc.root, f"broken-{launcher}"
     data = broken_shard(root)
-    start = [*SMOLCTL, "train", "--num-processes", "2"] if launcher == "smolctl" else [*ACCELERATE, "train"]
+    # the explicit --device cpu under one launcher, the device found by the processes under the other
+    start = ([*SMOLCTL, "train", "--num-processes", "2"] if launcher == "smolctl"
+             else [*ACCELERATE, "train", "--device", "cpu"])
     p = subprocess.Popen([*start, "--config", "micro.yaml", "--data", str(data), "--run-dir", run,
                           "--no-dashboard", "--max-steps", "100000", "--save-every", "5"],
                          cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
