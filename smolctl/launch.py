@@ -23,7 +23,8 @@ def resume_command(run_dir: Path, world: int, step: int | str = "latest") -> str
     return f"smolctl resume{again} --run-dir {run_dir} --from {step}"
 
 
-def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int) -> None:
+def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int,
+              allow_config_change: bool = False) -> None:
     """Once, before starting N processes: the checks that would otherwise fail in all of them,
     on the device each of them would pick."""
     from smolctl import checkpoint as ckpt_io
@@ -31,12 +32,14 @@ def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: in
     from smolctl.distributed import Place, pick_device
     from smolctl.train import resume_point
 
+    if cfg.init_from and resume is None:
+        cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     pick_device(cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
     DataSpec.parse(cfg.data, cfg.text_column)
     if resume is not None:
         ckpt_io.recover(run_dir)
-    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None)
+    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
 
 
 def launch(n: int, args: list[str], run_dir: Path) -> int:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from smolctl import checkpoint as ckpt_io
-from smolctl.config import ModelConfig, TrainConfig, write_mapping
+from smolctl.config import RESUMABLE, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.distributed import PeerFailed, is_peer_failure, place
 from smolctl.distributed import accelerator as make_accelerator
@@ -39,6 +39,14 @@ from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, me
 from smolctl.schedule import lr_at
 
 
+class RunComplete(SmolctlError):
+    """Resuming a run whose final checkpoint is at --max-steps: nothing to do (exit 0)."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"Run {run_dir} is complete at step {step}",
+                         hint=f"Pass --max-steps N (above {step}) to extend it", exit_code=0)
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -48,8 +56,9 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: Path | None = None,
-          sinks: list[Callable] = (), overwrite: bool = False) -> TrainResult:
-    """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError.
+          sinks: list[Callable] = (), overwrite: bool = False, allow_config_change: bool = False) -> TrainResult:
+    """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError (RunComplete
+    when resuming a run that already reached cfg.max_steps).
 
     A run that fails before its first step (bad config or data, out of memory) leaves nothing
     behind: the run directory and log file this call created are removed again.
@@ -62,7 +71,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     with ExitStack() as cleanup:  # closes the metrics files and the data worker however _train ends
         try:
             try:
-                return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup, progress)
+                return _train(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup,
+                              progress)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if is_peer_failure(e):
                     raise PeerFailed(f"process {where.rank} of {where.world} stopped: another process of the job "
@@ -92,11 +102,13 @@ def _how_to_continue(run_dir: Path, world: int) -> str:
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
-           overwrite: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
+           overwrite: bool, allow_config_change: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
     from accelerate.utils import DistributedType, set_seed
 
     from smolctl.model import build_model
 
+    if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
+        cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     mcfg = cfg.model_config()
     run_dir = Path(run_dir)
@@ -115,7 +127,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     if main and resume is not None:
         ckpt_io.recover(run_dir, say=accelerator.print)
     accelerator.wait_for_everyone()
-    resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print)
+    resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
+                               allow_config_change=allow_config_change)
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
@@ -132,13 +145,18 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
-    step, tokens_seen, data_state, elapsed_before = 0, 0, None, 0.0
+    step, tokens_seen, data_state, elapsed_before, window = 0, 0, None, 0.0, (0, 0.0)
+    if cfg.init_from and resume_path is None:  # continued pretraining: step 0 only; a resume has its own weights
+        from smolctl.sources import load
+
+        model.load_state_dict(load(cfg.init_from, dtype=torch.float32).model.state_dict())
     if resume_path is not None:
         weights = ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS))
         model.load_state_dict(weights, strict=not mcfg.tie_embeddings)
         meta, data_state = ckpt_io.load_training_state(resume_path, rank, world)
         optim_state = ckpt_io.read_optimizer(resume_path)  # applied after prepare
-        step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
+        step, tokens_seen, elapsed_before = meta.step, meta.tokens_seen, meta.elapsed_s
+        window = (meta.log_steps, meta.log_loss_sums[rank] if meta.log_steps else 0.0)
         _supersede_later_checkpoints(run_dir, resume_path, step, main, accelerator.print)
     loss_module = CausalLMLoss(model)
     if cfg.compile:
@@ -185,7 +203,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     fpt = flops_per_token(mcfg, cfg.seq_len)
     peak = device_peak_tflops(device, cfg.peak_tflops)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    verb = f"Resuming from {resume_path} (step {step})" if resume_path else "Training"
+    verb = (f"Resuming from {resume_path} (step {step})" if resume_path else
+            f"Training from the weights of {cfg.init_from}" if cfg.init_from else "Training")
     emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
                        f"{spec.describe()}, {world} x {device.type} process(es), mixed precision {mixed}, "
                        f"{tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
@@ -200,9 +219,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
             ckpt_io.staging_dir(final, main)
             accelerator.wait_for_everyone()
             weights, optim_state = ckpt_io.training_state(loss_module, optimizer.optimizer, mcfg)  # all ranks
+            loss_sums = accelerator.gather(window_loss.reshape(1)).tolist()  # all ranks: each rank's window
             if main:
                 meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
-                        "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg)}
+                        "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg),
+                        "log_steps": window_steps, "log_loss_sums": loss_sums}
                 ckpt_io.save_model_state(tmp, weights, mcfg, optim_state, meta)
             del weights, optim_state
             ckpt_io.save_rank_state(tmp, rank, last_state)
@@ -243,7 +264,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
 
     # -- the loop ---------------------------------------------------------------------------
     last_ckpt, last_state, stopped_by, bad_steps = resume_path, data_state, None, 0
-    window_loss, window_steps, window_t = torch.zeros((), device=device), 0, time.perf_counter()
+    # The log window (the steps since the last `train` row) continues across a resume, so that the
+    # next row averages the same steps, with the same float32 sums, as an uninterrupted run's.
+    window_steps, window_t = window[0], time.perf_counter()
+    window_loss = torch.tensor(window[1], dtype=torch.float32, device=device)
     t0 = time.perf_counter()
     loss_module.train()
     with _stop_on_signals() as stop:
@@ -324,10 +348,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world_size: int,
-                 say: Callable = print) -> Path | None:
+                 say: Callable = print, allow_config_change: bool = False) -> Path | None:
     """The checks a run can make before any process group exists: the checkpoint to resume from
-    (verified, same model, same world size), or None for a fresh run in a directory that may
-    take one. train() calls it on every rank; the CLI once, before launching N processes."""
+    (verified, same model, same world size, same trajectory unless `allow_config_change`), or None
+    for a fresh run in a directory that may take one. Raises RunComplete when that checkpoint is
+    the final one at cfg.max_steps. train() calls it on every rank; the CLI once, before launching
+    N processes."""
     cfg = cfg.resolved()
     if resume is None:
         if ckpt_io.checkpoints(run_dir) and not overwrite:
@@ -338,13 +364,31 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
     mcfg = cfg.model_config()
-    if dataclasses.replace(ModelConfig.from_dict(meta["model"]), name=mcfg.name) != mcfg:
+    if dataclasses.replace(meta.model, name=mcfg.name) != mcfg:
         raise SmolctlError(f"{path} holds a different model config than this run's",
                            hint="Resume with the run's own config (leave --preset/--config out)")
-    if meta["step"] >= cfg.max_steps:
-        raise SmolctlError(f"{path} is at step {meta['step']}, which is not before --max-steps {cfg.max_steps}",
+    if meta.step == cfg.max_steps and path.name == "final":
+        raise RunComplete(run_dir, meta.step)
+    if meta.step > cfg.max_steps:  # a step checkpoint at max_steps (stopped during the last step) finishes
+        raise SmolctlError(f"{path} is at step {meta.step}, which is not before --max-steps {cfg.max_steps}",
                            hint="Pass a larger --max-steps to extend the run")
+    changed = _trajectory_changes(meta.train, cfg)
+    if changed and not allow_config_change:
+        raise SmolctlError(f"{run_dir / 'config.yaml'} differs from the config {path.name} was trained with "
+                           f"({'; '.join(changed)}): resuming would not continue the run exactly",
+                           hint="Undo the edit, or pass --allow-config-change to resume with it")
     return path
+
+
+def _trajectory_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
+    """'key: old -> new' for each value that differs and changes what training computes (the model is
+    compared as a whole, by resume_point; RESUMABLE fields are bookkeeping)."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        old, new = getattr(saved, f.name), getattr(now, f.name)
+        if f.name not in (*RESUMABLE, "preset", "model") and old != new:
+            out.append(f"{f.name}: {old!r} -> {new!r}")
+    return out
 
 
 def _eval_spec(cfg: TrainConfig) -> DataSpec | None:

@@ -14,9 +14,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import DeviceOpt, JsonOpt, ModelOpt
+from smolctl.cli.options import DeviceOpt, JsonOpt, ModelOpt, config_option
 from smolctl.cli.registry import command
+from smolctl.config import TrainConfig
 from smolctl.errors import SmolctlError
+from smolctl.schema import flag_value
+
+# train's --eval-tokens, under the name eval has always had: one default, one check
+TokensOpt = config_option(TrainConfig, "eval_tokens", "--tokens")
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +31,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[str, typer.Option("--data", help="Like train's --data; default: the bundled sample's "
                                           "held-out split.")] = "sample",
         text_column: Annotated[str, typer.Option("--text-column", help="The text column.")] = "text",
-        tokens: Annotated[int, typer.Option("--tokens", help="Tokens to score.")] = 32768,
+        tokens: TokensOpt = None,
         seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Default: min(the model's context, 1024).",
                                                        show_default=False)] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 4,
@@ -35,8 +40,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if model is None:
             raise SmolctlError("eval needs --model", hint="Pass a run, checkpoint, HF directory or .gguf file")
-        if tokens <= 0 or batch_size <= 0 or (seq_len is not None and seq_len <= 0):
-            raise SmolctlError("--tokens, --batch-size and --seq-len must be positive")
+        if batch_size <= 0 or (seq_len is not None and seq_len <= 0):
+            raise SmolctlError("--batch-size and --seq-len must be positive")
+        tokens = flag_value(TrainConfig, "eval_tokens", tokens, "--tokens")
         import torch
 
         from smolctl.data import DataSpec
@@ -52,11 +58,13 @@ def register(app: typer.Typer) -> None:
         t = time.perf_counter()
         loss, n = evaluate(CausalLMLoss(loaded.model), spec, seq_len=seq_len, batch_size=batch_size,
                            tokens=tokens, device=dev)
-        result = {"model": str(model), "data": spec.describe(), "tokens": n, "seq_len": seq_len, "loss": loss,
-                  "perplexity": math.exp(min(loss, 50)), "seconds": round(time.perf_counter() - t, 2)}
+        result = {"model": str(model), "data": spec.describe(), "tokens": n, "tokens_requested": tokens,
+                  "seq_len": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50)),
+                  "seconds": round(time.perf_counter() - t, 2)}
         if as_json:
             print(json.dumps(result, indent=2))
         else:
-            print(f"{model}: loss {loss:.4f}, perplexity {result['perplexity']:.2f} "
-                  f"over {n:,} tokens of {spec.describe()} (seq len {seq_len})")
+            whole = f" (all the data has; --tokens asked for {tokens:,})" if n < tokens else ""
+            print(f"{model}: loss {loss:.4f}, perplexity {result['perplexity']:.2f}; "
+                  f"scored {n:,} tokens{whole} of {spec.describe()} (seq len {seq_len})")
             print(f"{result['seconds']:.1f}s", file=sys.stderr)
