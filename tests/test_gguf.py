@@ -2,7 +2,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_export import llama, llama_logits  # noqa: F401 (a fixture): llama.cpp with the AMX workaround
+from test_export import llama_logits  # llama, the fixture (llama.cpp with the AMX workaround), is in conftest.py
 
 from smolctl.checkpoint import model_state
 from smolctl.errors import SmolctlError
