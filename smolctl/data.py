@@ -157,11 +157,10 @@ class BlockStream(torch.utils.data.IterableDataset):
             yield None, {"error": str(_not_utf8(e))}
 
     def _batches(self):
-        from smolctl.tokenizer import eot_id, load_tokenizer
+        from smolctl.tokenizer import document_separator, load_tokenizer
 
         tok = load_tokenizer(self.tokenizer)
-        separator = eot_id(tok)  # after every document
-        separator = tok.eos_token_id if separator is None else separator
+        separator = document_separator(tok)
         st = dict(self.state or {})
         if st and (st.get("world_size", 1), st.get("rank", 0)) != (self.world_size, self.rank):
             raise SmolctlError(f"this data state was saved by rank {st.get('rank')} of {st.get('world_size')} "
@@ -237,13 +236,14 @@ def _text(row: dict, spec: DataSpec) -> str:
 def token_stream(spec: DataSpec, tokenizer: str | None = None) -> Iterator[list[int]]:
     """One pass over `spec`'s documents, in order, as token ids, each document followed by
     <|endoftext|>: the stream BlockStream packs, for evaluation (which reads it once, unpacked)."""
-    from smolctl.tokenizer import load_tokenizer
+    from smolctl.tokenizer import document_separator, load_tokenizer
 
     tok, rows = load_tokenizer(tokenizer), iter(spec.open())
+    separator = document_separator(tok)
     try:
         while texts := [_text(row, spec) for row in itertools.islice(rows, TOKENIZE_DOCS)]:
             for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-                yield ids + [EOT_ID]
+                yield ids + [separator]
     except UnicodeDecodeError as e:
         raise _not_utf8(e) from None
 

@@ -26,6 +26,12 @@ def eot_id(tok) -> int | None:
     return i if i is not None and tok.convert_ids_to_tokens(i) == EOT else None
 
 
+def document_separator(tok) -> int:
+    """The id appended after every training document: <|endoftext|>, or the EOS where there is none."""
+    i = eot_id(tok)
+    return tok.eos_token_id if i is None else i
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(spec: str | None = None):
     try:
