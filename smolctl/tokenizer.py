@@ -32,6 +32,19 @@ def eot_id(tok) -> int | None:
     return i if i is not None and tok.convert_ids_to_tokens(i) == EOT else None
 
 
+def document_separator(tok) -> int:
+    """The id appended after every training document: <|endoftext|> where the vocabulary has it
+    (SmolLM2's pretraining separator, also for its Instruct tokenizer, whose EOS is <|im_end|>), else
+    the EOS; a tokenizer with neither is refused (training and eval would have no document ends)."""
+    i = eot_id(tok)
+    if i is not None:
+        return i
+    if tok.eos_token_id is None:
+        raise SmolctlError("the tokenizer has no end-of-sequence token to separate documents with",
+                           hint="Use a tokenizer whose tokenizer_config.json names an eos_token")
+    return int(tok.eos_token_id)
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(spec: str | None = None):
     try:
@@ -82,18 +95,6 @@ def without_chat_template(tok):
     tok = copy.deepcopy(tok)
     tok.chat_template = None
     return tok
-
-
-def document_separator(tok) -> int:
-    """The token between documents when packing: <|endoftext|> where the vocabulary has it (SmolLM2's
-    pretraining separator, also for its Instruct tokenizer, whose EOS is <|im_end|>), else the EOS."""
-    eot = eot_id(tok)
-    if eot is not None:
-        return eot
-    if tok.eos_token_id is None:
-        raise SmolctlError("the tokenizer has no end-of-sequence token to separate documents with",
-                           hint="Use a tokenizer whose tokenizer_config.json names an eos_token")
-    return int(tok.eos_token_id)
 
 
 def save_tokenizer(tok, out: str | Path, max_len: int) -> list[Path]:
