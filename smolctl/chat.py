@@ -139,11 +139,16 @@ def read_message(next_line: Callable[[bool], str]) -> str:
 
 
 def parse_command(text: str) -> tuple[str, str] | None:
-    """'/system Be brief.' -> ('/system', 'Be brief.'); None when `text` is not a slash command."""
+    """'/system Be brief.' -> ('/system', 'Be brief.'); None when `text` is a message: no leading
+    slash, or a /word that is not one of COMMANDS ("/usr/bin is a folder, right?")."""
     if not text.startswith("/"):
         return None
     name, _, arg = text.strip().partition(" ")
-    names = {c.split()[0] for c in COMMANDS} | {"/quit"}
-    if name not in names:
-        raise SmolctlError(f"unknown command {name}", hint=f"Commands: {', '.join(sorted(names - {'/quit'}))}")
+    if name not in {c.split()[0] for c in COMMANDS} | {"/quit"}:
+        return None
     return name, arg.strip()
+
+
+def unescape(text: str) -> str:
+    """A message that starts with // is sent with one slash: '//reset' sends '/reset'."""
+    return text[1:] if text.startswith("//") else text

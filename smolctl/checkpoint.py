@@ -6,7 +6,8 @@ with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` lo
     runs/demo/checkpoints/step-00000500/
         config.json          transformers' LlamaConfig (the architecture)
         model.safetensors    weights; a tied lm_head is not stored twice
-        smolctl.json         our ModelConfig, the training config, step, tokens seen
+        tokenizer.json + tokenizer_config.json      the run's tokenizer (no chat template: a base model)
+        smolctl.json         our ModelConfig, the training config, step, tokens seen, provenance
         optimizer.safetensors + optimizer.json      AdamW moments / param groups
         rng-rank0.json + rng-rank0.safetensors      python, numpy, torch (CPU, CUDA) RNG states
         data-rank0.json [+ data-rank0.safetensors]  the data stream's position (see data.py)
@@ -14,7 +15,8 @@ with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` lo
 
 It is written into a temporary directory and renamed into place only when complete, so a
 crash mid-save leaves the previous checkpoint as the latest. Nothing here unpickles: tensors
-come from safetensors, everything else is JSON.
+come from safetensors, everything else is JSON. Every file is written with open(), so it gets the
+umask's mode like any other file (safetensors' own save_file makes its file 0600).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load_file
 
 from smolctl import fsutil
 from smolctl.config import ModelConfig
@@ -51,11 +53,24 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
+def write_config(cfg: ModelConfig, out: Path, **extra) -> None:
+    """config.json: transformers' LlamaConfig (`extra`: more of its fields), and two additions.
+
+    pad_token_id = the EOS unless given, as SmolLM2-Instruct has it: training packs blocks and never
+    pads, but runtimes that batch prompts need an id (transformers warns without one). Only in the
+    file: in the LlamaConfig we train, a pad id would freeze that embedding row (padding_idx).
+    rope_theta at the top level too: transformers 5 keeps it only in rope_parameters, and 4.x and
+    llama.cpp's converter read the top-level key (silently falling back to 10,000 without it)."""
+    conf = json.loads(cfg.to_hf(**{"pad_token_id": cfg.eos_token_id, **extra}).to_json_string())
+    conf.setdefault("rope_theta", cfg.rope_theta)
+    (Path(out) / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+
+
 def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra: dict | None = None) -> None:
     """Write config.json, model.safetensors and smolctl.json into `out` (which must exist)."""
     out = Path(out)
-    cfg.to_hf().to_json_file(str(out / "config.json"))
-    save_file(model_state(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    write_config(cfg, out)
+    write_tensors(out / WEIGHTS, model_state(model), {"format": "pt"})
     meta = {"model": cfg.to_dict(), **(extra or {})}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -230,9 +245,16 @@ def load_optimizer(state: dict, module: torch.nn.Module, optimizer) -> None:
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict) -> None:
-    """The main process's part: weights, configs, optimizer (the dicts from `training_state`)."""
-    cfg.to_hf().to_json_file(str(tmp / "config.json"))
+def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict,
+                     tokenizer=None) -> None:
+    """The main process's part: weights, configs, tokenizer files, optimizer (the dicts from
+    `training_state`)."""
+    write_config(cfg, tmp)
+    if tokenizer is not None:
+        from smolctl.tokenizer import save_tokenizer
+
+        for path in save_tokenizer(tokenizer, tmp, cfg.max_seq_len):  # small files: reread to fsync them
+            write_file(path, path.read_bytes())
     write_json(tmp / META, {"model": cfg.to_dict(), **meta})
     tensors, rest = _flatten_optimizer(optimizer_state)
     write_json(tmp / "optimizer.json", rest)

@@ -15,11 +15,15 @@ only if it is what an export writes (an HF model directory, a GGUF file); an `ou
 holds or lies inside the model being exported, a run or a checkpoint is refused.
 
 HF layout: config.json, generation_config.json, model.safetensors (transformers' names; a tied
-lm_head is not stored), tokenizer.json, tokenizer_config.json, chat_template.jinja (if any).
+lm_head is not stored), tokenizer.json, tokenizer_config.json, chat_template.jinja (chat models
+only: a model trained from scratch is a base model and gets none). pad_token_id is the
+tokenizer's pad, else its EOS (as SmolLM2-Instruct: pretraining packs blocks and never pads).
 
-GGUF layout: llama-architecture metadata, the full byte-level BPE tokenizer, and every tensor
-under llama.cpp's name, attn_q/attn_k rows permuted for its RoPE (see gguf_io.py). 1-D tensors
-(the RMSNorm weights) stay f32 whatever the dtype, as llama.cpp's own converter does.
+GGUF layout: llama-architecture metadata, general.* provenance (the source GGUF's when there is
+one; else the run's name, the size label from the parameter count and the run's license), the
+full byte-level BPE tokenizer, and every tensor under llama.cpp's name, attn_q/attn_k rows
+permuted for its RoPE (see gguf_io.py). 1-D tensors (the RMSNorm weights) stay f32 whatever the
+dtype, as llama.cpp's own converter does.
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ from smolctl.errors import SmolctlError
 
 Progress = Callable[[str, int, "int | None"], None]  # (what, bytes done, bytes total or None: unknown)
 
-# format -> {accepted spelling: canonical dtype}; the first canonical one is the default.
+# format -> the dtypes it takes (smolctl/dtypes.py's names; f32/f16 accepted too); the first is the default.
 DTYPES = {
-    "hf": {"fp32": "fp32", "f32": "fp32", "bf16": "bf16"},
-    # f16 by default, as llama.cpp's converter: half of f32's size; on SmolLM2-135M llama.cpp's
+    "hf": ("fp32", "fp16", "bf16"),
+    # fp16 by default, as llama.cpp's converter: half of f32's size; on SmolLM2-135M llama.cpp's
     # next-token argmax agreed with ours at 99.8-100% of 500 positions (q8_0: 96%).
-    "gguf": {"f16": "f16", "fp16": "f16", "f32": "f32", "fp32": "f32", "bf16": "bf16", "q8_0": "q8_0"},
+    "gguf": ("fp16", "fp32", "bf16", "q8_0"),
 }
 CHUNK = 16 << 20  # write safetensors in 16 MiB pieces so the progress bar moves
 
@@ -62,13 +66,9 @@ class ExportResult:
 def canonical_dtype(fmt: str, dtype: str | None) -> str:
     if fmt not in DTYPES:
         raise SmolctlError(f"unknown export format {fmt!r}", hint=f"Use one of: {', '.join(DTYPES)}")
-    names = DTYPES[fmt]
-    if dtype is None:
-        return next(iter(names.values()))
-    if dtype.lower() not in names:
-        valid = ", ".join(dict.fromkeys(names.values()))
-        raise SmolctlError(f"unknown dtype {dtype!r} for --format {fmt}", hint=f"Use one of: {valid}")
-    return names[dtype.lower()]
+    from smolctl.dtypes import canonical
+
+    return DTYPES[fmt][0] if dtype is None else canonical(dtype, DTYPES[fmt], what=f"--format {fmt}")
 
 
 def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> None:
@@ -172,25 +172,22 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 
 def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "model") -> None:
-    import torch
     from safetensors.torch import save
     from transformers import GenerationConfig
 
-    from smolctl.checkpoint import WEIGHTS, model_state
+    from smolctl.checkpoint import WEIGHTS, model_state, write_config
+    from smolctl.dtypes import torch_dtype as to_torch
+    from smolctl.tokenizer import save_tokenizer
 
     cfg, tok = loaded.cfg, loaded.tokenizer
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = to_torch(dtype)
     ids = special_ids(tok, cfg)
 
-    conf = json.loads(cfg.to_hf(dtype=torch_dtype).to_json_string())
-    # transformers 5 keeps theta only in rope_parameters; 4.x and llama.cpp's converter read the
-    # top-level key (and would silently fall back to 10,000), so write both.
-    conf.setdefault("rope_theta", cfg.rope_theta)
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    write_config(cfg, out, dtype=torch_dtype, pad_token_id=ids["pad"])
     eos = [ids["eos"]] + [i for i in [end_of_turn_id(tok)] if i is not None and i != ids["eos"]]
-    GenerationConfig(bos_token_id=ids["bos"], eos_token_id=eos[0] if len(eos) == 1 else eos
-                     ).save_pretrained(str(out))
-    _save_tokenizer(tok, out, cfg.max_seq_len)
+    GenerationConfig(bos_token_id=ids["bos"], eos_token_id=eos[0] if len(eos) == 1 else eos,
+                     pad_token_id=ids["pad"]).save_pretrained(str(out))
+    save_tokenizer(tok, out, cfg.max_seq_len)
 
     # safetensors serialises to one bytes object (the model's size again in memory: 538 MB
     # for 135M fp32); writing it in chunks is what lets the progress bar move.
@@ -201,20 +198,6 @@ def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "mo
         for start in range(0, len(blob), CHUNK):
             f.write(blob[start:start + CHUNK])
             progress(f"{label}/{WEIGHTS}", min(start + CHUNK, len(blob)), len(blob))
-
-
-def _save_tokenizer(tok, out: Path, max_len: int) -> None:
-    tok.save_pretrained(str(out))
-    path = out / "tokenizer_config.json"
-    conf = json.loads(path.read_text())
-    # transformers 5 writes its new generic class name, which 4.x does not know;
-    # PreTrainedTokenizerFast is the same class under the name both understand.
-    if conf.get("tokenizer_class") == "TokenizersBackend":
-        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
-    conf["model_max_length"] = max_len
-    for noise in ("is_local", "local_files_only"):  # where it was loaded from, not what it is
-        conf.pop(noise, None)
-    path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
 
 
 # -- GGUF --------------------------------------------------------------------------------------
@@ -228,9 +211,14 @@ def write_gguf(loaded, out: Path, dtype: str, progress: Progress, label: str = "
     from smolctl.gguf_io import hf_to_gguf_name, to_gguf_rows
 
     cfg = loaded.cfg
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+    qtype = {"fp32": Q.F32, "fp16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
     writer = gguf.GGUFWriter(str(out), "llama")
-    _add_metadata(writer, cfg, dtype, name=label.removesuffix(".gguf"))
+    _add_metadata(writer, cfg, dtype)
+    for key, value in provenance(loaded).items():
+        if isinstance(value, list):
+            writer.add_array(f"general.{key}", value)
+        else:
+            writer.add_string(f"general.{key}", str(value))
     _add_tokenizer(writer, loaded.tokenizer, cfg)
 
     # GGUF's header lists every tensor's name, type and byte size before any data, so plan them
@@ -264,11 +252,27 @@ def write_gguf(loaded, out: Path, dtype: str, progress: Progress, label: str = "
         writer.close()
 
 
-def _add_metadata(writer, cfg, dtype: str, name: str) -> None:
+def provenance(loaded) -> dict:
+    """The general.* keys of the export: the source's (a GGUF, or an import of one), completed with
+    a name (a run's own name, recorded by train or read off runs/NAME/checkpoints/..., else the
+    model directory's) and a size label counted from the parameters, as llama.cpp's converter
+    writes it ("135M")."""
+    import gguf
+
+    general = dict(loaded.general)
+    path = Path(loaded.path)
+    if "name" not in general:
+        general["name"] = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+    if "size_label" not in general:
+        n_params = sum(p.numel() for p in loaded.model.parameters())  # a tied lm_head counted once
+        general["size_label"] = gguf.size_label(n_params, 0, 0, 0)
+    return general
+
+
+def _add_metadata(writer, cfg, dtype: str) -> None:
     import gguf
 
     writer.add_type("model")
-    writer.add_name(name)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
@@ -282,7 +286,7 @@ def _add_metadata(writer, cfg, dtype: str, name: str) -> None:
         writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+    writer.add_file_type({"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -324,5 +328,6 @@ def _add_tokenizer(writer, tok, cfg) -> None:
     if eot is not None:
         writer.add_eot_token_id(eot)
     writer.add_add_bos_token(False)  # SmolLM2 never prepends bos: documents are separated by eos
+    writer.add_add_space_prefix(False)  # byte-level BPE: a leading space is part of the token
     if getattr(tok, "chat_template", None):
         writer.add_chat_template(tok.chat_template)

@@ -9,7 +9,7 @@ stored as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,9 +71,18 @@ def from_gguf_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 # -- reading ---------------------------------------------------------------------------------
 
+# general.* keys that say where a model comes from (llama.cpp's converter writes them from the HF
+# model card); exports carry them over. Not carried: architecture, type, file_type and
+# quantization_version (the export's own) and quantized_by (who made the source file).
+PROVENANCE = ("name", "basename", "finetune", "size_label", "organization", "author", "version", "description",
+              "license", "license.name", "license.link", "url", "repo_url", "source.url", "source.repo_url",
+              "languages", "tags")
+
+
 @dataclass
-class GGUFTokenizer:
-    """What a GGUF says about its tokenizer (llama.cpp's `tokenizer.ggml.*` keys)."""
+class GGUFInfo:
+    """What a GGUF says besides its tensors: its tokenizer (llama.cpp's `tokenizer.ggml.*` keys) and
+    its provenance (`general.*`, PROVENANCE's keys without the prefix)."""
 
     model: str  # "gpt2" (byte-level BPE) for SmolLM2
     tokens: list[str]
@@ -83,19 +92,21 @@ class GGUFTokenizer:
     eos_token_id: int | None
     pad_token_id: int | None
     chat_template: str | None
+    general: dict[str, Any] = field(default_factory=dict)
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFTokenizer]:
-    """(config, float32 state dict with transformers' names, tokenizer info) from a llama GGUF.
+def read_gguf(path: str | Path, header=None) -> tuple[ModelConfig, dict[str, torch.Tensor], GGUFInfo]:
+    """(config, float32 state dict with transformers' names, tokenizer and provenance) from a llama GGUF.
 
     Quantized tensors (Q4_1, Q8_0, ...) are dequantized with the `gguf` package (~3.5 s for the
-    135M model); attn_q / attn_k rows are permuted back to transformers' layout.
+    135M model); attn_q / attn_k rows are permuted back to transformers' layout. `header`: what
+    read_gguf_header(path) returned, when the caller has it already.
     """
     import torch
     from gguf.quants import dequantize
 
     path = Path(path)
-    reader, cfg, tok = read_gguf_header(path)
+    reader, cfg, tok = header or read_gguf_header(path)
     state = {}
     for t in reader.tensors:
         try:
@@ -117,7 +128,7 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], G
 
 
 def read_gguf_header(path: str | Path):
-    """(reader, config, tokenizer info) of a llama GGUF: its metadata only, no tensor is read."""
+    """(reader, config, GGUFInfo) of a llama GGUF: its metadata only, no tensor is read."""
     from gguf import GGUFReader
 
     path = Path(path)
@@ -139,11 +150,12 @@ def read_gguf_header(path: str | Path):
     if scaling not in ("none", None):
         raise SmolctlError(f"{path.name} uses RoPE scaling {scaling!r}; smolctl models use plain RoPE")
 
-    tok = GGUFTokenizer(
+    tok = GGUFInfo(
         model=get("tokenizer.ggml.model", "gpt2"), tokens=get("tokenizer.ggml.tokens", []),
         merges=get("tokenizer.ggml.merges", []), token_types=get("tokenizer.ggml.token_type", []),
         bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_id=get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=get("tokenizer.ggml.padding_token_id"), chat_template=get("tokenizer.chat_template"))
+        pad_token_id=get("tokenizer.ggml.padding_token_id"), chat_template=get("tokenizer.chat_template"),
+        general={k: get(f"general.{k}") for k in PROVENANCE if f"general.{k}" in reader.fields})
     names = {t.name for t in reader.tensors}
     hidden, n_head = int(get("llama.embedding_length")), int(get("llama.attention.head_count"))
     n_kv = int(get("llama.attention.head_count_kv", n_head))

@@ -40,6 +40,8 @@ class CheckpointMeta:
     log_steps: int = setting(0, "Steps in the log window so far.", ge=0)
     log_loss_sums: list[float] = setting(default_factory=list, help="Each rank's sum of the window's losses.")
     imported_from: dict[str, Any] | None = setting(None, "The GGUF file an imported model came from.")
+    general: dict[str, Any] = setting(default_factory=dict, help="Provenance for exports, as GGUF general.* keys "
+                                      "(imports: the source file's; runs: name and license).")
 
 
 def read_meta(ckpt: str | Path, training: bool = False) -> CheckpointMeta:

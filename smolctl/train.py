@@ -27,13 +27,17 @@ import torch
 
 from smolctl import checkpoint as ckpt_io
 from smolctl import fsutil
-from smolctl.config import RESUMABLE, TrainConfig, write_mapping
+from smolctl.config import RESUMABLE, ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
+from smolctl.distributed import PeerFailed, is_peer_failure, place
+from smolctl.distributed import accelerator as make_accelerator
 from smolctl.errors import SmolctlError
+from smolctl.launch import resume_command
 from smolctl.loss import CausalLMLoss, evaluate
 from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, memory_gb
 from smolctl.schedule import lr_at
+from smolctl.tokenizer import document_separator, load_tokenizer, without_chat_template
 
 
 class RunComplete(SmolctlError):
@@ -64,26 +68,37 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     """
     run_dir = Path(run_dir)
     log_file = Path(log_file) if log_file else run_dir / LOG
-    main = os.environ.get("RANK", "0") == "0"
+    where = place()  # a launch that cannot form its job fails here, before anything is created
+    main = where.rank == 0
     if main:
         fsutil.check_run_dir(run_dir)
         if resume is None:
             check_inputs(cfg, run_dir, overwrite)
+    progress = {"stepped": False}
     with ExitStack() as held:
         undo = _claim(run_dir, log_file, held) if main else None
         try:
-            with ExitStack() as cleanup:  # closes the metrics files however _train ends
+            with ExitStack() as cleanup:  # closes the metrics files and the data worker however _train ends
                 try:
-                    return _train(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup)
+                    return _train(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup,
+                                  progress)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if is_peer_failure(e):
+                        raise PeerFailed(f"process {where.rank} of {where.world} stopped: another process of the "
+                                         "job failed or was killed", hint=_how_to_continue(run_dir, where.world)) from None
                     if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                         raise
                     raise SmolctlError(f"out of memory with --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}",
                                        hint="Lower --batch-size (raise --grad-accum to keep the tokens per step) "
                                             "or --seq-len", exit_code=1) from None
-        except BaseException:
+        except BaseException as e:
             if undo is not None and not ckpt_io.checkpoints(run_dir):
                 undo()
+            if isinstance(e, SmolctlError) and where.world > 1 and progress["stepped"] and not isinstance(e, PeerFailed):
+                # It ends the whole job (the launcher stops the others): say which process, and how to go on.
+                how = _how_to_continue(run_dir, where.world)
+                raise SmolctlError(f"process {where.rank} of {where.world} failed: {e.message}",
+                                   hint=f"{e.hint.rstrip('.')}. {how}" if e.hint else how, exit_code=e.exit_code) from None
             raise
 
 
@@ -95,6 +110,8 @@ def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
     data (its first document is read and tokenized), the tracker."""
     from smolctl.data import first_document
 
+    if cfg.init_from:
+        cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     cfg.model_config()
     resume_point(cfg, run_dir, None, overwrite, 1)
@@ -119,13 +136,20 @@ def _claim(run_dir: Path, log_file: Path, held: ExitStack) -> Callable[[], None]
     return undo
 
 
+def _how_to_continue(run_dir: Path, world: int) -> str:
+    if ckpt_io.checkpoints(run_dir):
+        return f"Continue with: {resume_command(run_dir, world)}"
+    return "Start again with the same command (there is no checkpoint yet)"
+
+
 def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
-           overwrite: bool, allow_config_change: bool, cleanup: ExitStack) -> TrainResult:
-    from accelerate import Accelerator
+           overwrite: bool, allow_config_change: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
     from accelerate.utils import DistributedType, set_seed
 
     from smolctl.model import build_model
 
+    if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
+        cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     mcfg = cfg.model_config()
     run_dir = Path(run_dir)
@@ -136,8 +160,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
     if trackers:
         _require_tracker(cfg.report_to)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.device == "cpu", log_with=trackers,
-                              project_dir=str(run_dir))
+    accelerator = make_accelerator(cfg.device, mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
 
@@ -147,6 +170,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     accelerator.wait_for_everyone()
     resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
                                allow_config_change=allow_config_change)
+    tok, mcfg = run_tokenizer(cfg, mcfg, resume_path)
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
@@ -164,6 +188,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
     step, tokens_seen, data_state, elapsed_before, window = 0, 0, None, 0.0, (0, 0.0)
+    if cfg.init_from and resume_path is None:  # continued pretraining: step 0 only; a resume has its own weights
+        from smolctl.sources import load
+
+        model.load_state_dict(load(cfg.init_from, dtype=torch.float32).model.state_dict())
     if resume_path is not None:
         weights = ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS))
         model.load_state_dict(weights, strict=not mcfg.tie_embeddings)
@@ -181,9 +209,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         del optim_state
 
     spec = DataSpec.parse(cfg.data, cfg.text_column)
-    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, rank, world,
+    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, tok, rank, world,
                          cfg.shuffle_buffer, cfg.seed, data_state)
     data = batches(stream, cfg.num_workers)
+    # Shut the worker down on every way out: left to the interpreter's exit, it is sent a SIGTERM
+    # that it ignores (see data.py), and joined forever.
+    cleanup.callback(data.close)
     eval_spec = _eval_spec(cfg)
 
     # -- sinks: files on the main process; the caller's display --------------------------------
@@ -214,12 +245,18 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     fpt = flops_per_token(mcfg, cfg.seq_len)
     peak = device_peak_tflops(device, cfg.peak_tflops)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    verb = f"Resuming from {resume_path} (step {step})" if resume_path else "Training"
+    verb = (f"Resuming from {resume_path} (step {step})" if resume_path else
+            f"Training from the weights of {cfg.init_from}" if cfg.init_from else "Training")
     emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
                        f"{spec.describe()}, {world} x {device.type} process(es), mixed precision {mixed}, "
                        f"{tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
          step=step, max_steps=cfg.max_steps, run_dir=str(run_dir), resumed_from=str(resume_path) if resume_path else None,
          config=cfg.to_dict())
+
+    # what checkpoints carry besides the weights: the tokenizer as a base model has it (a chat
+    # template is for chat-tuned models), and GGUF-style provenance for exports
+    base_tok = without_chat_template(tok)
+    general = {"name": run_dir.name, **({"license": cfg.license} if cfg.license else {})}
 
     def save(kind: str = "step") -> Path:
         t = time.perf_counter()
@@ -240,8 +277,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
             if main:
                 meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
                         "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg),
-                        "log_steps": window_steps, "log_loss_sums": loss_sums}
-                ckpt_io.save_model_state(tmp, weights, mcfg, optim_state, meta)
+                        "log_steps": window_steps, "log_loss_sums": loss_sums, "general": general}
+                ckpt_io.save_model_state(tmp, weights, mcfg, optim_state, meta, tokenizer=base_tok)
             del weights, optim_state
             ckpt_io.save_rank_state(tmp, rank, last_state)
             accelerator.wait_for_everyone()
@@ -257,17 +294,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         if eval_spec is None:
             return
         loss, n = evaluate(loss_module, eval_spec, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                           tokens=cfg.eval_tokens, device=device, tokenizer=cfg.tokenizer,
+                           tokens=cfg.eval_tokens, device=device, tokenizer=tok,
                            autocast=accelerator.autocast)
         emit("eval", step=step, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=n)
 
     def run_sample() -> None:
         from smolctl.generation import complete
-        from smolctl.tokenizer import load_tokenizer
 
         model.eval()
         with accelerator.autocast():
-            text = complete(model, load_tokenizer(cfg.tokenizer), cfg.sample_prompt, max_new_tokens=cfg.sample_tokens)
+            text = complete(model, tok, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens)
         model.train()
         emit("sample", step=step, prompt=cfg.sample_prompt, text=text)
 
@@ -296,6 +332,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                 step_loss += loss.detach() / cfg.grad_accum
             grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
             step += 1
+            progress["stepped"] = True
             tokens_seen += tokens_per_step
             # Every rank must take the same branch: skip if any rank's loss is bad, stop (and save
             # together) if any rank got a signal -- ranks get a launcher's signal at different
@@ -372,7 +409,9 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
     mcfg = cfg.model_config()
-    if dataclasses.replace(meta.model, name=mcfg.name) != mcfg:
+    # bos/eos are the run's tokenizer's (run_tokenizer), not the preset's
+    same = dict(name=mcfg.name, bos_token_id=mcfg.bos_token_id, eos_token_id=mcfg.eos_token_id)
+    if dataclasses.replace(meta.model, **same) != mcfg:
         raise SmolctlError(f"{path} holds a different model config than this run's",
                            hint="Resume with the run's own config (leave --preset/--config out)")
     if meta.step == cfg.max_steps and path.name == "final":
@@ -407,6 +446,26 @@ def _on_any_rank(accelerator, flag: bool) -> bool:
         return flag
     t = torch.tensor(float(flag), device=accelerator.device)
     return accelerator.reduce(t, reduction="sum").item() > 0
+
+
+def run_tokenizer(cfg: TrainConfig, mcfg: ModelConfig, resume_path: Path | None):
+    """(tokenizer, model config with its bos/eos ids) of a run: on resume the checkpoint's own
+    tokenizer files (the run keeps its tokenizer even if cfg.tokenizer has moved or changed), else
+    cfg.tokenizer (None: the bundled one). Refuses a tokenizer whose ids do not fit the embedding."""
+    if resume_path is not None and (resume_path / "tokenizer.json").is_file():
+        tok = load_tokenizer(str(resume_path))
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    top = max(tok.get_vocab().values())
+    if top >= mcfg.vocab_size:
+        raise SmolctlError(f"the tokenizer {cfg.tokenizer or '(bundled)'} has ids up to {top:,}; the model's "
+                           f"vocab_size is {mcfg.vocab_size:,}",
+                           hint=f"Set model.vocab_size to at least {top + 1} (a multiple of 64 is fastest)")
+    eos = document_separator(tok)  # what ends each document in training is the model's EOS
+    bos = eos if tok.bos_token_id is None else tok.bos_token_id
+    return tok, dataclasses.replace(mcfg, bos_token_id=bos, eos_token_id=eos)
+
+
 def _trajectory_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
     """'key: old -> new' for each value that differs and changes what training computes (the model is
     compared as a whole, by resume_point; RESUMABLE fields are bookkeeping)."""

@@ -178,6 +178,36 @@ def tiny_base_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def llama(monkeypatch):
+    """llama(path) -> llama_cpp.Llama with every position's logits and an f32 KV cache."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    # On CPUs with AMX, llama.cpp repacks quantized weights for AMX kernels, and those segfault
+    # (ggml-org/llama.cpp#20824; upstream's own SmolLM2 Q4_1 file crashes the same way). Load
+    # without the extra buffer types, as llama.cpp's --no-repack does; other CPUs are unaffected.
+    default = lib.llama_model_default_params
+
+    def no_repack():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(lib, "llama_model_default_params", no_repack)
+    opened = []
+
+    def open_model(path):
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=512, n_threads=2,
+                              type_k=lib.GGML_TYPE_F32, type_v=lib.GGML_TYPE_F32)
+        opened.append(llm)
+        return llm
+
+    yield open_model
+    for llm in opened:
+        llm.close()
+
+
+@pytest.fixture
 def models_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLCTL_MODELS_DIR", str(tmp_path / "models"))
     return tmp_path / "models"

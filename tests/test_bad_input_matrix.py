@@ -49,7 +49,7 @@ SETUP = {
     "intcolumn": lambda d: (d / "int.jsonl").write_text('{"text": 5}\n'),
     "latin1": lambda d: (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1")),
     "csv": lambda d: (d / "data.csv").write_text("text\nhello\n"),
-    "short": lambda d: (d / "short.jsonl").write_text('{"text": "too short"}\n'),
+    "short": lambda d: (d / "short.jsonl").write_text('{"text": ""}\n'),  # one token: nothing to predict
     "badyaml": lambda d: (d / "bad.yaml").write_text("model: [unclosed\n"),
     "badjson": lambda d: (d / "bad.json").write_text("{not json"),
     "listyaml": lambda d: (d / "list.yaml").write_text("- a\n- b\n"),
@@ -225,7 +225,7 @@ CASES = [
      ["cannot write"]),
     ("export-model-missing", None, ["export", "--model", "nope", "--out", "m.gguf"], U, ["model not found: nope"]),
     ("eval-data-too-short", "corpus", ["eval", "--model", "{run}", "--data", "{short}", "--seq-len", "16"], U,
-     ["shorter than one batch"]),
+     ["nothing to predict"]),
 ]
 
 

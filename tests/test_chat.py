@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from smolctl.chat import Conversation, is_chat_model, parse_command, read_message
+from smolctl.chat import Conversation, is_chat_model, parse_command, read_message, unescape
 from smolctl.errors import SmolctlError
 from smolctl.tokenizer import load_tokenizer
 
@@ -91,8 +91,9 @@ def test_parse_command():
     assert parse_command("/system  Be brief. ") == ("/system", "Be brief.")
     assert parse_command("/exit") == ("/exit", "")
     assert parse_command("hello /there") is None
-    with pytest.raises(SmolctlError, match="unknown command /nope"):
-        parse_command("/nope")
+    # an unknown /word is a message, not an error: paths, typos, a URL path
+    assert parse_command("/nope") is None and parse_command("/usr/bin is a folder, right?") is None
+    assert parse_command("//reset") is None and unescape("//reset") == "/reset" and unescape("/usr") == "/usr"
 
 
 # -- through the CLI ------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def test_piped_multi_turn_chat(cli, tiny_chat_gguf, tmp_path):
     saved = tmp_path / "chat.json"
     session = "\n".join(["Hello there", "/system Be brief.", "What is \\", "gravity?", f"/save {saved}",
                          "/reset", "Again", "/exit", "never sent"]) + "\n"
-    r = cli("chat", "--model", path, "--temperature", "0", "-n", "8", "--dtype", "fp32", input=session)
+    r = cli("chat", "--model", path, "--temperature", "0", "-n", "8", "--dtype", "fp32", "--commands", input=session)
     assert r.exit_code == 0, r.output
     data = json.loads(saved.read_text())
     msgs = data["messages"]
@@ -121,7 +122,23 @@ def test_chat_with_a_base_model_continues_text(cli, tiny_base_dir):
     assert "has no chat template: it is a base model" in r.stderr
 
 
-def test_chat_errors_keep_the_session_going(cli, tiny_chat_gguf):
-    r = cli("chat", "--model", tiny_chat_gguf[0], "-n", "4", input="/bogus\n/save\nhi\n")
-    assert r.exit_code == 0
-    assert "Error: unknown command /bogus" in r.stderr and "Error: /save needs a file name" in r.stderr
+def test_chat_errors_keep_the_session_going(cli, tiny_chat_gguf, tmp_path):
+    saved = tmp_path / "chat.json"
+    session = f"/usr/bin is a folder, right?\n/save\n//reset\n/save {saved}\n"
+    r = cli("chat", "--model", tiny_chat_gguf[0], "-n", "4", "--commands", input=session)
+    assert r.exit_code == 0, r.output
+    assert "Error: /save needs a file name" in r.stderr and "unknown command" not in r.output
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["/usr/bin is a folder, right?", "/reset"]  # sent as text; // escaped a slash
+
+
+def test_piped_input_is_all_messages_unless_commands_is_given(cli, tiny_chat_gguf, monkeypatch):
+    from smolctl.cli.chat import Repl
+
+    seen, answer = [], Repl.answer
+    monkeypatch.setattr(Repl, "answer", lambda self, text: (seen.append(text), answer(self, text)))  # a spy
+    session = "/reset\n/system Be brief.\n/exit\nlast\n"
+    r = cli("chat", "--model", tiny_chat_gguf[0], "-n", "4", input=session)
+    assert r.exit_code == 0, r.output
+    assert seen == ["/reset", "/system Be brief.", "/exit", "last"]
+    assert "(conversation cleared)" not in r.stderr

@@ -3,9 +3,12 @@
     smolctl chat --model smollm2-instruct
     smolctl chat --model smollm2-instruct --system "Answer in one sentence." --temperature 0
     echo "What is gravity?" | smolctl chat --model smollm2-instruct     # one user turn per line
+    printf 'Hi\n/save chat.json\n' | smolctl chat --model smollm2-instruct --commands
 
-In the REPL: /reset, /system TEXT, /save FILE, /exit, /help. A trailing backslash continues a
-message on the next line; a line holding only \"\"\" opens (and another closes) a multiline block.
+In the REPL: /reset, /system TEXT, /save FILE, /exit, /help; any other line is a message, also
+one starting with an unknown /word ("/usr/bin is..."), and // sends a leading slash ("//reset").
+Piped input is all messages unless --commands. A trailing backslash continues a message on the
+next line; a line holding only \"\"\" opens (and another closes) a multiline block.
 Ctrl-C stops the reply being written and keeps the chat going; Ctrl-D leaves.
 Replies go to stdout; notices, errors and speed go to stderr.
 """
@@ -30,6 +33,7 @@ from smolctl.cli.options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    VerboseOpt,
 )
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
@@ -51,16 +55,22 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         quantize: QuantizeOpt = "none",
         device: DeviceOpt = None,
+        verbose: VerboseOpt = False,
+        commands: Annotated[Optional[bool], typer.Option(
+            "--commands/--no-commands", help="Read /commands from the input (default: on a terminal only; "
+                                             "piped lines are all messages).", show_default=False)] = None,
     ) -> None:
         from smolctl.chat import Conversation
         from smolctl.generation import Sampling
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        loaded, _ = load_model(model, dtype, device, quantize)
+        loaded, _ = load_model(model, dtype, device, quantize, verbose)
         conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=max_new_tokens,
                             system=system)
-        Repl(conv, loaded.model, sampling, str(model), interactive=sys.stdin.isatty()).run()
+        interactive = sys.stdin.isatty()
+        Repl(conv, loaded.model, sampling, str(model), interactive,
+             commands=interactive if commands is None else commands).run()
 
 
 def note(text: str) -> None:
@@ -68,9 +78,9 @@ def note(text: str) -> None:
 
 
 class Repl:
-    def __init__(self, conv, model, sampling, model_name: str, interactive: bool):
+    def __init__(self, conv, model, sampling, model_name: str, interactive: bool, commands: bool):
         self.conv, self.model, self.sampling, self.model_name = conv, model, sampling, model_name
-        self.interactive = interactive
+        self.interactive, self.commands = interactive, commands
 
     def run(self) -> None:
         from smolctl.chat import MULTILINE_HELP, read_message
@@ -108,18 +118,24 @@ class Repl:
         return line.rstrip("\r\n")
 
     def command(self, text: str) -> str | None:
-        """A slash command, or a message to answer."""
-        from smolctl.chat import COMMANDS, parse_command
+        """A slash command (when commands are read), or a message to answer."""
+        from smolctl.chat import COMMANDS, parse_command, unescape
 
+        if not self.commands:
+            self.answer(text)
+            return None
         parsed = parse_command(text)
         if parsed is None:
-            self.answer(text)
+            if self.interactive and text.startswith("/") and not text.startswith("//"):
+                note(f"({text.split()[0]} is not a command: sent as a message. /help lists the commands)")
+            self.answer(unescape(text))
             return None
         name, arg = parsed
         if name in ("/exit", "/quit"):
             return "exit"
         if name == "/help":
-            note("\n".join(f"  {c:<14} {what}" for c, what in COMMANDS.items()))
+            rows = {**COMMANDS, "//TEXT": "send /TEXT as a message (other /words are sent as they are)"}
+            note("\n".join(f"  {c:<14} {what}" for c, what in rows.items()))
         elif name == "/reset":
             self.conv.reset()
             note("(conversation cleared)")

