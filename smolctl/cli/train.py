@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from smolctl.cli.options import ConfigOpt, DeviceOpt, PresetOpt
-from smolctl.cli.registry import command
+from smolctl.cli.registry import command, crash_reports_in
 from smolctl.errors import SmolctlError
 
 RUNS = Path("runs")
@@ -160,6 +160,7 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
          num_processes: int | None = None) -> None:
     from smolctl.train import train
 
+    crash_reports_in(run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     if num_processes is not None:
         if num_processes < 1:
