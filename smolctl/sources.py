@@ -137,17 +137,6 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
     return Loaded(model, cfg, tokenizer, path)
 
 
-def pick_device(name: str | None = None) -> str:
-    """--device, or the best available: cuda, then mps, then cpu."""
-    import torch
-
-    if name:
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def pick_dtype(name: str, device: str):
     """--dtype auto|fp32|bf16 -> a torch dtype. auto is bf16 where the device has fast bf16: CUDA with
     bf16 support, or a CPU with AVX512-BF16/AMX (here, with fastpath's torch.mv, 24 vs 18 tokens/s

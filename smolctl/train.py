@@ -310,6 +310,7 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     (verified, same model, same world size), or None for a fresh run in a directory that may
     take one. train() calls it on every rank; the CLI once, before launching N processes."""
     cfg = cfg.resolved()
+    _check_device(cfg.device)
     if resume is None:
         if ckpt_io.checkpoints(run_dir) and not overwrite:
             raise SmolctlError(f"run directory {run_dir} already has checkpoints",
@@ -326,6 +327,15 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
         raise SmolctlError(f"{path} is at step {meta['step']}, which is not before --max-steps {cfg.max_steps}",
                            hint="Pass a larger --max-steps to extend the run")
     return path
+
+
+def _check_device(name: str | None) -> None:
+    """A device this machine has; one GPU per process is Accelerate's choice, not a flag's."""
+    from smolctl.device import pick_device
+
+    if name is not None and pick_device(name).startswith("cuda:"):
+        raise SmolctlError(f"--device {name}: training puts each process on its own GPU",
+                           hint=f"Choose the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and --device cuda")
 
 
 def _eval_spec(cfg: TrainConfig) -> DataSpec | None:

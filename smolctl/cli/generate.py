@@ -107,12 +107,13 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none"):
     """Load --model for generation (imports torch: call inside a command). Returns (Loaded, seconds)."""
-    from smolctl.sources import load, pick_device, pick_dtype, resolve
+    from smolctl.device import pick_device
+    from smolctl.sources import load, pick_dtype, resolve
 
+    device = pick_device(device)
     if spec is None:
         load(None)  # raises the "how to get a model" message
     path = resolve(spec)  # a bad spec fails here, before anything is printed
-    device = pick_device(device)
     if quantize != "none" and dtype == "fp32":
         raise SmolctlError("--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16")
     if quantize != "none" and device != "cpu":
