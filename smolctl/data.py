@@ -70,13 +70,15 @@ class DataSpec:
                 raise SmolctlError(f"--data {data}: files must all be .jsonl/.json, .parquet or .txt, one kind at a time")
             return cls(kinds.pop(), "", files=tuple(files), text_column=text_column)
         repo, _, config = data.partition(":")
-        from smolctl.hub import looks_like_hub_id
+        from smolctl.hub import looks_like_hub_id, no_local_match
 
         if looks_like_hub_id(repo):
             return cls("hub", repo, config or None, text_column=text_column)
-        raise SmolctlError(f"--data {data}: no such file, directory or glob",
-                           hint="Pass a .jsonl/.json/.parquet/.txt path, a directory or glob of them, "
-                                "'sample' for the bundled corpus, or 'cosmopedia-v2'")
+        hint = ("Pass a .jsonl/.json/.parquet/.txt path, a directory or glob of them, "
+                "'sample' for the bundled corpus, or 'cosmopedia-v2'")
+        if Path(data).expanduser().is_dir():
+            raise SmolctlError(f"--data {data}: the directory holds no .jsonl/.json/.parquet/.txt files", hint=hint)
+        raise SmolctlError(no_local_match(data, "--data"), hint=hint)
 
     def describe(self) -> str:
         if self.kind == "hub":

