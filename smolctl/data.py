@@ -22,6 +22,8 @@ from __future__ import annotations
 import glob
 import os
 import random
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -230,7 +232,7 @@ def batches(stream: BlockStream, num_workers: int = 1) -> Iterator[tuple[torch.T
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                          collate_fn=_Item, pin_memory=torch.cuda.is_available(),
                                          prefetch_factor=4 if num_workers else None,
-                                         worker_init_fn=_ignore_stop_signals if num_workers else None)
+                                         worker_init_fn=_worker_init if num_workers else None)
     for item in loader:
         batch, state = item.batch, item.state
         if batch is None:
@@ -249,10 +251,28 @@ class _Item:
         return _Item((None if self.batch is None else self.batch.pin_memory(), self.state))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _worker_init(worker_id: int) -> None:
     """Ctrl-C and SIGTERM are the trainer's to handle (finish the step, save): the worker must
-    outlive them, also when they reach the whole process group (a terminal, a scheduler)."""
+    outlive them, also when they reach the whole process group (a terminal, a scheduler).
+
+    But never its trainer: a worker whose trainer died (SIGKILL, OOM killer) would live on, blocked
+    on a full queue that nobody reads, holding the launcher's stdout open (seen: 70 minutes). So
+    it gets SIGKILL when the trainer dies (Linux: PR_SET_PDEATHSIG), and, everywhere, a watchdog
+    thread exits it once its parent is gone."""
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True, name="smolctl-orphan-check").start()
+
+
+def _exit_when_orphaned(parent: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent:  # re-parented (to init or a subreaper) once the trainer is gone
+        time.sleep(every_s)
+    os._exit(1)

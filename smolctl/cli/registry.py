@@ -179,13 +179,9 @@ class OneLineErrors(TyperGroup):
         except _click.exceptions.ClickException as e:
             print(f"Error: {' '.join(e.format_message().split())}", file=sys.stderr)
             sys.exit(e.exit_code)
-        except typer.Abort as e:  # click turns a Ctrl-C outside `command`'s wrapper into Abort
-            interrupted = isinstance(e.__cause__, KeyboardInterrupt)
-            print("Interrupted." if interrupted else "Aborted.", file=sys.stderr)
-            sys.exit(130 if interrupted else 1)
-        except KeyboardInterrupt:
-            print("\nInterrupted.", file=sys.stderr)
-            sys.exit(130)
+        except typer.Abort:
+            print("Aborted.", file=sys.stderr)
+            sys.exit(1)
         except Exception as e:  # a bug: one line for the user, the traceback in a file
             if os.environ.get("SMOLCTL_DEBUG", "") not in ("", "0"):
                 raise

@@ -1,0 +1,172 @@
+"""The command boundary and the messages at its edges: a bug is one line with its traceback in a
+file, Ctrl-C and a closed pipe are quiet, a bad --device / a missing local path / an empty value
+say what they are, hints name flags the command has, and a data worker never outlives its trainer.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MICRO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def smolctl(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smolctl", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120, **kw)
+
+
+def shim(tmp_path, code: str) -> dict:
+    """Environment that runs `code` in every Python process started with it (a sitecustomize on
+    PYTHONPATH): a way to plant a bug in a real `smolctl` process."""
+    (tmp_path / "shim").mkdir(exist_ok=True)
+    (tmp_path / "shim" / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+BUG = """
+import smolctl.model
+def build_model(*args, **kwargs):
+    raise ValueError("planted bug\\nwith a second line")
+smolctl.model.build_model = build_model
+"""
+
+
+def micro_config(tmp_path, **extra) -> Path:
+    path = tmp_path / "micro.yaml"
+    model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
+    rest = "".join(f"{k}: {v}\n" for k, v in extra.items())
+    path.write_text(f"model: {{preset: tiny, {model}}}\nmixed_precision: 'no'\ndevice: cpu\n{rest}")
+    return path
+
+
+# -- unexpected exceptions -----------------------------------------------------------------------
+
+def test_a_bug_is_one_line_with_its_traceback_in_the_cache_dir(tmp_path):
+    env = {**shim(tmp_path, BUG), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = smolctl("count-params", "--preset", "tiny", env=env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("Error: internal error: ValueError: planted bug with a second line (full traceback in ")
+    log = Path(lines[0].rsplit("full traceback in ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / "cache" / "smolctl" / "crash"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "build_model" in text and "planted bug" in text
+    assert "count-params --preset tiny" in text  # the command line, to reproduce it
+
+
+def test_a_bug_in_a_training_run_leaves_its_traceback_in_the_run_dir(tmp_path, corpus):
+    plant = """
+import smolctl.train
+def _supersede(*args, **kwargs):
+    raise KeyError("planted")
+smolctl.train._supersede_later_checkpoints = _supersede
+"""
+    cfg = micro_config(tmp_path, batch_size=2, seq_len=16, num_workers=0)
+    run = tmp_path / "run"
+    r = smolctl("train", "--config", cfg, "--data", corpus, "--max-steps", 2, "--save-every", 1,
+                "--run-dir", run, "--no-dashboard", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = smolctl("resume", "--run-dir", run, "--from", 1, "--max-steps", 3, "--no-dashboard",
+                env={**shim(tmp_path, plant), "XDG_CACHE_HOME": str(tmp_path / "cache")}, cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: internal error: KeyError: 'planted' (full traceback in ")
+    assert "Traceback" not in r.stderr
+    logs = list(run.glob("crash-*.log"))
+    assert len(logs) == 1 and "_supersede" in logs[0].read_text()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_smolctl_debug_lets_the_traceback_through(tmp_path):
+    r = smolctl("count-params", "--preset", "tiny", env={**shim(tmp_path, BUG), "SMOLCTL_DEBUG": "1",
+                                                        "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 1
+    assert "Traceback (most recent call last)" in r.stderr and "planted bug" in r.stderr
+    assert "internal error" not in r.stderr
+
+
+def test_a_plugin_command_gets_the_same_boundary(tmp_path, monkeypatch):
+    """A command added with plain `app.command()` (no `command` wrapper) still cannot print a traceback."""
+    from typer.testing import CliRunner
+
+    from smolctl.cli import make_app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    app = make_app()
+
+    @app.command("explode")
+    def explode() -> None:
+        raise RuntimeError("from a plugin")
+
+    @app.command("interrupt")
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    r = CliRunner().invoke(app, ["explode"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.startswith("Error: internal error: RuntimeError: from a plugin (full traceback in ")
+    assert len(list((tmp_path / "cache" / "smolctl" / "crash").glob("crash-*.log"))) == 1
+    r = CliRunner().invoke(app, ["interrupt"])
+    assert r.exit_code == 130 and "Traceback" not in r.output  # (Typer's own: exit 130, no line)
+
+
+def test_a_closed_stdout_pipe_is_a_quiet_exit(tmp_path):
+    """`smolctl inspect | head -1`: the reader goes away; no traceback, no internal error."""
+    p = subprocess.Popen([sys.executable, "-m", "smolctl", "inspect", "--preset", "tiny"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) in (0, 1)
+    assert err == ""
+    assert not (tmp_path / "cache").exists()
+
+
+# -- the data worker -------------------------------------------------------------------------------
+
+def test_the_data_worker_dies_with_its_trainer(tmp_path):
+    """SIGKILL a `smolctl train` that tokenizes in a background worker: no process of it is left.
+
+    Long documents make each batch's data state big (the tokens carried over to the next block),
+    so the worker's queue to the trainer is full when the trainer dies: a worker that outlives it
+    blocks there forever."""
+    import psutil
+
+    words = " ".join(f"w{i % 997}" for i in range(100_000))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{n} {words}"}) + "\n" for n in range(4)))
+    cfg = micro_config(tmp_path, batch_size=2, seq_len=64, num_workers=1)
+    run = tmp_path / "run"
+    log = open(tmp_path / "out.txt", "w")
+    p = subprocess.Popen([sys.executable, "-m", "smolctl", "train", "--config", str(cfg), "--data", str(corpus),
+                          "--max-steps", "100000", "--save-every", "100000", "--log-every", "1", "--run-dir",
+                          str(run), "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    children = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() or '"train"' not in (run / "metrics.jsonl").read_text():
+            assert p.poll() is None, (tmp_path / "out.txt").read_text()
+            assert time.monotonic() < deadline, "no training step within 120 s"
+            time.sleep(0.2)
+        time.sleep(1)  # the worker runs ahead and fills its queue
+        children = psutil.Process(p.pid).children(recursive=True)
+        assert children, "the worker should be a child process of the trainer"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left running after the trainer was killed: {[c.pid for c in alive]}"
+    finally:
+        for c in children:
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if p.poll() is None:
+            p.kill()
+        log.close()
