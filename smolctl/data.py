@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ SAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "sample"
 HUB_DEFAULT = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 TOKENIZE_DOCS = 64  # documents tokenized per call (the Rust tokenizer batches them)
+PIECE_CHARS = 1 << 14  # a longer document is tokenized in pieces of about this many characters
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,9 @@ class BlockStream(torch.utils.data.IterableDataset):
                                hint="Resume with the same number of processes as the run was saved with")
         block = self.seq_len + 1
         epoch = st.get("epoch", 0)
-        carry: list[int] = list(st.get("carry", []))
+        # Tokens not yet in a block: one int32 tensor, never changed in place (a state may hold a
+        # view of it), read from `pos` on. Cheap to keep, to pass to the trainer, and to save.
+        carry, pos = torch.as_tensor(st.get("carry", []), dtype=torch.int32), 0
         buffer: list[torch.Tensor] = list(st["buffer"].unbind(0)) if "buffer" in st else []
         rng = random.Random(self.seed * 1000 + self.rank)
         if "rng" in st:
@@ -177,12 +181,10 @@ class BlockStream(torch.utils.data.IterableDataset):
                     break
                 epoch_docs += len(texts)
                 docs += len(texts)
-                for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-                    carry.extend(ids)
-                    carry.append(EOT_ID)
+                carry, pos = torch.cat([carry[pos:], token_ids(tok, texts)]), 0
                 source_state = ds.state_dict()
-                while len(carry) >= block:
-                    blk, carry = torch.tensor(carry[:block], dtype=torch.long), carry[block:]
+                while len(carry) - pos >= block:
+                    blk, pos = carry[pos:pos + block].long(), pos + block
                     tokens += block
                     if self.shuffle_buffer:
                         buffer.append(blk)
@@ -193,7 +195,7 @@ class BlockStream(torch.utils.data.IterableDataset):
                         blk = buffer.pop()
                     ready.append(blk)
                     if len(ready) == self.batch_size:
-                        state = {"epoch": epoch, "source": source_state, "carry": list(carry),
+                        state = {"epoch": epoch, "source": source_state, "carry": carry[pos:],
                                  "rng": rng.getstate(), "docs": docs, "tokens": tokens,
                                  "rank": self.rank, "world_size": self.world_size}
                         if buffer:  # one tensor, not a list of them: cheap to pass between processes
@@ -204,6 +206,78 @@ class BlockStream(torch.utils.data.IterableDataset):
                 raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
                                    hint="Point --data at files with text in them")
             epoch, source_state = epoch + 1, None
+
+
+def token_ids(tok, texts: list[str]) -> torch.Tensor:
+    """The documents' tokens, each followed by <|endoftext|>, as one int32 tensor.
+
+    A document longer than PIECE_CHARS is tokenized in pieces (a 50 MB one whole took 7 GB, and
+    long inputs tokenize slower), cut where the tokenizer never joins tokens across (see
+    `pieces`): the ids are exactly the whole document's. Calls take TOKENIZE_DOCS pieces at most."""
+    cut = PIECE_CHARS if _cuts_at_spaces(tok) else None
+    parts, call = [], []  # call: (piece, ends a document) to tokenize together
+
+    def flush():
+        for (_, ends), ids in zip(call, tok([p for p, _ in call], add_special_tokens=False)["input_ids"]):
+            parts.append(torch.tensor(ids + [EOT_ID] if ends else ids, dtype=torch.int32))
+        call.clear()
+
+    for text in texts:
+        chunks = pieces(text, cut) if cut and len(text) > cut else [text]
+        for i, piece in enumerate(chunks):
+            call.append((piece, i == len(chunks) - 1))
+            if len(call) == TOKENIZE_DOCS:
+                flush()
+    flush()
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+
+
+def pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut just before a space that sits
+    between two non-space characters: byte-level BPE pre-tokenizes such a space with the word after
+    it (' word'), so no token spans the cut. A stretch with no such space stays whole."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = _cut_point(text, start + 1, start + size)
+        if cut is None:
+            break
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def _cut_point(text: str, lo: int, hi: int) -> int | None:
+    """The last ' ' in text[lo:hi] between two non-space characters, else the first one after hi."""
+    i = text.rfind(" ", lo, hi)
+    while i >= lo and (text[i - 1].isspace() or i + 1 >= len(text) or text[i + 1].isspace()):
+        i = text.rfind(" ", lo, i)
+    if i >= lo:
+        return i
+    after = _CUT.search(text, hi)
+    return after.start() + 1 if after else None
+
+
+_CUT = re.compile(r"\S \S")
+
+
+def _cuts_at_spaces(tok) -> bool:
+    """Whether cutting before ' word' keeps the ids exact: a byte-level BPE (GPT-2 style, as
+    SmolLM2's) with no normalizer and no prefix space. Other tokenizers get whole documents."""
+    import json
+
+    key = id(tok)
+    if key not in _CUTS:
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        _CUTS[key] = (spec.get("normalizer") is None and any(p.get("type") == "ByteLevel" for p in steps)
+                      and all(p.get("type") in ("ByteLevel", "Digits") and not p.get("add_prefix_space")
+                              for p in steps))
+    return _CUTS[key]
+
+
+_CUTS: dict[int, bool] = {}
 
 
 def _text(row: dict, spec: DataSpec) -> str:
