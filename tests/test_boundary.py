@@ -170,3 +170,56 @@ def test_the_data_worker_dies_with_its_trainer(tmp_path):
         if p.poll() is None:
             p.kill()
         log.close()
+
+
+# -- long documents ----------------------------------------------------------------------------------
+
+def test_long_documents_are_tokenized_in_pieces_exactly(monkeypatch):
+    """Cut into pieces of a few characters, every kind of text still gives the whole document's ids."""
+    import random
+
+    import smolctl.data as data
+    from smolctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    rng = random.Random(0)
+    bits = ["a", "Zz", " ", "  ", "\n", "\t ", "1", "234", ".", ", ", "'s", " 're", "é", "中文", "<|endoftext|>", "!!",
+            "\u00a0", "🙂", "x y", "--"]
+    texts = ["".join(rng.choice(bits) for _ in range(rng.randint(1, 300))) for _ in range(60)]
+    whole = [i for t in texts for i in tok([t], add_special_tokens=False)["input_ids"][0] + [data.EOT_ID]]
+    for size in (1, 3, 17, 64):
+        monkeypatch.setattr(data, "PIECE_CHARS", size)
+        assert data.token_ids(tok, texts).tolist() == whole
+    assert len(data.pieces(" ".join(["word"] * 1000), 64)) > 10  # it does cut
+
+
+def test_a_long_documents_carry_is_saved_as_a_tensor_and_resumes_exactly(micro_cfg, tmp_path):
+    """The tokens carried over to the next block go to data-rank0.safetensors (int32), not JSON."""
+    import torch
+    from safetensors.torch import load_file
+
+    from smolctl.data import token_ids
+    from smolctl.tokenizer import load_tokenizer
+    from smolctl.train import train
+
+    words = " ".join(f"w{i % 997}" for i in range(20_000))
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{n} {words}"}) + "\n" for n in range(2)))
+    cfg = micro_cfg(data=str(corpus), max_steps=6, save_every=3)
+    train(cfg, tmp_path / "straight")
+    ckpt = tmp_path / "straight" / "checkpoints" / "step-00000003"
+    meta = json.loads((ckpt / "data-rank0.json").read_text())
+    assert "carry" not in meta and (ckpt / "data-rank0.json").stat().st_size < 10_000
+    carry = load_file(str(ckpt / "data-rank0.safetensors"))["carry"]
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert carry.dtype == torch.int32
+    assert carry.tolist() == token_ids(load_tokenizer(), texts).tolist()[meta["tokens"]:]  # all not yet in a block
+
+    train(cfg, tmp_path / "resumed")
+    train(cfg, tmp_path / "resumed", resume="3")
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["event"] == "train"]
+
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
