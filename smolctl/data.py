@@ -25,7 +25,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,39 +50,44 @@ class DataSpec:
     name: str | None = None  # hub config name
     files: tuple[str, ...] = ()
     text_column: str = "text"
+    # what the messages call the data and its text column: the flags, or the config keys when the
+    # values come from a run's config.yaml (resume has no --data)
+    flags: tuple[str, str] = field(default=("--data", "--text-column"), compare=False)
 
     @classmethod
-    def parse(cls, data: str, text_column: str = "text", split: str = "train") -> DataSpec:
+    def parse(cls, data: str, text_column: str = "text", split: str = "train",
+              flags: tuple[str, str] = ("--data", "--text-column")) -> DataSpec:
         """'sample' (the bundled corpus; split 'train' or 'heldout'), 'cosmopedia-v2' (the seed's
         hub stream), 'org/name[:config]' (a hub dataset), or local files: a file, directory or glob."""
+        flag = flags[0]
         if data == "sample":
             path = SAMPLE_DIR / f"{split}.jsonl"
             if not path.is_file():
                 raise SmolctlError(f"the bundled sample corpus is missing ({path})",
-                                   hint="Run from a clone of the smolctl repository, or pass --data PATH")
-            return cls("json", "", files=(str(path),), text_column=text_column)
+                                   hint=f"Run from a clone of the smolctl repository, or point {flag} at your files")
+            return cls("json", "", files=(str(path),), text_column=text_column, flags=flags)
         if data in ("cosmopedia-v2", "smollm-corpus", "hub"):
-            return cls("hub", HUB_DEFAULT[0], HUB_DEFAULT[1], text_column=text_column)
+            return cls("hub", HUB_DEFAULT[0], HUB_DEFAULT[1], text_column=text_column, flags=flags)
         files = _local_files(data)
         if files and not any(os.path.getsize(f) for f in files):
-            raise SmolctlError(f"the corpus is empty: --data {data} has only empty files",
-                               hint="Point --data at files with text in them")
+            raise SmolctlError(f"the corpus is empty: {flag} {data} has only empty files",
+                               hint=f"Point {flag} at files with text in them")
         files = [f for f in files if os.path.getsize(f)]  # datasets' json reader chokes on empty files
         if files:
             kinds = {LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in files}
             if None in kinds or len(kinds) > 1:
-                raise SmolctlError(f"--data {data}: files must all be .jsonl/.json, .parquet or .txt, one kind at a time")
-            return cls(kinds.pop(), "", files=tuple(files), text_column=text_column)
+                raise SmolctlError(f"{flag} {data}: files must all be .jsonl/.json, .parquet or .txt, one kind at a time")
+            return cls(kinds.pop(), "", files=tuple(files), text_column=text_column, flags=flags)
         repo, _, config = data.partition(":")
         from smolctl.hub import looks_like_hub_id, no_local_match
 
         if looks_like_hub_id(repo):
-            return cls("hub", repo, config or None, text_column=text_column)
+            return cls("hub", repo, config or None, text_column=text_column, flags=flags)
         hint = ("Pass a .jsonl/.json/.parquet/.txt path, a directory or glob of them, "
                 "'sample' for the bundled corpus, or 'cosmopedia-v2'")
         if Path(data).expanduser().is_dir():
-            raise SmolctlError(f"--data {data}: the directory holds no .jsonl/.json/.parquet/.txt files", hint=hint)
-        raise SmolctlError(no_local_match(data, "--data"), hint=hint)
+            raise SmolctlError(f"{flag} {data}: the directory holds no .jsonl/.json/.parquet/.txt files", hint=hint)
+        raise SmolctlError(no_local_match(data, flag), hint=hint)
 
     def describe(self) -> str:
         if self.kind == "hub":
@@ -97,7 +102,7 @@ class DataSpec:
             from smolctl.hub import require_hub
 
             require_hub(f"dataset {self.path}",
-                        hint="Pass --data sample for the bundled corpus, or --data PATH for local files")
+                        hint=f"Point {self.flags[0]} at 'sample' (the bundled corpus) or at local files")
             ds = datasets.load_dataset(self.path, self.name, split="train", streaming=True)
         else:
             extra = {"sample_by": "document"} if self.kind == "text" else {}
@@ -204,7 +209,7 @@ class BlockStream(torch.utils.data.IterableDataset):
                         ready = []
             if epoch_docs == 0 and source_state is None:
                 raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
-                                   hint="Point --data at files with text in them")
+                                   hint=f"Point {self.spec.flags[0]} at files with text in them")
             epoch, source_state = epoch + 1, None
 
 
@@ -283,11 +288,11 @@ _CUTS: dict[int, bool] = {}
 def _text(row: dict, spec: DataSpec) -> str:
     if spec.text_column not in row:
         raise SmolctlError(f"the corpus has no {spec.text_column!r} column (columns: {', '.join(row)})",
-                           hint="Pick one with --text-column")
+                           hint=f"Pick one with {spec.flags[1]}")
     text = row[spec.text_column]
     if not isinstance(text, str):
         raise SmolctlError(f"column {spec.text_column!r} holds {type(text).__name__}, not text",
-                           hint="Pick a text column with --text-column")
+                           hint=f"Pick a text column with {spec.flags[1]}")
     return text
 
 

@@ -67,26 +67,24 @@ def param_breakdown(model: nn.Module, num_layers: int | None = None) -> dict[str
     """Parameter counts by component, counted from the module itself (meta-device is fine);
     `num_layers`: the real depth of a `skeleton` (default: the layers the module has).
 
-    Returns {"embedding", "embedding_shape", "per_layer" (a decoder layer's; None without layers),
+    Returns {"embedding", "embedding_shape", "per_layer" (a decoder layer's: they are all alike),
     "num_layers", "layers_total", "final_norm", "lm_head" (0 when tied), "tied", "total"}.
     """
     inner = model.model
     num_layers = len(inner.layers) if num_layers is None else num_layers
-    per_layer = None
-    if len(inner.layers) and num_layers:
-        layer = inner.layers[0]
-        attn = {n: getattr(layer.self_attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        mlp = {n: getattr(layer.mlp, n).weight.numel() for n in ("gate_proj", "up_proj", "down_proj")}
-        norms = layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()
-        per_layer = {"attention": attn, "attention_total": sum(attn.values()), "mlp": mlp,
-                     "mlp_total": sum(mlp.values()), "norms": norms, "total": sum(p.numel() for p in layer.parameters())}
+    layer = inner.layers[0]
+    attn = {n: getattr(layer.self_attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    mlp = {n: getattr(layer.mlp, n).weight.numel() for n in ("gate_proj", "up_proj", "down_proj")}
+    norms = layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()
+    per_layer = {"attention": attn, "attention_total": sum(attn.values()), "mlp": mlp,
+                 "mlp_total": sum(mlp.values()), "norms": norms, "total": sum(p.numel() for p in layer.parameters())}
     tied = is_tied(model)
     out = {
         "embedding": inner.embed_tokens.weight.numel(),
         "embedding_shape": list(inner.embed_tokens.weight.shape),
         "per_layer": per_layer,
         "num_layers": num_layers,
-        "layers_total": per_layer["total"] * num_layers if per_layer else 0,
+        "layers_total": per_layer["total"] * num_layers,
         "final_norm": inner.norm.weight.numel(),
         "lm_head": 0 if tied else model.lm_head.weight.numel(),
         "tied": tied,

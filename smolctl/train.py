@@ -62,9 +62,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                     raise
-                raise SmolctlError(f"out of memory with --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}",
-                                   hint="Lower --batch-size (raise --grad-accum to keep the tokens per step) "
-                                        "or --seq-len", exit_code=1) from None
+                hint = ("Lower --batch-size (raise --grad-accum to keep the tokens per step) or --seq-len"
+                        if resume is None else  # resume keeps the batch: the run's shape is fixed
+                        "Free memory on the device (another process?), or start a new run with a smaller "
+                        "batch: smolctl train --batch-size N --grad-accum M")
+                raise SmolctlError(f"out of memory with batch size {cfg.batch_size} x sequence length {cfg.seq_len}",
+                                   hint=hint, exit_code=1) from None
         except SmolctlError:
             if not progress["stepped"] and os.environ.get("RANK", "0") == "0":
                 cleanup.close()
@@ -132,11 +135,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         ckpt_io.load_optimizer(optim_state, loss_module, optimizer.optimizer)
         del optim_state
 
-    spec = DataSpec.parse(cfg.data, cfg.text_column)
+    spec = DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
     stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, rank, world,
                          cfg.shuffle_buffer, cfg.seed, data_state)
     data = batches(stream, cfg.num_workers)
-    eval_spec = _eval_spec(cfg)
+    eval_spec = _eval_spec(cfg, data_flags(run_dir, resume, "eval_data"))
 
     # -- sinks: files on the main process; the caller's display --------------------------------
     emit_to: list[Callable] = []
@@ -262,7 +265,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                 if bad_steps >= cfg.max_bad_steps:
                     raise SmolctlError(
                         f"training diverged: {bad_steps} non-finite steps in a row at step {step}",
-                        hint=f"The last good checkpoint is {last_ckpt}; resume from it with a lower --lr",
+                        hint=f"The last good checkpoint is {last_ckpt}; lower lr in {run_dir / 'config.yaml'} "
+                             f"and resume from it: smolctl resume --run-dir {run_dir} --from latest",
                         exit_code=1)
                 continue
             bad_steps = 0
@@ -310,39 +314,48 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     (verified, same model, same world size), or None for a fresh run in a directory that may
     take one. train() calls it on every rank; the CLI once, before launching N processes."""
     cfg = cfg.resolved()
-    _check_device(cfg.device)
+    _check_device(cfg.device, data_flags(run_dir, resume, "device")[0])
     if resume is None:
         if ckpt_io.checkpoints(run_dir) and not overwrite:
             raise SmolctlError(f"run directory {run_dir} already has checkpoints",
                                hint=f"Continue it with: smolctl resume --run-dir {run_dir} --from latest "
-                                    "(or pass --overwrite to start over)")
+                                    "(to start over instead: smolctl train ... --overwrite)")
         return None
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
     mcfg = cfg.model_config()
     if dataclasses.replace(ModelConfig.from_dict(meta["model"]), name=mcfg.name) != mcfg:
         raise SmolctlError(f"{path} holds a different model config than this run's",
-                           hint="Resume with the run's own config (leave --preset/--config out)")
+                           hint=f"Put back the model of {run_dir / 'config.yaml'} as the checkpoint saved it "
+                                f"(its smolctl.json has it)")
     if meta["step"] >= cfg.max_steps:
         raise SmolctlError(f"{path} is at step {meta['step']}, which is not before --max-steps {cfg.max_steps}",
                            hint="Pass a larger --max-steps to extend the run")
     return path
 
 
-def _check_device(name: str | None) -> None:
+def _check_device(name: str | None, flag: str) -> None:
     """A device this machine has; one GPU per process is Accelerate's choice, not a flag's."""
     from smolctl.device import pick_device
 
-    if name is not None and pick_device(name).startswith("cuda:"):
-        raise SmolctlError(f"--device {name}: training puts each process on its own GPU",
-                           hint=f"Choose the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and --device cuda")
+    if name is not None and pick_device(name, flag).startswith("cuda:"):
+        raise SmolctlError(f"{flag} {name}: training puts each process on its own GPU",
+                           hint=f"Choose the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and {flag} cuda")
 
 
-def _eval_spec(cfg: TrainConfig) -> DataSpec | None:
+def data_flags(run_dir: Path, resume: str | None, key: str) -> tuple[str, str]:
+    """What messages call a setting (data, device...) and the text column: train's flags, or, when
+    resuming (resume has no such flags), the keys of the run's config.yaml."""
+    if resume is None:
+        return "--" + key.replace("_", "-"), "--text-column"
+    return f"{key} in {run_dir / 'config.yaml'}", f"text_column in {run_dir / 'config.yaml'}"
+
+
+def _eval_spec(cfg: TrainConfig, flags: tuple[str, str]) -> DataSpec | None:
     if cfg.eval_data:
-        return DataSpec.parse(cfg.eval_data, cfg.text_column, split="heldout")
+        return DataSpec.parse(cfg.eval_data, cfg.text_column, split="heldout", flags=flags)
     if cfg.data == "sample":
-        return DataSpec.parse("sample", cfg.text_column, split="heldout")
+        return DataSpec.parse("sample", cfg.text_column, split="heldout", flags=flags)
     return None
 
 

@@ -223,3 +223,166 @@ def test_a_long_documents_carry_is_saved_as_a_tensor_and_resumes_exactly(micro_c
                 if r["event"] == "train"]
 
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+# -- messages ----------------------------------------------------------------------------------------
+
+RESUME_PATH = ["train.py", "checkpoint.py", "data.py", "tokenizer.py", "hub.py", "device.py", "cli/train.py",
+               "cli/registry.py"]  # the modules whose errors `smolctl resume` can print
+
+
+def hint_texts(tree):
+    """The string parts of every `hint=...` / `hint = ...` (a `... if resume is None else ...`: the
+    branch resume takes)."""
+    import ast
+
+    def strings(node):
+        if isinstance(node, ast.IfExp) and ast.unparse(node.test) == "resume is None":
+            yield from strings(node.orelse)
+            return
+        if isinstance(node, ast.JoinedStr):  # an f-string: its text, {} for each value
+            yield "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+        else:
+            for child in ast.iter_child_nodes(node):
+                yield from strings(child)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "hint":
+            yield from strings(node.value)
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "hint" for t in node.targets):
+            yield from strings(node.value)
+
+
+def test_hints_that_resume_prints_name_flags_resume_has():
+    """A hint names `--flag`s of the command that prints it, or of the command it spells out
+    (`... smolctl train --batch-size N`)."""
+    import ast
+    import re
+
+    import typer
+
+    from smolctl.cli import app
+
+    group = typer.main.get_command(app)
+    options = {name: {o for p in cmd.params for o in p.opts} for name, cmd in group.commands.items()}
+    checked = 0
+    for module in RESUME_PATH:
+        for text in hint_texts(ast.parse((ROOT / "smolctl" / module).read_text())):
+            for i, part in enumerate(re.split(r"smolctl (?=[a-z])", text)):
+                command = part.split()[0] if i else "resume"
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", part):
+                    assert flag in options.get(command, options["resume"]), f"{module}: {text!r} names {flag}"
+                    checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--data", ""], ["train", "--data= "], ["train", "--run-dir", ""], ["eval", "--model", "run", "--data", ""],
+    ["generate", "hi", "--model", ""], ["count-params", "--preset", " "], ["export", "--model", "x", "--out", ""],
+    ["resume", "--from", ""],
+])
+def test_empty_values_are_refused_before_anything_runs(cli, tmp_path, args):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text('{"text": "not a corpus"}\n')
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: ") and "is empty" in r.output and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # nothing created
+
+
+def test_system_prompt_may_be_empty(cli):
+    r = cli("chat", "--system", "", "--model", "./no-such-model")
+    assert "is empty" not in r.output and "no such file or directory" in r.output
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "hi", "--model", "{model}"], ["chat", "--model", "{model}"], ["eval", "--model", "{model}"],
+    ["train", "--preset", "tiny", "--data", "sample", "--max-steps", "1"],
+])
+@pytest.mark.parametrize("device, words", [("bogus", "is not a device"), ("cuda:x", "is not a device"),
+                                           ("cpu:1", "is not a device"), ("cuda:99", "cuda:99")])
+def test_a_bad_device_is_one_clear_line(cli, tmp_path, tiny_base_dir, args, device, words):
+    import torch
+
+    if device == "cuda:99" and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    r = cli(*[a.format(model=tiny_base_dir) for a in args], "--device", device)
+    assert r.exit_code == 2, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith(f"Error: --device {device}".replace(device, repr(device)) if "not a" in words
+                           else f"Error: --device {device}") and words in line, r.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_absent_gpu_is_named():
+    import torch
+
+    from smolctl.device import pick_device
+    from smolctl.errors import SmolctlError
+
+    if torch.cuda.is_available():
+        assert pick_device("cuda") == "cuda"
+    else:
+        with pytest.raises(SmolctlError, match="--device cuda: .*(without CUDA|no CUDA GPU)"):
+            pick_device("cuda")
+    assert pick_device("cpu") == "cpu" and pick_device("auto") == pick_device(None)
+
+
+@pytest.mark.parametrize("spec, kind", [
+    ("HuggingFaceTB/SmolLM2-135M", "hub"), ("Qwen/Qwen2.5-0.5B", "hub"), ("runs/typo", "local"),
+    ("data/*.parquet", "local"), ("./corpus.jsonl", "local"), ("corpus.jsonl", "local"), ("a/b/c", "local"),
+    ("~/models/x", "local"), ("org/name.gguf", "local"), ("org\\name", "local"),
+])
+def test_one_rule_tells_local_paths_from_hub_ids(tmp_path, spec, kind):
+    from smolctl.hub import looks_like_hub_id, looks_local
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "data").mkdir()
+    assert looks_local(spec) == (kind == "local")
+    assert looks_like_hub_id(spec) == (kind == "hub")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--data", "data/*.parquet"], "--data data/*.parquet: no local file matches this pattern"),
+    (["train", "--data", "data/corpus.jsonl"], "--data data/corpus.jsonl: no such file or directory"),
+    (["eval", "--model", "runs/dem"], "--model runs/dem: no such file or directory (did you mean runs/demo?)"),
+    (["generate", "hi", "--model", "./runs/typo"], "--model ./runs/typo: no such file or directory"),
+    (["export", "--model", "runs/typo", "--out", "x"], "--model runs/typo: no such file or directory"),
+])
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(cli, tmp_path, args, words):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    r = cli(*args, "--preset", "tiny") if args[0] == "train" else cli(*args)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"Error: {words}"), r.output
+    assert "hub" not in r.output.lower().replace("hub id", "")
+
+
+def test_count_params_and_inspect_never_build_every_layer(cli, monkeypatch, tmp_path):
+    """num_layers: 1000000 is counted (and shown) from a two-layer skeleton: instant, not minutes."""
+    import dataclasses
+
+    import smolctl.model as model
+    from smolctl.config import ModelConfig
+
+    built = []
+    real = model.build_model
+
+    def build_model(cfg, *args, **kwargs):
+        built.append(cfg.num_layers)
+        assert cfg.num_layers <= 2, "built every layer"
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(model, "build_model", build_model)
+    tiny = ModelConfig.from_preset("tiny")
+    one, two = (model.param_breakdown(real(dataclasses.replace(tiny, num_layers=n), device="meta"))["total"]
+                for n in (1, 2))
+    (tmp_path / "deep.yaml").write_text("model: {preset: tiny, num_layers: 1000000}\n")
+    r = cli("count-params", "--config", tmp_path / "deep.yaml", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["total"] == one + 999_999 * (two - one)
+    r = cli("inspect", "--config", tmp_path / "deep.yaml")
+    assert r.exit_code == 0 and "(0-999999): 1000000 x LlamaDecoderLayer(" in r.output
+    assert built and max(built) <= 2

@@ -200,14 +200,14 @@ def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: i
 
     from smolctl import checkpoint as ckpt_io
     from smolctl.data import DataSpec
-    from smolctl.train import resume_point
+    from smolctl.train import data_flags, resume_point
 
     cfg = cfg.resolved()
     gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
     if gpus and world > gpus:
         raise SmolctlError(f"--num-processes {world} but this machine has {gpus} GPU(s)",
                            hint=f"Run one process per GPU: --num-processes {gpus}")
-    DataSpec.parse(cfg.data, cfg.text_column)
+    DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
     if resume is not None:
         ckpt_io.recover(run_dir)
     resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None)
