@@ -102,7 +102,7 @@ class DataSpec:
             from smolctl.hub import require_hub
 
             require_hub(f"dataset {self.path}",
-                        hint=f"Point {self.flags[0]} at 'sample' (the bundled corpus) or at local files")
+                        hint=f"Pass {self.flags[0]} sample for the bundled corpus, or {self.flags[0]} PATH for local files")
             ds = datasets.load_dataset(self.path, self.name, split="train", streaming=True)
         else:
             extra = {"sample_by": "document"} if self.kind == "text" else {}

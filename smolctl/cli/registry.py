@@ -90,9 +90,9 @@ def fail(e: SmolctlError):
 
 class NoBlankValues(TyperCommand):
     """`--data ''` (or `--model " "`) is a slip, not a value: an empty path is the working
-    directory, and an empty name matches everything. Refused for every option and argument, on
-    the raw strings, before Typer turns them into paths or values. `--system ''` (no system
-    prompt) means something, so it is allowed."""
+    directory, and an empty name matches everything. Refused for every option, on the raw
+    strings, before Typer turns them into paths or values. `--system ''` (no system prompt) means
+    something, so it is allowed; arguments (a prompt) are the command's to judge."""
 
     BLANK_OK = {"system"}
 
@@ -105,11 +105,12 @@ class NoBlankValues(TyperCommand):
             for param in order:
                 values = opts.get(param.name)
                 values = values if isinstance(values, (list, tuple)) else [values]
-                if param.name not in self.BLANK_OK and any(isinstance(v, str) and not v.strip() for v in values):
+                if (param.param_type_name == "option" and param.name not in self.BLANK_OK
+                        and any(isinstance(v, str) and not v.strip() for v in values)):
                     from typer.core import _click
 
-                    what = param.opts[0] if param.param_type_name == "option" else param.name.upper()
-                    raise _click.exceptions.UsageError(f"{what} is empty: give it a value, or leave it out", ctx)
+                    raise _click.exceptions.UsageError(f"{param.opts[0]} is empty: give it a value, or leave it out",
+                                                       ctx)
             return opts, rest, order
 
         parser.parse_args = parse_args
