@@ -80,7 +80,8 @@ def test_checkpoint_contents_and_manifest(micro_cfg, tmp_path):
     final = tmp_path / "run" / "checkpoints" / "final"
     names = {p.name for p in final.iterdir()}
     assert names == {"config.json", "model.safetensors", "smolctl.json", "optimizer.safetensors", "optimizer.json",
-                     "rng-rank0.json", "rng-rank0.safetensors", "data-rank0.json", "manifest.json"}
+                     "rng-rank0.json", "rng-rank0.safetensors", "data-rank0.json", "data-rank0.safetensors",
+                     "manifest.json"}
     manifest = json.loads((final / "manifest.json").read_text())["files"]
     assert set(manifest) == names - {"manifest.json"}
     meta = json.loads((final / "smolctl.json").read_text())
