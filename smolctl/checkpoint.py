@@ -37,6 +37,7 @@ from safetensors.torch import load, load_file, save_file
 from smolctl.config import ModelConfig
 from smolctl.data import tuples
 from smolctl.errors import SmolctlError
+from smolctl.metadata import META, CheckpointMeta, model_config_of, read_meta
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -57,15 +58,13 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra:
     cfg.to_hf().to_json_file(str(out / "config.json"))
     save_file(model_state(model), str(out / WEIGHTS), metadata={"format": "pt"})
     meta = {"model": cfg.to_dict(), **(extra or {})}
-    (out / "smolctl.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, cfg) from a checkpoint or HF model directory holding model.safetensors."""
     path = Path(path)
-    meta = path / "smolctl.json"
-    cfg = (ModelConfig.from_dict(json.loads(meta.read_text())["model"]) if meta.is_file()
-           else ModelConfig.from_dir(path))
+    cfg = model_config_of(path)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise SmolctlError(f"no {WEIGHTS} in {path}", hint="Pass a checkpoint or HF model directory with safetensors weights")
@@ -230,7 +229,7 @@ def load_optimizer(state: dict, module: torch.nn.Module, optimizer) -> None:
 def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict) -> None:
     """The main process's part: weights, configs, optimizer (the dicts from `training_state`)."""
     cfg.to_hf().to_json_file(str(tmp / "config.json"))
-    write_json(tmp / "smolctl.json", {"model": cfg.to_dict(), **meta})
+    write_json(tmp / META, {"model": cfg.to_dict(), **meta})
     tensors, rest = _flatten_optimizer(optimizer_state)
     write_json(tmp / "optimizer.json", rest)
     # The two big files at once (135M: 538 MB and 1.08 GB): sha256 (~1.2 GB/s a core) is the
@@ -333,8 +332,9 @@ def _manifest_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of a run's finished checkpoints, oldest first (final/ counted at its step)."""
+def checkpoints(run_dir: Path, say=lambda message: None) -> list[tuple[int, Path]]:
+    """(step, path) of a run's finished checkpoints, oldest first (final/ counted at the step its
+    metadata says: one whose metadata is damaged is left out, and `say` is told why)."""
     out = []
     for p in (Path(run_dir) / "checkpoints").glob("*"):
         if not (p / MANIFEST).is_file():
@@ -343,30 +343,30 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
             out.append((int(p.name[5:]), p))
         elif p.name == "final":
             try:
-                out.append((json.loads((p / "smolctl.json").read_text())["step"], p))
-            except (OSError, ValueError, KeyError):
-                continue
+                out.append((read_meta(p, training=True).step, p))
+            except SmolctlError as e:
+                say(f"Skipping damaged checkpoint: {e}")
     return sorted(out, key=lambda x: (x[0], x[1].name == "final"))
 
 
 def find_checkpoint(run_dir: Path, which: str, say=print) -> Path:
-    """`which`: "latest" (the newest checkpoint that verifies; damaged ones are skipped, saying so),
-    a step number, or a checkpoint path."""
+    """`which`: "latest" (the newest checkpoint that verifies, files and metadata; damaged ones are
+    skipped, saying so), a step number, or a checkpoint path."""
     if which != "latest" and not which.isdigit():
         path = Path(which)
-        if not (path / MANIFEST).is_file() and not (path / "smolctl.json").is_file():
+        if not (path / MANIFEST).is_file() and not (path / META).is_file():
             raise SmolctlError(f"--from {which}: not a checkpoint directory",
                                hint="Use a step number, 'latest', or a checkpoint path")
-        verify(path)
-        return path
-    found = checkpoints(run_dir)
+        return _checked(path)
+    found = checkpoints(run_dir, say=say if which == "latest" else lambda message: None)
     if not found:
+        if which == "latest" and (Path(run_dir) / "checkpoints" / "final").is_dir():
+            raise SmolctlError(f"every checkpoint of {run_dir} is damaged")
         raise SmolctlError(f"run {run_dir} has no checkpoints", hint="Start it with smolctl train")
     if which == "latest":
         for step, path in reversed(found):
             try:
-                verify(path)
-                return path
+                return _checked(path)
             except SmolctlError as e:
                 say(f"Skipping damaged checkpoint: {e}")
         raise SmolctlError(f"every checkpoint of {run_dir} is damaged")
@@ -375,19 +375,25 @@ def find_checkpoint(run_dir: Path, which: str, say=print) -> Path:
     if not matches:
         steps = ", ".join(str(s) for s, _ in found)
         raise SmolctlError(f"run {run_dir} has no checkpoint at step {step}", hint=f"Checkpoints: {steps}")
-    verify(matches[0])
-    return matches[0]
+    return _checked(matches[0])
 
 
-def check_world_size(ckpt: Path, world_size: int) -> dict:
-    """smolctl.json of `ckpt`, if it was saved by `world_size` processes; raise otherwise.
+def _checked(ckpt: Path) -> Path:
+    """`ckpt`, once its files match the manifest and its metadata is a training checkpoint's."""
+    verify(ckpt)
+    read_meta(ckpt, training=True)
+    return ckpt
+
+
+def check_world_size(ckpt: Path, world_size: int) -> CheckpointMeta:
+    """The metadata of `ckpt`, if it was saved by `world_size` processes; raise otherwise.
 
     Each rank's data position is its own shard's (split_dataset_by_node gives rank r of N its
     own files or every N-th example), so N positions don't map onto M ranks without repeating
     or skipping data: a different world size is refused, never silently remapped.
     """
-    meta = json.loads((ckpt / "smolctl.json").read_text())
-    saved = meta.get("world_size", 1)
+    meta = read_meta(ckpt, training=True)
+    saved = meta.world_size
     if saved != world_size:
         how = f"smolctl resume --num-processes {saved}" if saved > 1 else "one process (plain smolctl resume)"
         raise SmolctlError(f"{ckpt} was saved by {saved} process(es); this run has {world_size}",
@@ -396,8 +402,8 @@ def check_world_size(ckpt: Path, world_size: int) -> dict:
     return meta
 
 
-def load_training_state(ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict]:
-    """Restore this rank's RNG states; return (smolctl.json meta, data state). The optimizer
+def load_training_state(ckpt: Path, rank: int, world_size: int) -> tuple[CheckpointMeta, dict]:
+    """Restore this rank's RNG states; return (its metadata, data state). The optimizer
     comes back later, through `load_optimizer`, once the model is wrapped."""
     meta = check_world_size(ckpt, world_size)
     rng = json.loads((ckpt / f"rng-rank{rank}.json").read_text())

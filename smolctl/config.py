@@ -14,37 +14,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from smolctl.errors import SmolctlError
+from smolctl.schema import check_fields, setting, validate
+
+# Bounds on sizes, so that an absurd config is refused at once rather than after minutes of work
+# (count-params builds the model, train allocates it): far above any model smolctl trains.
+MAX_VOCAB = 1 << 20
+MAX_CONTEXT = 1 << 20
 
 
 @dataclass
 class ModelConfig:
-    name: str = "custom"
-    vocab_size: int = 49152  # the SmolLM2 tokenizer's 49,152 tokens (a multiple of 64)
-    hidden_size: int = 576
-    intermediate_size: int = 1536  # SwiGLU width, 8/3 * hidden rounded up
-    num_layers: int = 30
-    num_heads: int = 9
-    num_kv_heads: int = 3  # grouped-query attention: 3 query heads share each K/V head
-    head_dim: int | None = None  # None: hidden_size // num_heads
-    max_seq_len: int = 2048  # max_position_embeddings; the pretraining context
-    rope_theta: float = 100000.0
-    rms_norm_eps: float = 1e-5
-    tie_embeddings: bool = True  # lm_head shares the embedding matrix (saves 28M params)
-    bos_token_id: int = 0  # <|endoftext|> starts and ends documents in pretraining
-    eos_token_id: int = 0
-    init_std: float | None = None  # None: 1/sqrt(hidden_size), SmolLM2's 0.041666...
+    name: str = setting("custom", "A label for the model (the preset's name, or the run's).")
+    vocab_size: int = setting(49152, "Tokens in the vocabulary: the SmolLM2 tokenizer's 49,152 (a multiple of 64).",
+                              gt=0, le=MAX_VOCAB)
+    hidden_size: int = setting(576, "Width of the residual stream.", gt=0, le=65536)
+    intermediate_size: int = setting(1536, "SwiGLU width, 8/3 * hidden rounded up.", gt=0, le=262144)
+    num_layers: int = setting(30, "Decoder layers.", gt=0, le=1024)
+    num_heads: int = setting(9, "Query heads.", gt=0, le=1024)
+    num_kv_heads: int = setting(3, "Key/value heads: grouped-query attention, 3 query heads share each one.",
+                                gt=0, le=1024)
+    head_dim: int | None = setting(None, "Per-head width; null: hidden_size // num_heads.", gt=0, le=1024)
+    max_seq_len: int = setting(2048, "max_position_embeddings: the pretraining context.", gt=0, le=MAX_CONTEXT)
+    rope_theta: float = setting(100000.0, "RoPE base frequency.", gt=0)
+    rms_norm_eps: float = setting(1e-5, "RMSNorm epsilon.", gt=0, lt=1)
+    tie_embeddings: bool = setting(True, "lm_head shares the embedding matrix (saves 28M params).")
+    bos_token_id: int = setting(0, "<|endoftext|> starts and ends documents in pretraining.", ge=0)
+    eos_token_id: int = setting(0, "The token that ends a document.", ge=0)
+    init_std: float | None = setting(None, "Init std of the weights; null: 1/sqrt(hidden_size), SmolLM2's 0.0417.",
+                                     gt=0)
 
     def __post_init__(self) -> None:
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "max_seq_len"):
-            value = getattr(self, f)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SmolctlError(f"invalid model config: {f} must be a positive integer, got {value!r}")
+        check_fields(self, "model config")
         if self.hidden_size % self.num_heads:
             raise SmolctlError(
                 f"invalid model config: hidden_size {self.hidden_size} is not divisible by "
@@ -53,12 +58,14 @@ class ModelConfig:
             raise SmolctlError(
                 f"invalid model config: num_heads {self.num_heads} is not divisible by "
                 f"num_kv_heads {self.num_kv_heads}", hint="Pick sizes where num_heads % num_kv_heads == 0")
+        for role in ("bos", "eos"):
+            if getattr(self, f"{role}_token_id") >= self.vocab_size:
+                raise SmolctlError(f"invalid model config: {role}_token_id {getattr(self, f'{role}_token_id')} "
+                                   f"is not below vocab_size {self.vocab_size}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
         if self.init_std is None:
             self.init_std = 1 / math.sqrt(self.hidden_size)
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.init_std <= 0:
-            raise SmolctlError("invalid model config: rope_theta, rms_norm_eps and init_std must be > 0")
 
     # -- presets ---------------------------------------------------------------------------
 
@@ -138,14 +145,9 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """From our own field names; a `preset` key starts from that preset."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"preset"})
-        if unknown:
-            raise SmolctlError(f"unknown model config keys: {', '.join(unknown)}",
-                               hint=f"Valid keys: preset, {', '.join(sorted(known))}")
+    def from_dict(cls, d: dict[str, Any], where: str = "", strict: bool = False) -> ModelConfig:
+        """From our own field names, checked (see schema.validate); a `preset` key starts from that preset."""
+        d = validate(cls, d, "model config", where, strict=strict, also=("preset",))
         if "preset" in d:
             base = cls.from_preset(d.pop("preset")).to_dict()
             base.update(head_dim=None, init_std=None)  # re-derived unless given
@@ -165,7 +167,7 @@ class ModelConfig:
                 return cls.from_preset(d)
         if "model_type" in d or "num_hidden_layers" in d:
             return cls.from_hf(d, name=Path(path).stem)
-        return cls.from_dict(d)
+        return cls.from_dict(d, where=f"{path}: ")
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -256,94 +258,98 @@ def resolve_model_config(preset: str | None = None, config: str | Path | None = 
 
 @dataclass
 class TrainConfig:
+    """Everything a training run is, each field with its help text and range (see schema.py): the
+    `train`/`resume` flags, config files, config.yaml and checkpoints' smolctl.json all go through it."""
+
     # model: a preset, optionally overridden field by field (a config file's `model:` section)
-    preset: str = "smollm2-135m"
-    model: dict[str, Any] = field(default_factory=dict)
+    preset: str = setting("smollm2-135m", "A model preset: smollm2-135m (the seed's 135M) or tiny.",
+                          flag=("--preset", "-p"))
+    model: dict[str, Any] = setting(default_factory=dict, help="ModelConfig fields over the preset's.", cli=False)
     # data
-    data: str = "cosmopedia-v2"  # the seed's stream; "sample" is the bundled corpus
-    text_column: str = "text"
-    eval_data: str | None = None  # None: the held-out split when --data sample, else no eval
-    tokenizer: str | None = None  # None: the bundled SmolLM2 tokenizer
-    shuffle_buffer: int = 0  # blocks held for shuffling (0: stream order)
-    num_workers: int = 1  # a background DataLoader worker tokenizes and packs
+    data: str = setting("cosmopedia-v2", "'sample' (bundled corpus), 'cosmopedia-v2' (the hub stream), a hub "
+                        "dataset id, or local .jsonl/.json/.parquet/.txt files: a path, directory or glob.")
+    text_column: str = setting("text", "The text column.", nonempty=True)
+    eval_data: str | None = setting(None, "Held-out data for --eval-every (default: the sample's held-out split "
+                                    "with --data sample).", resumable=True)
+    tokenizer: str | None = setting(None, "A tokenizer directory or hub id (default: the bundled SmolLM2 one).")
+    shuffle_buffer: int = setting(0, "Shuffle blocks through a buffer of N; 0 keeps the stream order.", ge=0)
+    num_workers: int = setting(1, "0: tokenize in the training process; 1: in a background worker.",
+                               choices=(0, 1), resumable=True)
     # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * processes
-    batch_size: int = 8  # micro-batch per device
-    seq_len: int | None = None  # None: the model's max_seq_len (2048 for SmolLM2-135M)
-    grad_accum: int = 1
+    batch_size: int = setting(8, "Micro-batch per device.", gt=0)
+    seq_len: int | None = setting(None, "Tokens per sequence (default: the model's context, 2048 for "
+                                  "SmolLM2-135M).", gt=0)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", gt=0)
     # optimizer and schedule: the SmolLM2-135M recipe (huggingface/smollm config_smollm2_135M.yaml)
-    lr: float = 3e-3
-    min_lr: float = 0.0
-    schedule: str = "wsd"  # warmup-stable-decay, or "cosine"
-    warmup_steps: int | None = None  # None: 2% of max_steps, at most 2000 (the recipe's value)
-    decay_frac: float = 0.2  # WSD: linear decay to min_lr over the last 20% of steps
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = setting(3e-3, "Peak learning rate.", gt=0)
+    min_lr: float = setting(0.0, "The learning rate the decay ends at.", ge=0)
+    schedule: str = setting("wsd", "wsd (warmup-stable-decay) or cosine.", choices=("wsd", "cosine"))
+    warmup_steps: int | None = setting(None, "Linear warmup steps (default: 2% of --max-steps, at most 2000).", ge=0)
+    decay_frac: float = setting(0.2, "WSD: the fraction of steps, at the end, of linear decay to --min-lr.",
+                                ge=0, le=1)
+    weight_decay: float = setting(0.01, "AdamW weight decay, on matrices only.", ge=0)
+    beta1: float = setting(0.9, "AdamW beta1.", ge=0, lt=1)
+    beta2: float = setting(0.95, "AdamW beta2.", ge=0, lt=1)
+    eps: float = setting(1e-8, "AdamW epsilon.", gt=0)
+    grad_clip: float = setting(1.0, "Clip the gradient norm to this.", gt=0)
     # loop
-    max_steps: int = 5000
-    mixed_precision: str = "auto"  # auto: accelerate launch's setting, else bf16 on GPUs that support it
-    compile: bool = False
-    seed: int = 42
-    device: str | None = None  # None: what Accelerate picks
-    save_every: int = 500
-    keep_last: int | None = None
-    eval_every: int = 0  # 0: only at the end
-    eval_tokens: int = 32768
-    sample_every: int = 0
-    sample_prompt: str = "Once upon a time"
-    sample_tokens: int = 32
-    log_every: int = 10
-    report_to: str = "none"  # tensorboard, wandb or none
-    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
-    peak_tflops: float | None = None  # the device's peak for MFU; None: from a table of GPUs
+    max_steps: int = setting(5000, "Optimizer steps to train to.", gt=0, resumable=True)
+    mixed_precision: str = setting("auto", "no, bf16, fp16 or auto (accelerate launch's setting, else bf16 on "
+                                   "GPUs that support it).", choices=("auto", "no", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the model.")
+    seed: int = setting(42, "Random seed.", ge=0, le=2**32 - 1)
+    device: str | None = setting(None, "cpu, cuda, cuda:1, mps... (default: the best available).")
+    save_every: int = setting(500, "Checkpoint every N steps.", gt=0, resumable=True)
+    keep_last: int | None = setting(None, "Keep only the newest N step checkpoints (default: all).", gt=0,
+                                    resumable=True)
+    eval_every: int = setting(0, "Held-out loss every N steps; 0: only at the end.", ge=0, resumable=True)
+    eval_tokens: int = setting(32768, "Tokens each held-out evaluation scores.", gt=0, resumable=True)
+    sample_every: int = setting(0, "Generate from --sample-prompt every N steps; 0: never.", ge=0,
+                                resumable=True)
+    sample_prompt: str = setting("Once upon a time", "The prompt of --sample-every.", nonempty=True,
+                                 resumable=True)
+    sample_tokens: int = setting(32, "Tokens each sample generates.", gt=0, resumable=True)
+    log_every: int = setting(10, "Log every N steps.", gt=0, resumable=True)
+    report_to: str = setting("none", "Also log to tensorboard or wandb.", choices=("tensorboard", "wandb", "none"),
+                             resumable=True)
+    max_bad_steps: int = setting(10, "Stop after N non-finite (NaN/inf) steps in a row; each is skipped, with no "
+                                 "update.", ge=1, resumable=True)
+    peak_tflops: float | None = setting(None, "The device's peak TFLOP/s for MFU (known GPUs are looked up).",
+                                        gt=0, resumable=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "")
+        self.model = validate(ModelConfig, self.model, "model config", also=("preset",))
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict({"preset": self.preset, **self.model})
 
+    def with_flags(self, flags: dict[str, Any]) -> TrainConfig:
+        """These values (by field name, None: not given) over this config; errors name them as flags."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        return dataclasses.replace(self, **validate(TrainConfig, given, "training config", flags=True))
+
     def resolved(self) -> TrainConfig:
-        """Fill the derived defaults and check every value; raises SmolctlError."""
+        """Fill the derived defaults and check what involves several values; raises SmolctlError."""
         cfg = dataclasses.replace(self)
         mcfg = cfg.model_config()
         cfg.seq_len = cfg.seq_len or mcfg.max_seq_len
         if cfg.warmup_steps is None:
             cfg.warmup_steps = min(2000, max(1, round(0.02 * cfg.max_steps)))
-        checks = [
-            (cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}"),
-            (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
-            (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
-            (cfg.seq_len > 0, f"--seq-len must be positive, got {cfg.seq_len}"),
-            (cfg.seq_len <= mcfg.max_seq_len,
-             f"--seq-len {cfg.seq_len} exceeds the model's max positions ({mcfg.max_seq_len})"),
-            (cfg.lr > 0 and cfg.min_lr >= 0, "--lr must be positive and min_lr non-negative"),
-            (cfg.schedule in ("wsd", "cosine"), f"schedule must be wsd or cosine, got {cfg.schedule!r}"),
-            (0 <= cfg.decay_frac <= 1, "decay_frac must be within [0, 1]"),
-            (cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
-             f"--mixed-precision must be auto, no, bf16 or fp16, got {cfg.mixed_precision!r}"),
-            (cfg.save_every > 0, f"--save-every must be positive, got {cfg.save_every}"),
-            (cfg.max_bad_steps > 0, f"--max-bad-steps must be at least 1, got {cfg.max_bad_steps}"),
-            (cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}"),
-            (min(cfg.eval_every, cfg.sample_every, cfg.shuffle_buffer, cfg.warmup_steps) >= 0,
-             "--eval-every, --sample-every, --shuffle-buffer and warmup must not be negative"),
-            (cfg.num_workers in (0, 1), "--num-workers must be 0 or 1 (one ordered stream per rank)"),
-            (cfg.report_to in ("none", "tensorboard", "wandb"), "--report-to must be tensorboard, wandb or none"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SmolctlError(message)
+        if cfg.seq_len > mcfg.max_seq_len:
+            raise SmolctlError(f"--seq-len {cfg.seq_len} exceeds the model's max positions ({mcfg.max_seq_len})")
+        if cfg.min_lr > cfg.lr:
+            raise SmolctlError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}", hint="Decay to a smaller --min-lr")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SmolctlError(f"unknown training config keys: {', '.join(unknown)}",
-                               hint=f"Valid keys: {', '.join(sorted(known))}")
+    def from_dict(cls, d: dict[str, Any], where: str = "", strict: bool = False) -> TrainConfig:
+        d = validate(cls, d, "training config", where, strict=strict)
+        if "model" in d:
+            d["model"] = validate(ModelConfig, d["model"], "model config", where, strict=strict, also=("preset",))
         return cls(**d)
 
     @classmethod
@@ -351,12 +357,19 @@ class TrainConfig:
         """A YAML/TOML/JSON file: training keys at the top level (or under `train:`), the model as
         `preset:` and/or a `model:` mapping of ModelConfig fields (or a preset name)."""
         d = read_mapping(path)
-        d = {**d.pop("train", {}), **d}
+        section = d.pop("train", {})
+        if not isinstance(section, dict):
+            raise SmolctlError(f"{path}: train must be a mapping of keys to values, got {section!r}")
+        d = {**section, **d}
         model = d.get("model")
         if isinstance(model, str):
             d["preset"], d["model"] = model, {}
         elif isinstance(model, dict) and "preset" in model:
             d["model"] = dict(model)
             d["preset"] = d["model"].pop("preset")
-        return cls.from_dict(d)
+        return cls.from_dict(d, where=f"{path}: ")
 
+
+# The fields `resume` takes as flags and accepts edited in config.yaml: they change bookkeeping,
+# not the trajectory (max_steps extends it).
+RESUMABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"])

@@ -110,15 +110,16 @@ def resolve(spec: str | Path) -> Path:
 
 
 def model_config(spec: str | Path):
-    """The config of the model `spec` names (anything --model takes), without reading its weights."""
-    from smolctl.config import ModelConfig
+    """The config of the model `spec` names (anything --model takes), without reading its weights:
+    the one loading would use."""
+    from smolctl.metadata import model_config_of
 
     path = resolve(spec)
     if path.suffix == ".gguf":
         from smolctl.gguf_io import read_gguf_header
 
         return read_gguf_header(path)[1]
-    return ModelConfig.from_dir(path)
+    return model_config_of(path)
 
 
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:

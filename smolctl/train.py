@@ -27,13 +27,21 @@ from typing import Callable
 import torch
 
 from smolctl import checkpoint as ckpt_io
-from smolctl.config import ModelConfig, TrainConfig, write_mapping
+from smolctl.config import RESUMABLE, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss, evaluate
 from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, memory_gb
 from smolctl.schedule import lr_at
+
+
+class RunComplete(SmolctlError):
+    """Resuming a run whose final checkpoint is at --max-steps: nothing to do (exit 0)."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"Run {run_dir} is complete at step {step}",
+                         hint=f"Pass --max-steps N (above {step}) to extend it", exit_code=0)
 
 
 @dataclass
@@ -45,8 +53,9 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: Path | None = None,
-          sinks: list[Callable] = (), overwrite: bool = False) -> TrainResult:
-    """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError.
+          sinks: list[Callable] = (), overwrite: bool = False, allow_config_change: bool = False) -> TrainResult:
+    """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError (RunComplete
+    when resuming a run that already reached cfg.max_steps).
 
     A run that fails before its first step (bad config or data, out of memory) leaves nothing
     behind: the run directory and log file this call created are removed again.
@@ -58,7 +67,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     with ExitStack() as cleanup:  # closes the metrics files however _train ends
         try:
             try:
-                return _train(cfg, run_dir, resume, log_file, sinks, overwrite, cleanup, progress)
+                return _train(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup,
+                              progress)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                     raise
@@ -77,7 +87,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
-           overwrite: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
+           overwrite: bool, allow_config_change: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
@@ -102,7 +112,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     if main and resume is not None:
         ckpt_io.recover(run_dir, say=accelerator.print)
     accelerator.wait_for_everyone()
-    resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print)
+    resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
+                               allow_config_change=allow_config_change)
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
@@ -119,13 +130,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
-    step, tokens_seen, data_state, elapsed_before = 0, 0, None, 0.0
+    step, tokens_seen, data_state, elapsed_before, window = 0, 0, None, 0.0, (0, 0.0)
     if resume_path is not None:
         weights = ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS))
         model.load_state_dict(weights, strict=not mcfg.tie_embeddings)
         meta, data_state = ckpt_io.load_training_state(resume_path, rank, world)
         optim_state = ckpt_io.read_optimizer(resume_path)  # applied after prepare
-        step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
+        step, tokens_seen, elapsed_before = meta.step, meta.tokens_seen, meta.elapsed_s
+        window = (meta.log_steps, meta.log_loss_sums[rank] if meta.log_steps else 0.0)
         _supersede_later_checkpoints(run_dir, resume_path, step, main, accelerator.print)
     loss_module = CausalLMLoss(model)
     if cfg.compile:
@@ -184,9 +196,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
             ckpt_io.staging_dir(final, main)
             accelerator.wait_for_everyone()
             weights, optim_state = ckpt_io.training_state(loss_module, optimizer.optimizer, mcfg)  # all ranks
+            loss_sums = accelerator.gather(window_loss.reshape(1)).tolist()  # all ranks: each rank's window
             if main:
                 meta = {"step": step, "tokens_seen": tokens_seen, "world_size": world, "train": cfg.to_dict(),
-                        "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg)}
+                        "elapsed_s": elapsed_before + time.perf_counter() - t0, "lr": lr_at(max(step, 1), cfg),
+                        "log_steps": window_steps, "log_loss_sums": loss_sums}
                 ckpt_io.save_model_state(tmp, weights, mcfg, optim_state, meta)
             del weights, optim_state
             ckpt_io.save_rank_state(tmp, rank, last_state)
@@ -227,7 +241,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
 
     # -- the loop ---------------------------------------------------------------------------
     last_ckpt, last_state, stopped_by, bad_steps = resume_path, data_state, None, 0
-    window_loss, window_steps, window_t = torch.zeros((), device=device), 0, time.perf_counter()
+    # The log window (the steps since the last `train` row) continues across a resume, so that the
+    # next row averages the same steps, with the same float32 sums, as an uninterrupted run's.
+    window_steps, window_t = window[0], time.perf_counter()
+    window_loss = torch.tensor(window[1], dtype=torch.float32, device=device)
     t0 = time.perf_counter()
     loss_module.train()
     with _stop_on_signals() as stop:
@@ -266,7 +283,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                     raise SmolctlError(
                         f"training diverged: {bad_steps} non-finite steps in a row at step {step}",
                         hint=f"The last good checkpoint is {last_ckpt}; lower lr in {run_dir / 'config.yaml'} "
-                             f"and resume from it: smolctl resume --run-dir {run_dir} --from latest",
+                             f"and resume from it: smolctl resume --run-dir {run_dir} --from latest --allow-config-change",
                         exit_code=1)
                 continue
             bad_steps = 0
@@ -309,10 +326,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world_size: int,
-                 say: Callable = print) -> Path | None:
+                 say: Callable = print, allow_config_change: bool = False) -> Path | None:
     """The checks a run can make before any process group exists: the checkpoint to resume from
-    (verified, same model, same world size), or None for a fresh run in a directory that may
-    take one. train() calls it on every rank; the CLI once, before launching N processes."""
+    (verified, same model, same world size, same trajectory unless `allow_config_change`), or None
+    for a fresh run in a directory that may take one. Raises RunComplete when that checkpoint is
+    the final one at cfg.max_steps. train() calls it on every rank; the CLI once, before launching
+    N processes."""
     cfg = cfg.resolved()
     _check_device(cfg.device, data_flags(run_dir, resume, "device")[0])
     if resume is None:
@@ -324,13 +343,20 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
     mcfg = cfg.model_config()
-    if dataclasses.replace(ModelConfig.from_dict(meta["model"]), name=mcfg.name) != mcfg:
+    if dataclasses.replace(meta.model, name=mcfg.name) != mcfg:
         raise SmolctlError(f"{path} holds a different model config than this run's",
                            hint=f"Put back the model of {run_dir / 'config.yaml'} as the checkpoint saved it "
                                 f"(its smolctl.json has it)")
-    if meta["step"] >= cfg.max_steps:
-        raise SmolctlError(f"{path} is at step {meta['step']}, which is not before --max-steps {cfg.max_steps}",
+    if meta.step == cfg.max_steps and path.name == "final":
+        raise RunComplete(run_dir, meta.step)
+    if meta.step > cfg.max_steps:  # a step checkpoint at max_steps (stopped during the last step) finishes
+        raise SmolctlError(f"{path} is at step {meta.step}, which is not before --max-steps {cfg.max_steps}",
                            hint="Pass a larger --max-steps to extend the run")
+    changed = _trajectory_changes(meta.train, cfg)
+    if changed and not allow_config_change:
+        raise SmolctlError(f"{run_dir / 'config.yaml'} differs from the config {path.name} was trained with "
+                           f"({'; '.join(changed)}): resuming would not continue the run exactly",
+                           hint="Undo the edit, or pass --allow-config-change to resume with it")
     return path
 
 
@@ -349,6 +375,17 @@ def data_flags(run_dir: Path, resume: str | None, key: str) -> tuple[str, str]:
     if resume is None:
         return "--" + key.replace("_", "-"), "--text-column"
     return f"{key} in {run_dir / 'config.yaml'}", f"text_column in {run_dir / 'config.yaml'}"
+
+
+def _trajectory_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
+    """'key: old -> new' for each value that differs and changes what training computes (the model is
+    compared as a whole, by resume_point; RESUMABLE fields are bookkeeping)."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        old, new = getattr(saved, f.name), getattr(now, f.name)
+        if f.name not in (*RESUMABLE, "preset", "model") and old != new:
+            out.append(f"{f.name}: {old!r} -> {new!r}")
+    return out
 
 
 def _eval_spec(cfg: TrainConfig, flags: tuple[str, str]) -> DataSpec | None:

@@ -67,8 +67,8 @@ def test_hf_config_json_and_directories(tmp_path):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(hidden_size=100, num_heads=3), "not divisible by num_heads"),
     (dict(num_heads=4, num_kv_heads=3, hidden_size=128), "not divisible by num_kv_heads"),
-    (dict(num_layers=0), "num_layers must be a positive integer"),
-    (dict(vocab_size=-5), "vocab_size must be a positive integer"),
+    (dict(num_layers=0), "num_layers must be between 1 and 1024, got 0"),
+    (dict(vocab_size=-5), "vocab_size must be between 1 and 1,048,576, got -5"),
 ])
 def test_invalid_values(kwargs, words):
     with pytest.raises(SmolctlError, match=words):

@@ -14,9 +14,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import DeviceOpt, JsonOpt, ModelOpt
+from smolctl.cli.options import DeviceOpt, JsonOpt, ModelOpt, config_option
 from smolctl.cli.registry import command
+from smolctl.config import TrainConfig
 from smolctl.errors import SmolctlError
+from smolctl.schema import flag_value
+
+# train's --eval-tokens, under the name eval has always had: one default, one check
+TokensOpt = config_option(TrainConfig, "eval_tokens", "--tokens")
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +31,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[str, typer.Option("--data", help="Like train's --data; default: the bundled sample's "
                                           "held-out split.")] = "sample",
         text_column: Annotated[str, typer.Option("--text-column", help="The text column.")] = "text",
-        tokens: Annotated[int, typer.Option("--tokens", help="Tokens to score.")] = 32768,
+        tokens: TokensOpt = None,
         seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Default: min(the model's context, 1024).",
                                                        show_default=False)] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 4,
@@ -35,8 +40,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         if model is None:
             raise SmolctlError("eval needs --model", hint="Pass a run, checkpoint, HF directory or .gguf file")
-        if tokens <= 0 or batch_size <= 0 or (seq_len is not None and seq_len <= 0):
-            raise SmolctlError("--tokens, --batch-size and --seq-len must be positive")
+        if batch_size <= 0 or (seq_len is not None and seq_len <= 0):
+            raise SmolctlError("--batch-size and --seq-len must be positive")
+        tokens = flag_value(TrainConfig, "eval_tokens", tokens, "--tokens")
         import torch
 
         from smolctl.data import DataSpec

@@ -6,11 +6,12 @@
     smolctl resume --from 500                               # the newest run under runs/
     smolctl resume --run-dir runs/demo --from latest --max-steps 8000
     smolctl train --num-processes 2 ...                     # N processes on this machine (torchrun)
-    accelerate launch --config_file examples/accelerate/multi-gpu.yaml -m smolctl train ...
+    accelerate launch --config_file examples/accelerate/multi-gpu-ddp.yaml -m smolctl train ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -19,94 +20,44 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import ConfigOpt, DeviceOpt, PresetOpt
+from smolctl.cli.options import ConfigOpt, config_options
 from smolctl.cli.registry import command, crash_reports_in
+from smolctl.config import RESUMABLE, TrainConfig
 from smolctl.errors import SmolctlError
 
 RUNS = Path("runs")
+# Every TrainConfig field is a `train` flag (the model's own fields go in a --config file).
+TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cli"])
 
 
 def opt(*names: str, help: str, **kw):
     return typer.Option(*names, help=help, show_default=False, **kw)
 
 
-DataOpt = Annotated[Optional[str], opt("--data", help="'sample' (bundled corpus), 'cosmopedia-v2' (default, "
-                                       "the hub stream), a hub dataset id, or local .jsonl/.json/.parquet/.txt "
-                                       "files: a path, directory or glob.")]
-MaxStepsOpt = Annotated[Optional[int], opt("--max-steps", help="Optimizer steps to train to (default 5000).")]
-SaveEveryOpt = Annotated[Optional[int], opt("--save-every", help="Checkpoint every N steps (default 500).")]
-EvalEveryOpt = Annotated[Optional[int], opt("--eval-every", help="Held-out loss every N steps (0: at the end).")]
-SampleEveryOpt = Annotated[Optional[int], opt("--sample-every", help="Generate from a fixed prompt every N steps.")]
-LogEveryOpt = Annotated[Optional[int], opt("--log-every", help="Log every N steps (default 10).")]
-KeepLastOpt = Annotated[Optional[int], opt("--keep-last", help="Keep only the newest N step checkpoints.")]
-WorkersOpt = Annotated[Optional[int], opt("--num-workers", help="0: tokenize in the training process; "
-                                          "1 (default): in a background worker.")]
-ReportOpt = Annotated[Optional[str], opt("--report-to", help="tensorboard, wandb or none.")]
 RunDirOpt = Annotated[Optional[Path], opt("--run-dir", help="The run directory (default runs/<run-name>).")]
 LogFileOpt = Annotated[Optional[Path], opt("--log-file", help="The human-readable log (default logs/<run-name>.log).")]
-BadStepsOpt = Annotated[Optional[int], opt("--max-bad-steps", help="Stop after N non-finite (NaN/inf) steps in "
-                                           "a row; each is skipped, with no update (default 10).")]
 NumProcOpt = Annotated[Optional[int], opt("--num-processes", help="Train in N processes on this machine (DDP: "
                                           "one per GPU, or CPU processes over gloo), started through torchrun. "
                                           "For multi-node or FSDP use accelerate launch.")]
 DashOpt = Annotated[bool, typer.Option("--dashboard/--no-dashboard",
                                        help="Live dashboard on a terminal; plain lines otherwise.")]
 
-# The flags `resume` accepts: they change bookkeeping, not the trajectory (max_steps extends it).
-RESUMABLE = ("max_steps", "save_every", "eval_every", "sample_every", "log_every", "keep_last",
-             "num_workers", "report_to", "max_bad_steps")
-
 
 def register(app: typer.Typer) -> None:
     @command(app, help="Pretrain a model from scratch (on the seed's cosmopedia-v2 stream by default).")
+    @config_options(TrainConfig, TRAIN_FLAGS)
     def train(
-        preset: PresetOpt = None,
         config: ConfigOpt = None,
-        data: DataOpt = None,
-        text_column: Annotated[Optional[str], opt("--text-column", help="The text column (default text).")] = None,
-        eval_data: Annotated[Optional[str], opt("--eval-data", help="Held-out data for --eval-every "
-                                                "(default: the sample's held-out split with --data sample).")] = None,
-        batch_size: Annotated[Optional[int], opt("--batch-size", help="Micro-batch per device (default 8).")] = None,
-        seq_len: Annotated[Optional[int], opt("--seq-len", help="Tokens per sequence (default: the model's "
-                                              "context, 2048 for SmolLM2-135M).")] = None,
-        grad_accum: Annotated[Optional[int], opt("--grad-accum", help="Micro-batches per step (default 1).")] = None,
-        lr: Annotated[Optional[float], opt("--lr", help="Peak learning rate (default 3e-3).")] = None,
-        schedule: Annotated[Optional[str], opt("--schedule", help="wsd (default) or cosine.")] = None,
-        warmup_steps: Annotated[Optional[int], opt("--warmup-steps", help="Default: 2% of --max-steps, "
-                                                   "at most 2000.")] = None,
-        mixed_precision: Annotated[Optional[str], opt("--mixed-precision", help="no, bf16, fp16 or auto "
-                                                      "(default: accelerate launch's setting, else bf16 on GPUs "
-                                                      "that support it).")] = None,
-        max_steps: MaxStepsOpt = None,
-        save_every: SaveEveryOpt = None,
-        eval_every: EvalEveryOpt = None,
-        sample_every: SampleEveryOpt = None,
-        log_every: LogEveryOpt = None,
-        keep_last: KeepLastOpt = None,
-        shuffle_buffer: Annotated[Optional[int], opt("--shuffle-buffer", help="Shuffle blocks through a "
-                                                     "buffer of N (default 0: stream order).")] = None,
-        num_workers: WorkersOpt = None,
-        max_bad_steps: BadStepsOpt = None,
         num_processes: NumProcOpt = None,
-        compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.",
-                                                        show_default=False)] = None,
-        seed: Annotated[Optional[int], opt("--seed", help="Random seed (default 42).")] = None,
-        device: DeviceOpt = None,
-        report_to: ReportOpt = None,
-        peak_tflops: Annotated[Optional[float], opt("--peak-tflops", help="The device's peak TFLOP/s for MFU "
-                                                    "(known GPUs are looked up).")] = None,
         run_name: Annotated[Optional[str], opt("--run-name", help="Default: <preset>-<date>-<time>.")] = None,
         run_dir: RunDirOpt = None,
         log_file: LogFileOpt = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run directory "
                                                 "that has checkpoints.")] = False,
         dashboard: DashOpt = True,
+        **flags,
     ) -> None:
-        from smolctl.config import TrainConfig
-
-        flags = {k: v for k, v in locals().items() if v is not None and k in TrainConfig.__dataclass_fields__}
-        cfg = TrainConfig.from_file(config) if config else TrainConfig()
-        cfg = _with(cfg, flags)
+        cfg = (TrainConfig.from_file(config) if config else TrainConfig()).with_flags(flags)
         if run_name is not None and (Path(run_name).name != run_name or run_name in (".", "..")):
             raise SmolctlError(f"--run-name {run_name!r} is not a plain name (it would be written outside runs/)",
                                hint="Use a name without '/' or '..', or --run-dir for a path")
@@ -114,23 +65,20 @@ def register(app: typer.Typer) -> None:
         _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard, num_processes)
 
     @command(app, help="Continue a run from one of its checkpoints, exactly where it stopped.")
+    @config_options(TrainConfig, RESUMABLE)
     def resume(
         from_: Annotated[str, typer.Option("--from", help="A step number, 'latest', or a checkpoint path.")] = "latest",
         run_dir: RunDirOpt = None,
-        max_steps: MaxStepsOpt = None,
-        save_every: SaveEveryOpt = None,
-        eval_every: EvalEveryOpt = None,
-        sample_every: SampleEveryOpt = None,
-        log_every: LogEveryOpt = None,
-        keep_last: KeepLastOpt = None,
-        num_workers: WorkersOpt = None,
-        max_bad_steps: BadStepsOpt = None,
-        report_to: ReportOpt = None,
+        allow_config_change: Annotated[bool, typer.Option(
+            "--allow-config-change", help="Resume although config.yaml was edited in a way that changes the "
+                                          "run (its batch, data, model, optimizer...): it will not continue "
+                                          "exactly.")] = False,
         log_file: LogFileOpt = None,
         num_processes: NumProcOpt = None,
         dashboard: DashOpt = True,
+        **flags,
     ) -> None:
-        from smolctl.config import TrainConfig
+        from smolctl.train import RunComplete
 
         if run_dir is None and Path(from_).is_dir() and Path(from_).parent.name == "checkpoints":
             run_dir = Path(from_).parent.parent
@@ -138,15 +86,13 @@ def register(app: typer.Typer) -> None:
         if not (run_dir / "config.yaml").is_file():
             raise SmolctlError(f"{run_dir} is not a smolctl run directory (no config.yaml)",
                                hint="Pass --run-dir of a run started with smolctl train")
-        cfg = TrainConfig.from_file(run_dir / "config.yaml")
-        flags = {k: v for k, v in locals().items() if v is not None and k in RESUMABLE}
-        _run(_with(cfg, flags), run_dir, from_, log_file, False, dashboard, num_processes)
-
-
-def _with(cfg, flags: dict):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **flags)
+        cfg = TrainConfig.from_file(run_dir / "config.yaml").with_flags(flags)
+        try:
+            _run(cfg, run_dir, from_, log_file, False, dashboard, num_processes, allow_config_change)
+        except RunComplete as e:  # a job scheduler re-running resume after the last save: nothing to do
+            if os.environ.get("RANK", "0") == "0":
+                print(e)
+            raise typer.Exit(0) from None
 
 
 def _newest_run() -> Path:
@@ -157,7 +103,7 @@ def _newest_run() -> Path:
 
 
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
-         num_processes: int | None = None) -> None:
+         num_processes: int | None = None, allow_config_change: bool = False) -> None:
     from smolctl.train import train
 
     crash_reports_in(run_dir)
@@ -169,7 +115,7 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
             raise SmolctlError(f"--num-processes {num_processes} inside a launcher that started {world}",
                                hint="Leave --num-processes out under torchrun / accelerate launch")
         if world == 1 and num_processes > 1:
-            _preflight(cfg, run_dir, resume, overwrite, num_processes)
+            _preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
             return _launch(num_processes)
     main = os.environ.get("RANK", "0") == "0"  # the dashboard and messages come from rank 0 only
     sink = None
@@ -182,7 +128,8 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
 
         sink = PlainSink()
     try:
-        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [], overwrite=overwrite)
+        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
+                       overwrite=overwrite, allow_config_change=allow_config_change)
     finally:
         if hasattr(sink, "close"):
             sink.close()
@@ -194,7 +141,8 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
         raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
 
 
-def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int) -> None:
+def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int,
+               allow_config_change: bool) -> None:
     """Once, before starting N processes: the checks that would otherwise fail in all of them."""
     import torch
 
@@ -210,7 +158,7 @@ def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: i
     DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
     if resume is not None:
         ckpt_io.recover(run_dir)
-    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None)
+    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
 
 
 def _launch(n: int) -> None:
