@@ -76,7 +76,8 @@ class DataSpec:
         if files:
             kinds = {LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in files}
             if None in kinds or len(kinds) > 1:
-                raise SmolctlError(f"{flag} {data}: files must all be .jsonl/.json, .parquet or .txt, one kind at a time")
+                raise SmolctlError(f"{flag} {data}: files must all be .jsonl/.json, .parquet or .txt, "
+                                   "one kind at a time")
             return cls(kinds.pop(), "", files=tuple(files), text_column=text_column, flags=flags)
         repo, _, config = data.partition(":")
         from smolctl.hub import looks_like_hub_id, no_local_match
@@ -101,8 +102,9 @@ class DataSpec:
         if self.kind == "hub":
             from smolctl.hub import require_hub
 
+            flag = self.flags[0]
             require_hub(f"dataset {self.path}",
-                        hint=f"Pass {self.flags[0]} sample for the bundled corpus, or {self.flags[0]} PATH for local files")
+                        hint=f"Pass {flag} sample for the bundled corpus, or {flag} PATH for local files")
             ds = datasets.load_dataset(self.path, self.name, split="train", streaming=True)
         else:
             extra = {"sample_by": "document"} if self.kind == "text" else {}

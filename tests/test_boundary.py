@@ -288,13 +288,13 @@ def test_empty_values_are_refused_before_anything_runs(cli, tmp_path, args):
     (tmp_path / "old" / "metrics.jsonl").write_text('{"text": "not a corpus"}\n')
     r = cli(*args)
     assert r.exit_code == 2, r.output
-    assert r.output.startswith("Error: ") and "is empty" in r.output and len(r.output.strip().splitlines()) == 1
+    assert r.output.startswith("Error: ") and "must not be empty" in r.output and len(r.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # nothing created
 
 
 def test_system_prompt_may_be_empty(cli):
     r = cli("chat", "--system", "", "--model", "./no-such-model")
-    assert "is empty" not in r.output and "no such file or directory" in r.output
+    assert "must not be empty" not in r.output and "no such file or directory" in r.output
 
 
 @pytest.mark.parametrize("args", [

@@ -109,8 +109,8 @@ class NoBlankValues(TyperCommand):
                         and any(isinstance(v, str) and not v.strip() for v in values)):
                     from typer.core import _click
 
-                    raise _click.exceptions.UsageError(f"{param.opts[0]} is empty: give it a value, or leave it out",
-                                                       ctx)
+                    raise _click.exceptions.UsageError(
+                        f"{param.opts[0]} must not be empty: give it a value, or leave it out", ctx)
             return opts, rest, order
 
         parser.parse_args = parse_args
