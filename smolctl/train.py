@@ -282,8 +282,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                 if bad_steps >= cfg.max_bad_steps:
                     raise SmolctlError(
                         f"training diverged: {bad_steps} non-finite steps in a row at step {step}",
-                        hint=f"The last good checkpoint is {last_ckpt}; lower lr in {run_dir / 'config.yaml'} "
-                             f"and resume from it: smolctl resume --run-dir {run_dir} --from latest --allow-config-change",
+                        hint=f"The last good checkpoint is {last_ckpt}; lower lr in {run_dir / 'config.yaml'} and "
+                             f"resume from it: smolctl resume --run-dir {run_dir} --from latest --allow-config-change",
                         exit_code=1)
                 continue
             bad_steps = 0

@@ -77,7 +77,8 @@ smolctl.train._supersede_later_checkpoints = _supersede
     r = smolctl("resume", "--run-dir", run, "--from", 1, "--max-steps", 3, "--no-dashboard",
                 env={**shim(tmp_path, plant), "XDG_CACHE_HOME": str(tmp_path / "cache")}, cwd=tmp_path)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("Error: internal error: KeyError: 'planted' (full traceback in ")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: internal error: KeyError: 'planted' (full traceback in ")
     assert "Traceback" not in r.stderr
     logs = list(run.glob("crash-*.log"))
     assert len(logs) == 1 and "_supersede" in logs[0].read_text()
@@ -279,7 +280,8 @@ def test_hints_that_resume_prints_name_flags_resume_has():
 
 
 @pytest.mark.parametrize("args", [
-    ["train", "--data", ""], ["train", "--data= "], ["train", "--run-dir", ""], ["eval", "--model", "run", "--data", ""],
+    ["train", "--data", ""], ["train", "--data= "], ["train", "--run-dir", ""],
+    ["eval", "--model", "run", "--data", ""],
     ["generate", "hi", "--model", ""], ["count-params", "--preset", " "], ["export", "--model", "x", "--out", ""],
     ["resume", "--from", ""],
 ])
@@ -288,7 +290,8 @@ def test_empty_values_are_refused_before_anything_runs(cli, tmp_path, args):
     (tmp_path / "old" / "metrics.jsonl").write_text('{"text": "not a corpus"}\n')
     r = cli(*args)
     assert r.exit_code == 2, r.output
-    assert r.output.startswith("Error: ") and "must not be empty" in r.output and len(r.output.strip().splitlines()) == 1
+    assert r.output.startswith("Error: ") and "must not be empty" in r.output
+    assert len(r.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # nothing created
 
 
