@@ -1,7 +1,7 @@
 """The benchmark suite: one command, every row a ratio against a baseline measured in the same run.
 
-    python benchmarks/run.py            # the full suite (~5-10 min on 2 idle cores)
-    python benchmarks/run.py --quick    # tiny model only, fewer repeats (~1-2 min)
+    python benchmarks/run.py            # the full suite (~16 min on 2 cores; latest.md records each run's)
+    python benchmarks/run.py --quick    # tiny model only, fewer repeats
     python benchmarks/run.py --only train,startup
 
 Writes benchmarks/results/latest.json (rows, raw timings, machine) and latest.md (the table), and

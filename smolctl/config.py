@@ -183,6 +183,7 @@ class ModelConfig:
                            hint="Pass a run directory, a checkpoint directory or an HF model directory")
 
 
+DEFAULT_PRESET = "smollm2-135m"
 PRESETS: dict[str, dict[str, Any]] = {
     # HuggingFaceTB/SmolLM2-135M, exactly as the seed prints it: 134,515,008 parameters.
     "smollm2-135m": dict(
@@ -253,7 +254,7 @@ def resolve_model_config(preset: str | None = None, config: str | Path | None = 
         from smolctl.sources import model_config
 
         return model_config(model)
-    return ModelConfig.from_preset(preset or "smollm2-135m")
+    return ModelConfig.from_preset(preset or DEFAULT_PRESET)
 
 
 @dataclass
@@ -262,12 +263,16 @@ class TrainConfig:
     `train`/`resume` flags, config files, config.yaml and checkpoints' smolctl.json all go through it."""
 
     # model: a preset, optionally overridden field by field (a config file's `model:` section)
-    preset: str = setting("smollm2-135m", "A model preset: smollm2-135m (the seed's 135M) or tiny.",
-                          flag=("--preset", "-p"))
+    preset: str | None = setting(None, "A model preset: smollm2-135m (the seed's 135M; the default without "
+                                  "--init-from) or tiny.", flag=("--preset", "-p"))
     model: dict[str, Any] = setting(default_factory=dict, help="ModelConfig fields over the preset's.", cli=False)
+    init_from: str | None = setting(None, "Continued pretraining: start from this model's weights, config and "
+                                    "tokenizer (a run, checkpoint, HF directory, .gguf, imported name or hub id), "
+                                    "with a fresh optimizer and schedule.")
     # data
     data: str = setting("cosmopedia-v2", "'sample' (bundled corpus), 'cosmopedia-v2' (the hub stream), a hub "
-                        "dataset id, or local .jsonl/.json/.parquet/.txt files: a path, directory or glob.")
+                        "dataset id, DIR:config (a local copy of a hub dataset repo), or local "
+                        ".jsonl/.json/.parquet/.txt files: a path, directory or glob.")
     text_column: str = setting("text", "The text column.", nonempty=True)
     eval_data: str | None = setting(None, "Held-out data for --eval-every (default: the sample's held-out split "
                                     "with --data sample).", resumable=True)
@@ -303,7 +308,8 @@ class TrainConfig:
     keep_last: int | None = setting(None, "Keep only the newest N step checkpoints (default: all).", gt=0,
                                     resumable=True)
     eval_every: int = setting(0, "Held-out loss every N steps; 0: only at the end.", ge=0, resumable=True)
-    eval_tokens: int = setting(32768, "Tokens each held-out evaluation scores.", gt=0, resumable=True)
+    eval_tokens: int = setting(32768, "Tokens each held-out evaluation scores (all of them when the data is "
+                               "shorter).", gt=0, resumable=True)
     sample_every: int = setting(0, "Generate from --sample-prompt every N steps; 0: never.", ge=0,
                                 resumable=True)
     sample_prompt: str = setting("Once upon a time", "The prompt of --sample-every.", nonempty=True,
@@ -322,7 +328,37 @@ class TrainConfig:
         self.model = validate(ModelConfig, self.model, "model config", also=("preset",))
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict({"preset": self.preset, **self.model})
+        return ModelConfig.from_dict({"preset": self.preset or DEFAULT_PRESET, **self.model})
+
+    def with_init_model(self) -> TrainConfig:
+        """For a fresh run from `init_from`: that model's config and tokenizer, pinned into this
+        config (written to config.yaml, so that a resume never reads the source again).
+
+        The model config comes from the source. An explicit one (a preset, a `model:` section)
+        that differs from it anywhere but the name and the init std is refused, and so is a
+        tokenizer with more tokens than the model's vocabulary.
+        """
+        from smolctl.sources import model_config, tokenizer_of
+        from smolctl.tokenizer import load_tokenizer
+
+        source = model_config(self.init_from)
+        if self.preset is not None or self.model:
+            mine = self.model_config()
+            diff = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "init_std")
+                    and getattr(mine, f.name) != getattr(source, f.name)]
+            if diff:
+                raise SmolctlError(f"--init-from {self.init_from} does not fit this run's model config ("
+                                   + ", ".join(f"{k} {getattr(source, k)} there, {getattr(mine, k)} here" for k in diff)
+                                   + ")", hint="Leave --preset and the config's model section out: "
+                                               "the model config comes from --init-from")
+        tokenizer = self.tokenizer if self.tokenizer is not None else tokenizer_of(self.init_from)
+        n_tokens = len(load_tokenizer(tokenizer))
+        if n_tokens > source.vocab_size:
+            raise SmolctlError(f"the tokenizer has {n_tokens:,} tokens, more than the "
+                               f"vocabulary of --init-from {self.init_from} ({source.vocab_size:,})",
+                               hint="Use the model's own tokenizer (leave --tokenizer out)")
+        model = dataclasses.replace(source, name=Path(self.init_from).stem)  # not config.json's "config"
+        return dataclasses.replace(self, preset=None, model=model.to_dict(), tokenizer=tokenizer)
 
     def with_flags(self, flags: dict[str, Any]) -> TrainConfig:
         """These values (by field name, None: not given) over this config; errors name them as flags."""

@@ -1,16 +1,17 @@
 """Training data: documents -> tokens -> packed blocks, with exactly resumable state.
 
     spec = DataSpec.parse("sample")             # or "cosmopedia-v2", "org/name", a file, dir or glob
-    stream = BlockStream(spec, tokenizer_dir=None, seq_len=256, batch_size=8, rank=0, world_size=1)
+    stream = BlockStream(spec, seq_len=256, batch_size=8, rank=0, world_size=1)  # tokenizer=None: bundled
     for batch, state in stream:                 # batch: (8, 257) int64; state: JSON-able + tensors
         ...
     stream = BlockStream(..., state=state)      # continues with the very next batch
 
 Every source -- the hub's cosmopedia-v2 or local .jsonl/.json/.parquet/.txt files -- is read through
 `datasets.load_dataset(..., streaming=True)`. Documents are tokenized with the SmolLM2 tokenizer,
-each followed by <|endoftext|> (id 0), and the token stream is cut into consecutive blocks of
-seq_len + 1 tokens (inputs = block[:-1], labels = block[1:]): no padding, and every token lands
-in exactly one block, tails of documents carrying over into the next block (and across epochs).
+each followed by <|endoftext|> (id 0; the EOS of a tokenizer that has no such token), and the
+token stream is cut into consecutive blocks of seq_len + 1 tokens (inputs = block[:-1], labels =
+block[1:]): no padding, and every token lands in exactly one block, tails of documents carrying
+over into the next block (and across epochs).
 
 The resumable state is ours, not `datasets`' shuffle (which doesn't save its buffer): the
 source position (`IterableDataset.state_dict()`, taken from a fresh dataset per epoch), the
@@ -20,6 +21,7 @@ carry-over tokens, the optional block shuffle buffer and its RNG, the epoch and 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import random
 import re
@@ -33,7 +35,6 @@ import torch
 
 from smolctl.errors import SmolctlError
 
-EOT_ID = 0  # <|endoftext|>
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "sample"
 HUB_DEFAULT = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -58,7 +59,8 @@ class DataSpec:
     def parse(cls, data: str, text_column: str = "text", split: str = "train",
               flags: tuple[str, str] = ("--data", "--text-column")) -> DataSpec:
         """'sample' (the bundled corpus; split 'train' or 'heldout'), 'cosmopedia-v2' (the seed's
-        hub stream), 'org/name[:config]' (a hub dataset), or local files: a file, directory or glob."""
+        hub stream), 'org/name[:config]' (a hub dataset), 'DIR:config' (a local copy of a hub
+        dataset repo, read the same way), or local files: a file, directory or glob."""
         flag = flags[0]
         if data == "sample":
             path = SAMPLE_DIR / f"{split}.jsonl"
@@ -80,6 +82,8 @@ class DataSpec:
                                    "one kind at a time")
             return cls(kinds.pop(), "", files=tuple(files), text_column=text_column, flags=flags)
         repo, _, config = data.partition(":")
+        if config and Path(repo).expanduser().is_dir():  # a local copy of a hub dataset repo: DIR:config
+            return cls("hub", str(Path(repo).expanduser()), config, text_column=text_column, flags=flags)
         from smolctl.hub import looks_like_hub_id, no_local_match
 
         if looks_like_hub_id(repo):
@@ -92,28 +96,43 @@ class DataSpec:
 
     def describe(self) -> str:
         if self.kind == "hub":
-            return f"{self.path}" + (f" ({self.name})" if self.name else "") + " from the Hugging Face hub"
+            where = "a local copy of a hub dataset" if self.local_hub else "from the Hugging Face hub"
+            return f"{self.path}" + (f" ({self.name})" if self.name else "") + f" {where}"
         return f"{len(self.files)} local {self.kind} file(s)" if len(self.files) > 1 else self.files[0]
 
-    def open(self, rank: int = 0, world_size: int = 1):
-        """A fresh streaming `datasets.IterableDataset` over the documents, this rank's share."""
+    @property
+    def local_hub(self) -> bool:
+        return self.kind == "hub" and os.path.isdir(self.path)
+
+    def open(self, rank: int = 0, world_size: int = 1, seekable: bool = True):
+        """A fresh streaming `datasets.IterableDataset` over the documents, this rank's share.
+
+        Ranks get whole files (hub shards) when their number divides by the world size, else
+        every N-th document. `seekable`: parquet files are read as one source shard per row group,
+        so that a resume (datasets' state_dict: a shard index and a row within it) starts at the
+        row group it stopped in instead of decoding the file from its start up to there; the
+        documents and their order are the same either way.
+        """
         import datasets
 
         if self.kind == "hub":
             from smolctl.hub import require_hub
 
-            flag = self.flags[0]
-            require_hub(f"dataset {self.path}",
-                        hint=f"Pass {flag} sample for the bundled corpus, or {flag} PATH for local files")
+            if not self.local_hub:
+                flag = self.flags[0]
+                require_hub(f"dataset {self.path}",
+                            hint=f"Pass {flag} sample for the bundled corpus, or {flag} PATH for local files")
             ds = datasets.load_dataset(self.path, self.name, split="train", streaming=True)
         else:
             extra = {"sample_by": "document"} if self.kind == "text" else {}
             ds = datasets.load_dataset(self.kind, data_files=list(self.files), split="train", streaming=True, **extra)
-        if world_size > 1:
+        if world_size > 1 and ds.n_shards % world_size == 0:
+            ds = ds.shard(world_size, rank, contiguous=False)  # the files split_dataset_by_node would give
+        elif world_size > 1:
             from datasets.distributed import split_dataset_by_node
 
-            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        return ds
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size, strategy="examples")
+        return ds.reshard() if seekable else ds
 
 
 def _local_files(data: str) -> list[str]:
@@ -148,13 +167,13 @@ class BlockStream(torch.utils.data.IterableDataset):
         except SmolctlError as e:
             yield None, {"error": str(e)}  # re-raised by the trainer: no traceback through workers
         except UnicodeDecodeError as e:
-            yield None, {"error": f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start}). "
-                                  "Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"}
+            yield None, {"error": str(_not_utf8(e))}
 
     def _batches(self):
         from smolctl.tokenizer import load_tokenizer
 
         tok = load_tokenizer(self.tokenizer)
+        separator = separator_id(tok)
         st = dict(self.state or {})
         if st and (st.get("world_size", 1), st.get("rank", 0)) != (self.world_size, self.rank):
             raise SmolctlError(f"this data state was saved by rank {st.get('rank')} of {st.get('world_size')} "
@@ -170,11 +189,12 @@ class BlockStream(torch.utils.data.IterableDataset):
         if "rng" in st:
             rng.setstate(tuples(st["rng"]))
         source_state = st.get("source")
+        seekable = st.get("seekable", not st)  # states saved before row-group seeking count rows per file
         docs, tokens = st.get("docs", 0), st.get("tokens", 0)
         ready: list[torch.Tensor] = []  # blocks coming out of the (optional) shuffle buffer
 
         while self.max_epochs is None or epoch < self.max_epochs:
-            ds = self.spec.open(self.rank, self.world_size)
+            ds = self.spec.open(self.rank, self.world_size, seekable)
             if source_state is not None:
                 ds.load_state_dict(source_state)
             it, epoch_docs = iter(ds), 0
@@ -188,7 +208,7 @@ class BlockStream(torch.utils.data.IterableDataset):
                     break
                 epoch_docs += len(texts)
                 docs += len(texts)
-                carry, pos = torch.cat([carry[pos:], token_ids(tok, texts)]), 0
+                carry, pos = torch.cat([carry[pos:], token_ids(tok, texts, separator)]), 0
                 source_state = ds.state_dict()
                 while len(carry) - pos >= block:
                     blk, pos = carry[pos:pos + block].long(), pos + block
@@ -202,8 +222,8 @@ class BlockStream(torch.utils.data.IterableDataset):
                         blk = buffer.pop()
                     ready.append(blk)
                     if len(ready) == self.batch_size:
-                        state = {"epoch": epoch, "source": source_state, "carry": carry[pos:],
-                                 "rng": rng.getstate(), "docs": docs, "tokens": tokens,
+                        state = {"epoch": epoch, "source": source_state, "seekable": seekable,
+                                 "carry": carry[pos:], "rng": rng.getstate(), "docs": docs, "tokens": tokens,
                                  "rank": self.rank, "world_size": self.world_size}
                         if buffer:  # one tensor, not a list of them: cheap to pass between processes
                             state["buffer"] = torch.stack(buffer)
@@ -212,11 +232,19 @@ class BlockStream(torch.utils.data.IterableDataset):
             if epoch_docs == 0 and source_state is None:
                 raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
                                    hint=f"Point {self.spec.flags[0]} at files with text in them")
-            epoch, source_state = epoch + 1, None
+            epoch, source_state, seekable = epoch + 1, None, True
 
 
-def token_ids(tok, texts: list[str]) -> torch.Tensor:
-    """The documents' tokens, each followed by <|endoftext|>, as one int32 tensor.
+def separator_id(tok) -> int:
+    """The token after every document: <|endoftext|>, or the tokenizer's eos if it has none."""
+    from smolctl.tokenizer import eot_id
+
+    separator = eot_id(tok)
+    return tok.eos_token_id if separator is None else separator
+
+
+def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:
+    """The documents' tokens, each followed by `separator` (<|endoftext|>), as one int32 tensor.
 
     A document longer than PIECE_CHARS is tokenized in pieces (a 50 MB one whole took 7 GB, and
     long inputs tokenize slower), cut where the tokenizer never joins tokens across (see
@@ -226,7 +254,7 @@ def token_ids(tok, texts: list[str]) -> torch.Tensor:
 
     def flush():
         for (_, ends), ids in zip(call, tok([p for p, _ in call], add_special_tokens=False)["input_ids"]):
-            parts.append(torch.tensor(ids + [EOT_ID] if ends else ids, dtype=torch.int32))
+            parts.append(torch.tensor(ids + [separator] if ends else ids, dtype=torch.int32))
         call.clear()
 
     for text in texts:
@@ -296,6 +324,26 @@ def _text(row: dict, spec: DataSpec) -> str:
         raise SmolctlError(f"column {spec.text_column!r} holds {type(text).__name__}, not text",
                            hint=f"Pick a text column with {spec.flags[1]}")
     return text
+
+
+def token_stream(spec: DataSpec, tokenizer: str | None = None) -> Iterator[list[int]]:
+    """One pass over `spec`'s documents, in order, as token ids, each document followed by
+    <|endoftext|>: the stream BlockStream packs, for evaluation (which reads it once, unpacked)."""
+    from smolctl.tokenizer import load_tokenizer
+
+    tok, rows = load_tokenizer(tokenizer), iter(spec.open())
+    separator = separator_id(tok)
+    try:
+        while texts := [_text(row, spec) for row in itertools.islice(rows, TOKENIZE_DOCS)]:
+            for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+                yield ids + [separator]
+    except UnicodeDecodeError as e:
+        raise _not_utf8(e) from None
+
+
+def _not_utf8(e: UnicodeDecodeError) -> SmolctlError:
+    return SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                        hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def tuples(x):

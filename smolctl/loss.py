@@ -4,12 +4,13 @@ materialises the full (N, V) logits, and the held-out evaluation that uses the s
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from smolctl.data import BlockStream, DataSpec, batches
+from smolctl.data import DataSpec, token_stream
 from smolctl.errors import SmolctlError
 
 
@@ -120,25 +121,53 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 @torch.no_grad()
 def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size: int, tokens: int, device,
              tokenizer: str | None = None, autocast=nullcontext) -> tuple[float, int]:
-    """Mean loss over the first `tokens` predicted tokens of `spec`, read in order (one epoch at most).
+    """Mean loss over the first `tokens` next-token predictions of `spec`'s token stream (documents
+    joined by <|endoftext|>, read once, in order), or over all of them when the data is shorter.
 
-    Returns (loss, tokens actually scored): whole batches, so slightly more than asked.
+    Returns (loss, tokens scored): exactly min(tokens, the stream's length - 1). Windows of up to
+    seq_len + 1 tokens overlap by one (a window's last token is the next one's first input), so
+    every token after the first is predicted once, with no padding; the last window and the last
+    batch may be short.
     """
-    stream = BlockStream(spec, seq_len, batch_size, tokenizer, max_epochs=1)
     was_training = loss_module.training
     loss_module.eval()
-    total, n = 0.0, 0
-    for batch, _ in batches(stream, num_workers=0):
-        batch = batch.to(device)
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for rows in _batches_of_equal_length(_windows(token_stream(spec, tokenizer), seq_len, tokens), batch_size):
+        batch = torch.tensor(rows, device=device)
         with autocast():
-            loss = loss_module(batch[:, :-1], batch[:, 1:])
-        total += loss.item() * batch[:, 1:].numel()
+            loss = loss_module(batch[:, :-1], batch[:, 1:])  # the mean over the batch's predictions
+        total += loss.double().cpu() * batch[:, 1:].numel()
         n += batch[:, 1:].numel()
-        if n >= tokens:
-            break
     loss_module.train(was_training)
     if n == 0:
-        raise SmolctlError(f"the eval data ({spec.describe()}) is shorter than one batch "
-                           f"({batch_size} x {seq_len + 1} tokens)", hint="Use more eval text or a smaller batch/seq-len")
-    return total / n, n
+        raise SmolctlError(f"the eval data ({spec.describe()}) has fewer than 2 tokens: nothing to predict",
+                           hint="Use more eval text")
+    return total.item() / n, n
 
+
+def _windows(docs: Iterator[list[int]], seq_len: int, tokens: int) -> Iterator[list[int]]:
+    """The first tokens + 1 tokens of the stream as windows of seq_len + 1, each overlapping the
+    last by one token; the final one shorter when the tokens run out."""
+    window, left = [], tokens + 1
+    for ids in docs:
+        window.extend(ids[:left])
+        left -= min(left, len(ids))
+        while len(window) > seq_len:
+            yield window[:seq_len + 1]
+            window = window[seq_len:]
+        if not left:
+            break
+    if len(window) > 1:
+        yield window
+
+
+def _batches_of_equal_length(windows: Iterator[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
+    """Up to batch_size windows at a time, a shorter window in a batch of its own."""
+    rows: list[list[int]] = []
+    for w in windows:
+        if rows and (len(rows) == batch_size or len(w) != len(rows[0])):
+            yield rows
+            rows = []
+        rows.append(w)
+    if rows:
+        yield rows

@@ -8,8 +8,11 @@ import math
 def lr_at(step: int, cfg) -> float:
     """The learning rate for optimizer step `step` (1-based), a pure function of the config.
 
-    WSD: linear warmup to lr, constant, then linear decay to min_lr over the last decay_frac of
-    the run. cosine: linear warmup, then half a cosine down to min_lr.
+    WSD: linear warmup to lr, constant, then linear decay towards min_lr over the last decay_frac
+    of the run. The decay's D steps take D of the D + 1 even strides from lr to min_lr, so the last
+    step still learns at (lr - min_lr) / (D + 1) + min_lr: decaying all the way would make it an
+    lr-0 step (min_lr 0) that changes nothing (torchtitan and nanotron count the same way).
+    cosine: linear warmup, then half a cosine down to min_lr.
     """
     if step <= cfg.warmup_steps:  # warmup: lr * step / warmup
         return cfg.lr * step / max(1, cfg.warmup_steps)
@@ -20,5 +23,5 @@ def lr_at(step: int, cfg) -> float:
     decay_start = cfg.max_steps - decay_steps
     if step <= decay_start:  # stable
         return cfg.lr
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (cfg.max_steps - step) / max(1, decay_steps)  # decay
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (cfg.max_steps + 1 - step) / (decay_steps + 1)  # decay
 

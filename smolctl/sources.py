@@ -122,6 +122,21 @@ def model_config(spec: str | Path):
     return model_config_of(path)
 
 
+def tokenizer_of(spec: str | Path) -> str | None:
+    """The tokenizer of the model `spec` names, as training's `tokenizer` setting: the directory
+    of the tokenizer files saved with its weights, else None (the bundled SmolLM2 tokenizer). A
+    GGUF must carry the SmolLM2 vocabulary (its tokenizer has no files to point at)."""
+    path = resolve(spec)
+    if path.suffix == ".gguf":
+        from smolctl.gguf_io import read_gguf_header
+
+        if not _bundled_vocab_matches(read_gguf_header(path)[2]):
+            raise SmolctlError(f"{path.name} has its own tokenizer, not the SmolLM2 one",
+                               hint=f"Import it first (`smolctl import {path}`), then pass the imported name")
+        return None
+    return str(path) if (path / "tokenizer.json").is_file() else None
+
+
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
     from smolctl.checkpoint import load_model
     from smolctl.tokenizer import load_tokenizer

@@ -29,7 +29,10 @@ import torch
 from smolctl import checkpoint as ckpt_io
 from smolctl.config import RESUMABLE, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
+from smolctl.distributed import PeerFailed, is_peer_failure, place
+from smolctl.distributed import accelerator as make_accelerator
 from smolctl.errors import SmolctlError
+from smolctl.launch import resume_command
 from smolctl.loss import CausalLMLoss, evaluate
 from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, memory_gb
@@ -62,14 +65,18 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     """
     run_dir = Path(run_dir)
     log_file = log_file or Path("logs") / f"{run_dir.name}.log"
+    where = place()  # a launch that cannot form its job fails here, before anything is created
     created = [p for p in (run_dir, log_file) if not p.exists()]
     progress = {"stepped": False}
-    with ExitStack() as cleanup:  # closes the metrics files however _train ends
+    with ExitStack() as cleanup:  # closes the metrics files and the data worker however _train ends
         try:
             try:
                 return _train(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup,
                               progress)
             except (torch.OutOfMemoryError, RuntimeError) as e:
+                if is_peer_failure(e):
+                    raise PeerFailed(f"process {where.rank} of {where.world} stopped: another process of the job "
+                                     "failed or was killed", hint=_how_to_continue(run_dir, where.world)) from None
                 if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                     raise
                 hint = ("Lower --batch-size (raise --grad-accum to keep the tokens per step) or --seq-len"
@@ -78,21 +85,33 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
                         "batch: smolctl train --batch-size N --grad-accum M")
                 raise SmolctlError(f"out of memory with batch size {cfg.batch_size} x sequence length {cfg.seq_len}",
                                    hint=hint, exit_code=1) from None
-        except SmolctlError:
-            if not progress["stepped"] and os.environ.get("RANK", "0") == "0":
+        except SmolctlError as e:
+            if not progress["stepped"] and where.rank == 0:
                 cleanup.close()
                 for p in created:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if where.world > 1 and progress["stepped"] and not isinstance(e, PeerFailed):
+                # It ends the whole job (the launcher stops the others): say which process, and how to go on.
+                how = _how_to_continue(run_dir, where.world)
+                raise SmolctlError(f"process {where.rank} of {where.world} failed: {e.message}",
+                                   hint=f"{e.hint.rstrip('.')}. {how}" if e.hint else how, exit_code=e.exit_code) from None
             raise
+
+
+def _how_to_continue(run_dir: Path, world: int) -> str:
+    if ckpt_io.checkpoints(run_dir):
+        return f"Continue with: {resume_command(run_dir, world)}"
+    return "Start again with the same command (there is no checkpoint yet)"
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
            overwrite: bool, allow_config_change: bool, cleanup: ExitStack, progress: dict) -> TrainResult:
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
     from smolctl.model import build_model
 
+    if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
+        cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     mcfg = cfg.model_config()
     run_dir = Path(run_dir)
@@ -103,8 +122,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
     if trackers:
         _require_tracker(cfg.report_to)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.device == "cpu", log_with=trackers,
-                              project_dir=str(run_dir))
+    accelerator = make_accelerator(cfg.device, mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
 
@@ -131,6 +149,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
     step, tokens_seen, data_state, elapsed_before, window = 0, 0, None, 0.0, (0, 0.0)
+    if cfg.init_from and resume_path is None:  # continued pretraining: step 0 only; a resume has its own weights
+        from smolctl.sources import load
+
+        model.load_state_dict(load(cfg.init_from, dtype=torch.float32).model.state_dict())
     if resume_path is not None:
         weights = ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS))
         model.load_state_dict(weights, strict=not mcfg.tie_embeddings)
@@ -151,6 +173,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, cfg.tokenizer, rank, world,
                          cfg.shuffle_buffer, cfg.seed, data_state)
     data = batches(stream, cfg.num_workers)
+    # Shut the worker down on every way out: left to the interpreter's exit, it is sent a SIGTERM
+    # that it ignores (see data.py), and joined forever.
+    cleanup.callback(data.close)
     eval_spec = _eval_spec(cfg, data_flags(run_dir, resume, "eval_data"))
 
     # -- sinks: files on the main process; the caller's display --------------------------------
@@ -181,7 +206,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     fpt = flops_per_token(mcfg, cfg.seq_len)
     peak = device_peak_tflops(device, cfg.peak_tflops)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    verb = f"Resuming from {resume_path} (step {step})" if resume_path else "Training"
+    verb = (f"Resuming from {resume_path} (step {step})" if resume_path else
+            f"Training from the weights of {cfg.init_from}" if cfg.init_from else "Training")
     emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
                        f"{spec.describe()}, {world} x {device.type} process(es), mixed precision {mixed}, "
                        f"{tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
@@ -333,7 +359,6 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     the final one at cfg.max_steps. train() calls it on every rank; the CLI once, before launching
     N processes."""
     cfg = cfg.resolved()
-    _check_device(cfg.device, data_flags(run_dir, resume, "device")[0])
     if resume is None:
         if ckpt_io.checkpoints(run_dir) and not overwrite:
             raise SmolctlError(f"run directory {run_dir} already has checkpoints",
@@ -360,17 +385,8 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     return path
 
 
-def _check_device(name: str | None, flag: str) -> None:
-    """A device this machine has; one GPU per process is Accelerate's choice, not a flag's."""
-    from smolctl.device import pick_device
-
-    if name is not None and pick_device(name, flag).startswith("cuda:"):
-        raise SmolctlError(f"{flag} {name}: training puts each process on its own GPU",
-                           hint=f"Choose the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and {flag} cuda")
-
-
 def data_flags(run_dir: Path, resume: str | None, key: str) -> tuple[str, str]:
-    """What messages call a setting (data, device...) and the text column: train's flags, or, when
+    """What messages call the data (or eval data) and its text column: train's flags, or, when
     resuming (resume has no such flags), the keys of the run's config.yaml."""
     if resume is None:
         return "--" + key.replace("_", "-"), "--text-column"
@@ -428,8 +444,6 @@ def _in_main_thread() -> bool:
 def _prepare_run_dir(run_dir: Path, fresh: bool) -> None:
     try:
         if fresh and (run_dir / "checkpoints").exists():
-            import shutil
-
             shutil.rmtree(run_dir / "checkpoints")
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

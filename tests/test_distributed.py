@@ -2,7 +2,7 @@
 
 `accelerate launch --multi_gpu --num_processes 2 --num_machines 1` and `smolctl train
 --num-processes 2` (torchrun) both give DistributedType.MULTI_CPU with DDP; `accelerate launch
---cpu --num_processes 2` would start only one process (measured, see ENVIRONMENT.md).
+--cpu --num_processes 2` would start only one process (measured with accelerate 1.15).
 
 The data is built so that the comparison with one process is exact by construction: every
 document is exactly SEQ tokens, so with its <|endoftext|> it is exactly one block (seq_len + 1
@@ -68,9 +68,10 @@ def train_losses(metrics: Path) -> list[tuple[int, float]]:
 
 
 def env(root: Path) -> dict:
-    # A private HF_HOME: no user-wide accelerate default_config.yaml may change the launch.
+    # A private HF_HOME: no user-wide accelerate default_config.yaml may change the launch. No GPU
+    # and no --device anywhere: the processes find the CPU by themselves, as on a CPU-only machine.
     return {**os.environ, "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -91,7 +92,7 @@ def two_proc(tmp_path_factory):
     model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
     (root / "micro.yaml").write_text(
         f"model: {{preset: tiny, {model}}}\ndata: {root / 'data'}\nbatch_size: {B}\nseq_len: {SEQ}\n"
-        "mixed_precision: 'no'\ndevice: cpu\nlog_every: 1\nsave_every: 3\nlr: 0.01\n")
+        "mixed_precision: 'no'\nlog_every: 1\nsave_every: 3\nlr: 0.01\n")
     r = subprocess.run([*ACCELERATE, "train", "--config", "micro.yaml", "--run-dir", "straight", *COMMON],
                        cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -148,22 +149,31 @@ def test_resuming_with_another_world_size_is_refused(two_proc, cli):
 def test_two_process_run_killed_and_resumed_continues_exactly(two_proc):
     """SIGKILL every process of a `smolctl train --num-processes 2` run (launcher, both ranks and
     their data workers) at a random step, then `accelerate launch ... resume --from latest`: the
-    per-step losses equal the uninterrupted run's, each step logged once."""
+    per-step losses equal the uninterrupted run's, each step logged once.
+
+    The run is held at that step (a sitecustomize on its PYTHONPATH makes rank 0 sleep after logging
+    it; rank 1 then waits in the next all-reduce), so the kill never races the run to its end."""
     root, rng = two_proc.root, random.Random(os.environ.get("SMOLCTL_FAULT_SEED", "6"))
     kill_at = rng.randint(3, STEPS - 2)
+    (root / "hold").mkdir(exist_ok=True)
+    (root / "hold" / "sitecustomize.py").write_text(
+        "import time\nfrom smolctl import metrics\nwrite = metrics.JsonlSink.__call__\n\n"
+        "def write_then_hold(self, e):\n    write(self, e)\n"
+        f"    if e['event'] == 'train' and e['step'] == {kill_at}:\n        time.sleep(3600)\n\n"
+        "metrics.JsonlSink.__call__ = write_then_hold\n")
+    held = {**env(root), "PYTHONPATH": os.pathsep.join([str(root / "hold"), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", "killed",
-                          *COMMON], cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          *COMMON], cwd=root, env=held, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics, deadline = root / "killed" / "metrics.jsonl", time.time() + 240
     while time.time() < deadline and p.poll() is None:
         if metrics.exists() and any(s >= kill_at for s, _ in train_losses(metrics)):
             break
-        time.sleep(0.01)
+        time.sleep(0.05)
     kill_tree(p.pid)
-    p.communicate()
-    steps = [s for s, _ in train_losses(metrics)]
-    print(f"killed at step {steps[-1]} (aimed at {kill_at}); checkpoints: "
-          f"{sorted(c.name for c in (root / 'killed' / 'checkpoints').iterdir())}")
-    assert steps and steps[-1] < STEPS, "the run finished before it could be killed"
+    output = p.communicate()[0].decode(errors="replace")
+    steps = [s for s, _ in train_losses(metrics)] if metrics.exists() else []
+    assert steps and steps[-1] == kill_at, output[-3000:]
+    print(f"killed at step {kill_at}; checkpoints: {sorted(c.name for c in (root / 'killed' / 'checkpoints').iterdir())}")
     r = subprocess.run([*ACCELERATE, "resume", "--run-dir", "killed", "--from", "latest", "--no-dashboard"],
                        cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -255,3 +265,100 @@ def test_ctrl_c_on_num_processes_saves_and_exits_130_quietly(two_proc):
     assert err == f"Stopped at step {step}. Continue with:\n  smolctl resume --num-processes 2 --run-dir ctrl-c " \
                   f"--from {step}\n"
     assert (root / "ctrl-c" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+
+
+# -- one rank fails or dies: the whole job ends, with one line --------------------------------
+
+def job_processes(launcher: subprocess.Popen, wait_for) -> list:
+    """Once `wait_for()` holds: every process of the job under `launcher` (ranks, data workers)."""
+    import psutil
+
+    deadline = time.time() + 240
+    while time.time() < deadline and launcher.poll() is None and not wait_for():
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the job ended before the failure could be staged"
+    return psutil.Process(launcher.pid).children(recursive=True)
+
+
+def assert_nothing_left(procs: list) -> None:
+    """No process of the job outlives it. The ranks are waited for by the launcher; a killed rank's
+    data worker notices its parent's death by itself (the DataLoader's watchdog polls every 5 s)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+def test_a_rank_killed_mid_run_ends_the_job_with_one_line(two_proc):
+    """SIGKILL to rank 1 alone (the OOM killer, a crash): rank 0 does not wait for it forever --
+    its next collective breaks, it stops, the launcher exits 137 with one line naming the rank
+    and the resume command, and no process of the job is left. The command it prints works."""
+    root, run = two_proc.root, "killed-rank"
+    p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", run,
+                          "--no-dashboard", "--max-steps", "60", "--save-every", "4"],
+                         cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = root / run / "metrics.jsonl"
+        procs = job_processes(p, lambda: metrics.exists() and any(s >= 5 for s, _ in train_losses(metrics)))
+        assert len(procs) >= 4, [c.cmdline() for c in procs]  # 2 ranks and their data workers
+        next(c for c in procs if c.ppid() == p.pid and c.environ().get("RANK") == "1").kill()
+        _, err = p.communicate(timeout=120)
+    finally:
+        kill_tree(p.pid)
+    resume = f"smolctl resume --num-processes 2 --run-dir {run} --from latest"
+    assert err == f"Error: process 1 of 2 was killed by SIGKILL, so the job stopped. Continue with: {resume}\n", err
+    assert p.returncode == 137
+    assert_nothing_left(procs)
+    stopped_at = max(s for s, _ in train_losses(metrics))
+    assert stopped_at < 60
+    r = subprocess.run([*SMOLCTL, *resume.split()[1:], "--no-dashboard"], cwd=root, env=env(root),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [s for s, _ in train_losses(metrics)] == list(range(1, 61))
+
+
+def broken_shard(root: Path) -> Path:
+    """Two files, one per rank: rank 1's has a row with no text after 64 good ones (one
+    tokenizer batch), so it fails mid-run, after checkpoints were saved."""
+    from conftest import write_corpus
+
+    data = root / "broken"
+    data.mkdir(exist_ok=True)
+    write_corpus(data / "a.jsonl", n_docs=200, seed=1)
+    write_corpus(data / "b.jsonl", n_docs=64, seed=2)
+    with open(data / "b.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": None}) + "\n")
+    return data
+
+
+@pytest.mark.parametrize("launcher", ["smolctl", "accelerate"])
+def test_a_rank_failing_on_its_data_ends_the_job_with_one_line(two_proc, launcher):
+    """Rank 1 alone meets a broken row in its share of the data: it says so in one line, with
+    its rank and the resume command, rank 0 stops (its all-reduce broke) without a traceback, the
+    launcher exits non-zero, and no process of the job is left."""
+    root, run = two_proc.root, f"broken-{launcher}"
+    data = broken_shard(root)
+    # the explicit --device cpu under one launcher, the device found by the processes under the other
+    start = ([*SMOLCTL, "train", "--num-processes", "2"] if launcher == "smolctl"
+             else [*ACCELERATE, "train", "--device", "cpu"])
+    p = subprocess.Popen([*start, "--config", "micro.yaml", "--data", str(data), "--run-dir", run,
+                          "--no-dashboard", "--max-steps", "100000", "--save-every", "5"],
+                         cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = root / run / "metrics.jsonl"
+        procs = job_processes(p, lambda: metrics.exists() and train_losses(metrics))
+        _, err = p.communicate(timeout=240)
+    finally:
+        kill_tree(p.pid)
+    line = (f"Error: process 1 of 2 failed: column 'text' holds NoneType, not text. Pick a text column with "
+            f"--text-column. Continue with: smolctl resume --num-processes 2 --run-dir {run} --from latest\n")
+    assert p.returncode != 0
+    if launcher == "smolctl":
+        assert (p.returncode, err) == (2, line)
+    else:  # accelerate's report follows; rank 0 may say that it stopped, if it gets to before the SIGTERM
+        survivor = ("Error: process 0 of 2 stopped: another process of the job failed or was killed. "
+                    f"Continue with: smolctl resume --num-processes 2 --run-dir {run} --from latest")
+        errors = [e for e in err.splitlines() if e.startswith("Error: ")]
+        assert line.strip() in errors and set(errors) <= {line.strip(), survivor} and "[rank" not in err, err
+    assert_nothing_left(procs)
+    assert (root / run / "checkpoints" / "step-00000005" / "manifest.json").is_file()

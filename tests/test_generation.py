@@ -10,12 +10,8 @@ from smolctl.generation import (
     Sampling,
     TextStream,
     complete,
-    min_p_filter,
+    logits_processors,
     pick,
-    process_logits,
-    repetition_penalty,
-    top_k_filter,
-    top_p_filter,
 )
 from smolctl.model import build_model
 from smolctl.tokenizer import load_tokenizer
@@ -156,63 +152,66 @@ def probs_of(*p):
     return torch.tensor([[math.log(x) for x in p]])
 
 
-def kept(logits):
-    return (logits[0] != NEG).tolist()
+def kept(logits, **sampling):
+    out = logits_processors(Sampling(temperature=1.0, **sampling))(torch.zeros(1, 1, dtype=torch.long), logits)
+    return (out[0] != NEG).tolist()
 
 
 def test_top_k_keeps_the_k_largest_and_ties():
     logits = torch.tensor([[1.0, 5.0, 3.0, 3.0, -2.0]])
-    assert kept(top_k_filter(logits, 1)) == [False, True, False, False, False]
-    assert kept(top_k_filter(logits, 2)) == [False, True, True, True, False]  # a tie with the 2nd stays
-    assert torch.equal(top_k_filter(logits, 0), logits)
+    assert kept(logits, top_k=1) == [False, True, False, False, False]
+    assert kept(logits, top_k=2) == [False, True, True, True, False]  # a tie with the 2nd stays
+    assert kept(logits, top_k=0) == [True] * 5
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = probs_of(0.5, 0.1, 0.3, 0.05, 0.05)
-    assert kept(top_p_filter(logits, 0.5)) == [True, False, False, False, False]
-    assert kept(top_p_filter(logits, 0.6)) == [True, False, True, False, False]  # 0.5 < 0.6: add 0.3
-    assert kept(top_p_filter(logits, 0.85)) == [True, True, True, False, False]
-    assert kept(top_p_filter(logits, 0.01)) == [True, False, False, False, False]  # never empty
-    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    assert kept(logits, top_p=0.45) == [True, False, False, False, False]
+    assert kept(logits, top_p=0.6) == [True, False, True, False, False]  # 0.5 < 0.6: add 0.3
+    assert kept(logits, top_p=0.85) == [True, True, True, False, False]
+    assert kept(logits, top_p=0.01) == [True, False, False, False, False]  # never empty
+    assert kept(logits, top_p=1.0) == [True] * 5
 
 
 def test_min_p_scales_with_the_top_probability():
     logits = probs_of(0.5, 0.2, 0.25, 0.04, 0.01)
-    assert kept(min_p_filter(logits, 0.1)) == [True, True, True, False, False]  # threshold 0.05
-    assert kept(min_p_filter(logits, 0.45)) == [True, False, True, False, False]  # threshold 0.225
-    assert kept(min_p_filter(logits, 1.0)) == [True, False, False, False, False]
+    assert kept(logits, min_p=0.1) == [True, True, True, False, False]  # threshold 0.05
+    assert kept(logits, min_p=0.45) == [True, False, True, False, False]  # threshold 0.225
+    assert kept(logits, min_p=1.0) == [True, False, False, False, False]
 
 
 def test_repetition_penalty_on_hand_made_logits():
     logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
-    seen = torch.tensor([[True, True, False, False]])
-    assert repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 2.0, -2.0]]
+    context = torch.tensor([[0, 1, 1]])
+    assert logits_processors(Sampling(repetition_penalty=2.0))(context, logits).tolist() == [[1.0, -4.0, 2.0, -2.0]]
+    assert len(logits_processors(Sampling())) == 0  # greedy, no penalty: the logits go straight to argmax
 
 
-def test_processors_match_transformers_warpers():
-    from transformers.generation.logits_process import (
-        MinPLogitsWarper,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+def test_seeded_sampling_equals_transformers_generate(model, tok):
+    """All five knobs at once: the same tokens as generate(do_sample=True) drawing from the same seed
+    (both draw one torch.multinomial per step), so the processors and their order are generate()'s."""
+    prompt = tok("the the cat sat on the").input_ids
+    knobs = dict(temperature=0.9, top_k=200, top_p=0.95, min_p=0.02, repetition_penalty=1.3)
+    gen, _ = run(model, tok, [prompt], max_new_tokens=16, seed=5, **knobs)
+    torch.manual_seed(5)
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=True, eos_token_id=None, pad_token_id=0,
+                         **knobs)[0, len(prompt):].tolist()
+    assert gen.results[0].token_ids == ref
+    assert run(model, tok, [prompt], max_new_tokens=16, seed=6, **knobs)[0].results[0].token_ids != ref
 
-    torch.manual_seed(0)
-    logits = torch.randn(3, 1000) * 3
-    context = torch.randint(0, 1000, (3, 20))
-    seen = torch.zeros(3, 1000, dtype=torch.bool).scatter(1, context, True)
-    s = Sampling(temperature=0.7, top_k=100, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
-    ref = RepetitionPenaltyLogitsProcessor(1.3)(context, logits.clone())
-    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(100), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)):
-        ref = warper(context, ref)
-    ours = process_logits(logits.clone(), s, seen)
-    assert torch.equal(ours == NEG, ref == NEG)
-    torch.testing.assert_close(ours[ours != NEG], ref[ref != NEG])
+
+def test_repetition_penalty_ignores_the_padding_of_a_ragged_batch(model, tok):
+    """Left padding must not count as context: each row decodes as it does alone. A penalty below 1
+    rewards the context's tokens ~1000x, so a pad id counted as context would be picked (it was)."""
+    short, long = tok("the").input_ids, tok("the cat sat on the mat").input_ids
+    together, _ = run(model, tok, [short, long], max_new_tokens=8, repetition_penalty=1e-3)
+    for i, p in enumerate([short, long]):
+        alone, _ = run(model, tok, [p], max_new_tokens=8, repetition_penalty=1e-3)
+        assert together.results[i].token_ids == alone.results[0].token_ids
 
 
 def test_pick_greedy_and_sampled_stay_inside_the_mask():
-    logits = top_k_filter(torch.randn(4, 50), 3)
+    logits = torch.randn(4, 50).masked_fill(torch.arange(50) >= 3, NEG)
     assert torch.equal(pick(logits, Sampling()), logits.argmax(-1))
     g = torch.Generator().manual_seed(0)
     for _ in range(20):

@@ -1,6 +1,8 @@
 import gguf
+import numpy as np
 import pytest
 import torch
+from test_export import llama, llama_logits  # noqa: F401 (a fixture): llama.cpp with the AMX workaround
 
 from smolctl.checkpoint import model_state
 from smolctl.errors import SmolctlError
@@ -8,10 +10,24 @@ from smolctl.gguf_io import from_gguf_rows, read_gguf, to_gguf_rows
 from smolctl.sources import default_name, import_model, load
 
 
-def test_row_permutation_round_trips():
-    w = torch.arange(12 * 8 * 3).reshape(12 * 8, 3).numpy()
-    assert (from_gguf_rows(to_gguf_rows(w, 12), 12) == w).all()
-    assert not (to_gguf_rows(w, 12) == w).all()
+def test_row_permutation_is_llama_cpps():
+    """transformers rotates dimension j of a head with j + d/2 (rotate_half); llama.cpp's RoPE rotates
+    adjacent pairs (2j, 2j+1). So GGUF row 2j of each head is our row j and row 2j+1 is our row j + d/2
+    (llama.cpp's convert_hf_to_gguf.py `permute`). Written out for 2 heads of d = 4:"""
+    ours = np.arange(8 * 3).reshape(8, 3)  # row r holds 3r, 3r+1, 3r+2
+    gguf_order = [0, 2, 1, 3, 4, 6, 5, 7]
+    assert (to_gguf_rows(ours, 2) == ours[gguf_order]).all()
+    assert (from_gguf_rows(ours[gguf_order], 2) == ours).all()
+
+
+def test_the_test_gguf_runs_in_llama_cpp_as_its_model(tiny_chat_gguf, llama):  # noqa: F811 (the fixture)
+    """The fixture file (conftest.write_gguf, which permutes with to_gguf_rows) computes in llama.cpp
+    the model's own logits: the layout the reader tests below undo is llama.cpp's, not just ours."""
+    path, model, _ = tiny_chat_gguf
+    ids = [1, 2, 3, 400, 5000, 19556, 905]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llama_logits(llama(path), ids) - ours).max() < 1e-3
 
 
 def test_read_gguf_round_trips_weights_config_and_tokenizer(tiny_chat_gguf):

@@ -12,6 +12,8 @@ import json
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,20 +154,39 @@ def test_chat_templates_render_in_the_sandbox(tmp_path, template):
     assert "<|im_start|>user\nhi<|im_end|>" in text
 
 
-def test_a_tokenizer_asking_for_custom_code_runs_none(tmp_path):
-    """auto_map points transformers at Python files shipped with a model; without
-    trust_remote_code they are never imported (smolctl never passes it)."""
-    from smolctl.tokenizer import BUNDLED, load_tokenizer
+def evil_tokenizer_dir(tmp_path, tokenizer_class=None):
+    """The bundled tokenizer plus an evil.py that auto_map points transformers at; the marker file
+    appears if that code ever runs."""
+    from smolctl.tokenizer import BUNDLED
 
-    marker = tmp_path / "PWNED"
-    shutil.copytree(BUNDLED, tmp_path / "tok")
-    cfg = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    marker, tok = tmp_path / "PWNED", tmp_path / "tok"
+    shutil.copytree(BUNDLED, tok)
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
     cfg["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
-    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (tmp_path / "tok" / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n"
-                                              "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
-    try:
-        load_tokenizer(str(tmp_path / "tok"))
-    except SmolctlError as e:
-        assert "never runs code from model files" in str(e)
+    if tokenizer_class:
+        cfg["tokenizer_class"] = tokenizer_class
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tok / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n"
+                                 "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    return tok, marker
+
+
+def test_a_tokenizer_with_custom_code_beside_a_known_class_loads_the_known_class(tmp_path):
+    """auto_map alone: transformers uses its own class for tokenizer.json and never imports evil.py."""
+    from smolctl.tokenizer import load_tokenizer
+
+    tok, marker = evil_tokenizer_dir(tmp_path)
+    loaded = load_tokenizer(str(tok))
+    assert type(loaded).__module__.startswith("transformers.") and loaded("Hello world").input_ids == [19556, 905]
+    assert not marker.exists()
+
+
+def test_a_tokenizer_that_needs_custom_code_is_refused_without_asking(tmp_path):
+    """A class only evil.py defines: transformers' default would ask on stdin whether to run it (and
+    a piped "y" would); smolctl refuses without asking, even with "y" waiting on stdin."""
+    tok, marker = evil_tokenizer_dir(tmp_path, tokenizer_class="EvilTokenizer")
+    code = f"from smolctl.tokenizer import load_tokenizer\nload_tokenizer({str(tok)!r})"
+    p = subprocess.run([sys.executable, "-c", code], input="y\n", capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "smolctl never runs code from model files" in p.stderr, p.stderr
+    assert "Do you wish to run the custom code" not in p.stdout + p.stderr
     assert not marker.exists()

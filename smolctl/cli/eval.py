@@ -59,11 +59,13 @@ def register(app: typer.Typer) -> None:
         t = time.perf_counter()
         loss, n = evaluate(CausalLMLoss(loaded.model), spec, seq_len=seq_len, batch_size=batch_size,
                            tokens=tokens, device=dev)
-        result = {"model": str(model), "data": spec.describe(), "tokens": n, "seq_len": seq_len, "loss": loss,
-                  "perplexity": math.exp(min(loss, 50)), "seconds": round(time.perf_counter() - t, 2)}
+        result = {"model": str(model), "data": spec.describe(), "tokens": n, "tokens_requested": tokens,
+                  "seq_len": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50)),
+                  "seconds": round(time.perf_counter() - t, 2)}
         if as_json:
             print(json.dumps(result, indent=2))
         else:
-            print(f"{model}: loss {loss:.4f}, perplexity {result['perplexity']:.2f} "
-                  f"over {n:,} tokens of {spec.describe()} (seq len {seq_len})")
+            whole = f" (all the data has; --tokens asked for {tokens:,})" if n < tokens else ""
+            print(f"{model}: loss {loss:.4f}, perplexity {result['perplexity']:.2f}; "
+                  f"scored {n:,} tokens{whole} of {spec.describe()} (seq len {seq_len})")
             print(f"{result['seconds']:.1f}s", file=sys.stderr)

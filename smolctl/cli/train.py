@@ -3,6 +3,7 @@
     smolctl train --max-steps 5000                          # SmolLM2-135M on cosmopedia-v2 (hub)
     smolctl train --preset tiny --data sample --max-steps 300 --batch-size 8 --seq-len 256
     smolctl train --config examples/tiny.yaml --lr 1e-3     # flags override the file
+    smolctl train --init-from smollm2-instruct --data sample --seq-len 256   # continued pretraining
     smolctl resume --from 500                               # the newest run under runs/
     smolctl resume --run-dir runs/demo --from latest --max-steps 8000
     smolctl train --num-processes 2 ...                     # N processes on this machine (torchrun)
@@ -22,7 +23,7 @@ import typer
 
 from smolctl.cli.options import ConfigOpt, config_options
 from smolctl.cli.registry import command, crash_reports_in
-from smolctl.config import RESUMABLE, TrainConfig
+from smolctl.config import DEFAULT_PRESET, RESUMABLE, TrainConfig
 from smolctl.errors import SmolctlError
 
 RUNS = Path("runs")
@@ -44,7 +45,8 @@ DashOpt = Annotated[bool, typer.Option("--dashboard/--no-dashboard",
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, help="Pretrain a model from scratch (on the seed's cosmopedia-v2 stream by default).")
+    @command(app, help="Pretrain a model from scratch, or from a model's weights with --init-from (on the "
+             "seed's cosmopedia-v2 stream by default).")
     @config_options(TrainConfig, TRAIN_FLAGS)
     def train(
         config: ConfigOpt = None,
@@ -61,7 +63,8 @@ def register(app: typer.Typer) -> None:
         if run_name is not None and (Path(run_name).name != run_name or run_name in (".", "..")):
             raise SmolctlError(f"--run-name {run_name!r} is not a plain name (it would be written outside runs/)",
                                hint="Use a name without '/' or '..', or --run-dir for a path")
-        name = run_name or (run_dir.name if run_dir else f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        model_name = cfg.preset or (Path(cfg.init_from).name if cfg.init_from else DEFAULT_PRESET)
+        name = run_name or (run_dir.name if run_dir else f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard, num_processes)
 
     @command(app, help="Continue a run from one of its checkpoints, exactly where it stopped.")
@@ -104,20 +107,22 @@ def _newest_run() -> Path:
 
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
          num_processes: int | None = None, allow_config_change: bool = False) -> None:
+    from smolctl.distributed import PeerFailed, place
+    from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, resume_command, without_option
     from smolctl.train import train
 
     crash_reports_in(run_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    where = place()  # set by torchrun / accelerate launch / a scheduler
     if num_processes is not None:
         if num_processes < 1:
             raise SmolctlError(f"--num-processes must be positive, got {num_processes}")
-        if world > 1 and num_processes != world:
-            raise SmolctlError(f"--num-processes {num_processes} inside a launcher that started {world}",
+        if where.world > 1 and num_processes != where.world:
+            raise SmolctlError(f"--num-processes {num_processes} inside a launcher that started {where.world}",
                                hint="Leave --num-processes out under torchrun / accelerate launch")
-        if world == 1 and num_processes > 1:
-            _preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
-            return _launch(num_processes)
-    main = os.environ.get("RANK", "0") == "0"  # the dashboard and messages come from rank 0 only
+        if where.world == 1 and num_processes > 1:
+            preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
+            raise typer.Exit(launch(num_processes, without_option(sys.argv[1:], "--num-processes"), run_dir))
+    main = where.rank == 0  # the dashboard and messages come from rank 0 only
     sink = None
     if main and dashboard and sys.stdout.isatty():
         from smolctl.dashboard import Dashboard
@@ -130,81 +135,17 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
     try:
         result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
                        overwrite=overwrite, allow_config_change=allow_config_change)
+    except PeerFailed as e:
+        # The process that failed says why, and a launcher names one that was killed: only rank 0
+        # speaks for the others, and only under a launcher that does not (accelerate launch, torchrun).
+        if main and not os.environ.get(LAUNCHED_BY_SMOLCTL):
+            raise
+        raise typer.Exit(e.exit_code) from None
     finally:
         if hasattr(sink, "close"):
             sink.close()
     if result.stopped_by:
         if main:
-            again = f" --num-processes {world}" if world > 1 else ""
-            print(f"Stopped at step {result.step}. Continue with:\n  smolctl resume{again} --run-dir {run_dir} "
-                  f"--from {result.step}", file=sys.stderr)
+            print(f"Stopped at step {result.step}. Continue with:\n  "
+                  f"{resume_command(run_dir, where.world, result.step)}", file=sys.stderr)
         raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
-
-
-def _preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int,
-               allow_config_change: bool) -> None:
-    """Once, before starting N processes: the checks that would otherwise fail in all of them."""
-    import torch
-
-    from smolctl import checkpoint as ckpt_io
-    from smolctl.data import DataSpec
-    from smolctl.train import data_flags, resume_point
-
-    cfg = cfg.resolved()
-    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
-    if gpus and world > gpus:
-        raise SmolctlError(f"--num-processes {world} but this machine has {gpus} GPU(s)",
-                           hint=f"Run one process per GPU: --num-processes {gpus}")
-    DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
-    if resume is not None:
-        ckpt_io.recover(run_dir)
-    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
-
-
-def _launch(n: int) -> None:
-    """Run this same command line again in `n` processes on this machine, through torchrun (the
-    launcher `accelerate launch` itself uses for multi-process jobs), and exit with their status.
-
-    In-process rather than exec'ing `torchrun`, so that a failure ends in one line and an exit
-    code instead of the launcher's traceback. Each worker prints its own errors; Ctrl-C/SIGTERM
-    reach them through the launcher (one signal each): they finish the step, save and stop.
-    """
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    args = _without_option(sys.argv[1:], "--num-processes")
-    # torchrun would set 1 thread per process (and print a banner saying so); split the cores instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    for name in list(logging.root.manager.loggerDict):  # we report failures; torch's loggers set their own levels
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        run(parse_args(["--standalone", f"--nproc-per-node={n}", "--module", "smolctl", *args]))
-    except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
-        if failure.exitcode > 0:  # the process said why itself
-            raise typer.Exit(failure.exitcode) from None
-        import signal
-
-        name = signal.Signals(-failure.exitcode).name
-        print(f"Error: process {rank} of {n} was killed by {name}; "
-              f"continue with: smolctl resume --num-processes {n} --from latest", file=sys.stderr)
-        raise typer.Exit(128 - failure.exitcode) from None
-    except SignalException as e:  # the workers were stopped with the same signal and have saved
-        raise typer.Exit(128 + int(e.sigval)) from None
-
-
-def _without_option(argv: list[str], name: str) -> list[str]:
-    """argv minus `name VALUE` / `name=VALUE`."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out

@@ -1,0 +1,155 @@
+"""This process's place in its training job: the device it trains on and the process group it joins.
+
+Every way of starting `smolctl train` comes through `accelerator()`: plain, `--num-processes N`
+(torchrun, see launch.py), `accelerate launch`, or a scheduler that sets WORLD_SIZE / RANK /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT itself; on CPUs (gloo) and GPUs (nccl) alike. The device
+and the process group are decided together because Accelerate joins a multi-process launch on a
+machine without GPUs only when told `cpu=True`: without `--device cpu`, every rank used to train
+alone, as a world of one, on the same run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from smolctl.errors import SmolctlError
+
+# How long a collective waits for the slowest rank before the job is declared dead. A rank that
+# dies closes its sockets and its peers' collectives fail at once; this bounds the rest (a rank
+# that hangs, a machine that vanishes), and is longer than a checkpoint save or a first hub fetch.
+TIMEOUT = timedelta(minutes=10)
+LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+FIX = ("Start it with smolctl train --num-processes N, torchrun or accelerate launch (they set all of "
+       f"{', '.join(LAUNCH_ENV)}), or unset WORLD_SIZE for one process")
+
+
+@dataclass(frozen=True)
+class Place:
+    rank: int
+    local_rank: int
+    world: int
+
+
+# The exit status of a process that stopped only because another one of its job failed or died,
+# so that a launcher can tell the cause from the consequences.
+PEER_FAILED_EXIT = 3
+
+
+class PeerFailed(SmolctlError):
+    """This process stopped because another process of the job failed or died."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message, hint, exit_code=PEER_FAILED_EXIT)
+
+
+def place() -> Place:
+    """Rank, local rank and world size as the launcher set them; one process when none did."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world == 1:
+        return Place(0, 0, 1)
+    missing = [k for k in LAUNCH_ENV if not os.environ.get(k)]
+    if missing:
+        raise SmolctlError(f"WORLD_SIZE={world} says this is one of {world} processes, but "
+                           f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set", hint=FIX)
+    p = Place(_env_int("RANK"), _env_int("LOCAL_RANK"), world)
+    if not (0 <= p.rank < world and 0 <= p.local_rank <= p.rank):
+        raise SmolctlError(f"RANK={p.rank} / LOCAL_RANK={p.local_rank} do not fit WORLD_SIZE={world}", hint=FIX)
+    return p
+
+
+def pick_device(requested: str | None, where: Place) -> torch.device:
+    """`requested` (--device), else a GPU if torch sees one, else the CPU. With N processes on
+    GPUs, each takes the GPU of its LOCAL_RANK."""
+    try:
+        device = torch.device(requested) if requested else torch.device(_best_device_type())
+    except RuntimeError:
+        raise SmolctlError(f"--device {requested!r} is not a device", hint="Use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":  # always with its index: torch.cuda.set_device takes no other
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if where.world > 1 and device.index is not None:
+            raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
+                               hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", where.local_rank if where.world > 1 else device.index or 0)
+        if where.world > 1 and device.index >= gpus:
+            raise SmolctlError(f"{where.world} processes need a GPU each, but torch sees {gpus} on this machine",
+                               hint=f"Run one process per GPU ({gpus}), or pass --device cpu")
+        if device.index >= gpus:
+            raise SmolctlError(f"--device {requested or 'cuda'}: torch sees {gpus} GPU(s) on this machine",
+                               hint="Pick one of them, or pass --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SmolctlError("--device mps: torch sees no Apple GPU here", hint="Use --device cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise SmolctlError(f"--device {requested}: smolctl trains on cpu, cuda or mps", hint="Pick one of them")
+    if where.world > 1 and device.type == "mps":
+        raise SmolctlError(f"{where.world} processes on mps cannot form a process group",
+                           hint="Use CUDA GPUs, or --device cpu")
+    return device
+
+
+def accelerator(requested_device: str | None, **kwargs):
+    """The Accelerator of this process, on the device decided above, in the job's process group:
+    gloo on CPUs, nccl on GPUs (Accelerate forms it, told the backend and the timeout).
+
+    Fails on every rank, before anything is written, when the launch and the job disagree: a
+    world size whose other processes cannot be reached, or an Accelerator that ended up in a
+    different world than the launcher started.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    where = place()
+    device = pick_device(requested_device, where)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if where.world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend, timeout=TIMEOUT)]
+    try:
+        with warnings.catch_warnings():  # under a bare scheduler it splits the cores and says so on every rank
+            warnings.filterwarnings("ignore", "OMP_NUM_THREADS/MKL_NUM_THREADS unset")
+            acc = Accelerator(cpu=device.type == "cpu", **kwargs)
+    except torch.distributed.DistError as e:  # the rendezvous: address unreachable, port taken, timeout
+        raise SmolctlError(f"process {where.rank} of {where.world} could not join the job at "
+                           f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {_first_line(e)}",
+                           hint="MASTER_ADDR:MASTER_PORT must be a free port on the machine of rank 0 that every "
+                                "process can reach; the launchers pick one (smolctl train --num-processes N, "
+                                "torchrun --standalone, accelerate launch)") from None
+    if (acc.num_processes, acc.process_index, acc.device.type) != (where.world, where.rank, device.type):
+        raise SmolctlError(f"the launcher started {where.world} process(es) on {device.type}, but Accelerate "
+                           f"made this one process {acc.process_index} of {acc.num_processes} on {acc.device}",
+                           hint=FIX)
+    return acc
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective that broke because another process of the job is gone: c10d
+    raises DistError (NCCL, timeouts); gloo's broken connections inside DDP's backward come as a
+    plain RuntimeError that names gloo's transport."""
+    if not torch.distributed.is_initialized():
+        return False
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/transport" in str(e))
+
+
+def _best_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if not value and default is not None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SmolctlError(f"{name}={value!r} is not a number", hint=FIX) from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,0 +1,110 @@
+"""`smolctl train --num-processes N`: the same command again in N processes, through torchrun.
+
+torchrun is the launcher `accelerate launch` itself uses for multi-process jobs, so the two ways
+of starting a job behave alike: its agent watches the processes, and when one exits or dies it
+stops the others (SIGTERM, then SIGKILL) and reports which one failed. Each process then finds
+its place in the job in distributed.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from smolctl.errors import SmolctlError
+
+# Set in the processes this launcher starts: the launcher reports a failed process itself, so
+# the others stay quiet (under another launcher, rank 0 says that the job lost a process).
+LAUNCHED_BY_SMOLCTL = "SMOLCTL_LAUNCHER"
+
+
+def resume_command(run_dir: Path, world: int, step: int | str = "latest") -> str:
+    again = f" --num-processes {world}" if world > 1 else ""
+    return f"smolctl resume{again} --run-dir {run_dir} --from {step}"
+
+
+def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int,
+              allow_config_change: bool = False) -> None:
+    """Once, before starting N processes: the checks that would otherwise fail in all of them,
+    on the device each of them would pick."""
+    from smolctl import checkpoint as ckpt_io
+    from smolctl.data import DataSpec
+    from smolctl.distributed import Place, pick_device
+    from smolctl.train import data_flags, resume_point
+
+    if cfg.init_from and resume is None:
+        cfg = cfg.with_init_model()
+    cfg = cfg.resolved()
+    pick_device(cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
+    DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
+    if resume is not None:
+        ckpt_io.recover(run_dir)
+    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
+
+
+def launch(n: int, args: list[str], run_dir: Path) -> int:
+    """Run `smolctl ARGS` in `n` processes on this machine; return their exit status.
+
+    In-process rather than exec'ing `torchrun`, so that a failure ends in one line and an exit
+    code instead of the launcher's traceback. A process that fails says why itself and the
+    others stop quietly; one killed outright (SIGKILL, the OOM killer) is reported here, as a
+    SmolctlError. Ctrl-C/SIGTERM reach the processes through the launcher (one signal each):
+    they finish the step, save and stop.
+    """
+    import logging
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from smolctl.distributed import PEER_FAILED_EXIT
+
+    # torchrun would set 1 thread per process (and print a banner saying so); split the cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    os.environ[LAUNCHED_BY_SMOLCTL] = "1"
+    for name in list(logging.root.manager.loggerDict):  # we report failures; torch's loggers set their own levels
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={n}", "--module", "smolctl", *args]))
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items(), key=lambda kv: (_consequence(kv[1].exitcode), kv[1].timestamp, kv[0]))
+        if failure.exitcode > 0 and failure.exitcode != PEER_FAILED_EXIT:
+            return failure.exitcode  # it printed why
+        how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
+               else f"stopped with exit code {failure.exitcode}")
+        raise SmolctlError(f"process {rank} of {n} {how}, so the job stopped",
+                           hint=f"Continue with: {resume_command(run_dir, n)}",
+                           exit_code=128 - failure.exitcode if failure.exitcode < 0 else 1) from None
+    except SignalException as e:  # the workers were stopped with the same signal and have saved
+        return 128 + int(e.sigval)
+    return 0
+
+
+def _consequence(exitcode: int) -> int:
+    """How likely a process's exit status is a consequence of another's failure rather than its
+    cause (timestamps have only seconds): its own error (0), killed outright (1), the launcher's
+    own SIGTERM to the survivors (2), stopped because a collective broke (3)."""
+    import signal
+
+    from smolctl.distributed import PEER_FAILED_EXIT
+
+    if exitcode == PEER_FAILED_EXIT:
+        return 3
+    if exitcode == -signal.SIGTERM:
+        return 2
+    return 1 if exitcode < 0 else 0
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out

@@ -1,0 +1,126 @@
+"""How a process finds its place in a job (distributed.py) and how the launcher reads a failure
+(launch.py), in-process and in milliseconds. The jobs themselves run in test_distributed.py."""
+
+import signal
+
+import pytest
+import torch
+
+from smolctl.distributed import PEER_FAILED_EXIT, Place, pick_device, place
+from smolctl.errors import SmolctlError
+from smolctl.launch import _consequence, resume_command, without_option
+
+LAUNCH_ENV = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU does")
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Set the launcher's variables (all of LAUNCH_ENV, overridden by keyword; None removes one)."""
+    def set_env(**kw):
+        for k, v in {**LAUNCH_ENV, **kw}.items():
+            monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(k, v)
+    for k in LAUNCH_ENV:
+        monkeypatch.delenv(k, raising=False)
+    return set_env
+
+
+def test_place_reads_the_launchers_variables(launched):
+    assert place() == Place(0, 0, 1)  # no launcher: one process
+    launched()
+    assert place() == Place(rank=1, local_rank=1, world=2)
+    launched(WORLD_SIZE="1", MASTER_ADDR=None)
+    assert place() == Place(0, 0, 1)
+
+
+@pytest.mark.parametrize("env, words", [
+    (dict(MASTER_ADDR=None, MASTER_PORT=None), "MASTER_ADDR, MASTER_PORT are not set"),
+    (dict(RANK=None), "RANK is not set"),
+    (dict(RANK="2"), "RANK=2 / LOCAL_RANK=1 do not fit WORLD_SIZE=2"),
+    (dict(RANK="0"), "RANK=0 / LOCAL_RANK=1 do not fit WORLD_SIZE=2"),
+    (dict(WORLD_SIZE="two"), "WORLD_SIZE='two' is not a number"),
+])
+def test_a_launch_that_cannot_form_its_job_is_refused(launched, env, words):
+    launched(**env)
+    with pytest.raises(SmolctlError, match=words) as e:
+        place()
+    assert "torchrun or accelerate launch" in str(e.value)
+
+
+def test_a_half_launched_job_fails_at_once_writing_nothing(launched, cli, corpus, tmp_path):
+    """WORLD_SIZE=2 set by hand (or a scheduler) without the rest: one line, exit 2, no run
+    directory and no log -- not a world of one training alone on a run directory it shares."""
+    launched(MASTER_ADDR=None, MASTER_PORT=None)
+    for command in (["train", "--preset", "tiny", "--data", corpus, "--max-steps", 2, "--run-dir", "half"],
+                    ["train", "--num-processes", 2, "--data", corpus, "--run-dir", "half"]):
+        r = cli(*command)
+        assert r.exit_code == 2 and r.output.startswith("Error: WORLD_SIZE=2 says") and r.output.count("\n") == 1
+    assert not (tmp_path / "half").exists() and not (tmp_path / "logs").exists()
+
+
+@no_gpu
+def test_the_default_device_is_the_cpu_for_one_process_or_many():
+    for where in (Place(0, 0, 1), Place(0, 0, 2), Place(3, 1, 4)):
+        assert pick_device(None, where) == torch.device("cpu")
+        assert pick_device("cpu", where) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device, where, words", [
+    ("cuda:1", Place(0, 0, 2), "would put all 2 processes on one GPU"),
+    ("gpu", Place(0, 0, 1), "--device 'gpu' is not a device"),
+    ("meta", Place(0, 0, 1), "--device meta: smolctl trains on cpu, cuda or mps"),
+])
+def test_devices_a_job_cannot_use_are_refused(device, where, words):
+    with pytest.raises(SmolctlError, match=words):
+        pick_device(device, where)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks what a machine without MPS does")
+def test_mps_without_mps_is_refused():
+    with pytest.raises(SmolctlError, match="torch sees no Apple GPU"):
+        pick_device("mps", Place(0, 0, 1))
+
+
+@no_gpu
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(SmolctlError, match="torch sees 0 GPU"):
+        pick_device("cuda", Place(0, 0, 1))
+    with pytest.raises(SmolctlError, match="2 processes need a GPU each, but torch sees 0"):
+        pick_device("cuda", Place(1, 1, 2))
+
+
+def test_the_launcher_reports_the_cause_not_the_consequences():
+    """Timestamps have whole seconds: a rank's own error outranks a kill, which outranks the
+    launcher's own SIGTERM to the survivors and a survivor's broken collective."""
+    codes = [PEER_FAILED_EXIT, -signal.SIGTERM, -signal.SIGKILL, 2]
+    assert sorted(codes, key=_consequence) == [2, -signal.SIGKILL, -signal.SIGTERM, PEER_FAILED_EXIT]
+
+
+def test_resume_command_and_argv_surgery(tmp_path):
+    assert resume_command(tmp_path / "r", 1, 7) == f"smolctl resume --run-dir {tmp_path / 'r'} --from 7"
+    assert resume_command("runs/x", 4) == "smolctl resume --num-processes 4 --run-dir runs/x --from latest"
+    argv = ["train", "--num-processes", "2", "--data", "d", "--num-processes=3", "--num-processes-x", "1"]
+    assert without_option(argv, "--num-processes") == ["train", "--data", "d", "--num-processes-x", "1"]
+
+
+def test_a_process_that_cannot_join_its_job_says_so_in_one_line(tmp_path, corpus):
+    """Rank 0 of 2 told a MASTER_PORT that is taken: one line naming the address, exit 2, nothing
+    written. (A subprocess: a failed rendezvous leaves Accelerate's process-wide state half set.)"""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, **LAUNCH_ENV, "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": str(port),
+               "CUDA_VISIBLE_DEVICES": ""}
+        r = subprocess.run([sys.executable, "-m", "smolctl", "train", "--preset", "tiny", "--data", str(corpus),
+                            "--max-steps", "2", "--run-dir", "joined"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"Error: process 0 of 2 could not join the job at 127.0.0.1:{port}: ")
+    assert "address already in use" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "joined").exists() and not (tmp_path / "logs").exists()
