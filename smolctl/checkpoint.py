@@ -10,7 +10,7 @@ with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` lo
         smolctl.json         our ModelConfig, the training config, step, tokens seen, provenance
         optimizer.safetensors + optimizer.json      AdamW moments / param groups
         rng-rank0.json + rng-rank0.safetensors      python, numpy, torch (CPU, CUDA) RNG states
-        data-rank0.json [+ data-rank0.safetensors]  the data stream's position (see data.py)
+        data-rank0.json + data-rank0.safetensors    the data stream's position (see data.py)
         manifest.json        sha256 and size of every file above, written last
 
 It is written into a temporary directory and renamed into place only when complete, so a
@@ -275,11 +275,12 @@ def save_rank_state(tmp: Path, rank: int, data_state: dict) -> None:
     if torch.cuda.is_available():
         tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors)
-    data = dict(data_state)
-    buffer = data.pop("buffer", None)
-    write_json(tmp / f"data-rank{rank}.json", data)
-    if buffer is not None:
-        write_tensors(tmp / f"data-rank{rank}.safetensors", {"buffer": buffer})
+    # The tensors (carried-over tokens, shuffle buffer) go to safetensors: compact, however long
+    # the document being packed; the rest to JSON.
+    tensors = {k: v for k, v in data_state.items() if torch.is_tensor(v)}
+    write_json(tmp / f"data-rank{rank}.json", {k: v for k, v in data_state.items() if k not in tensors})
+    if tensors:
+        write_tensors(tmp / f"data-rank{rank}.safetensors", tensors)
 
 
 def finalize(tmp: Path, final: Path) -> None:
@@ -433,7 +434,7 @@ def load_training_state(ckpt: Path, rank: int, world_size: int) -> tuple[Checkpo
         torch.cuda.set_rng_state_all([rng_t[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng_t])
     data = json.loads((ckpt / f"data-rank{rank}.json").read_text())
     if (ckpt / f"data-rank{rank}.safetensors").is_file():
-        data["buffer"] = load_file(str(ckpt / f"data-rank{rank}.safetensors"))["buffer"]
+        data.update(load_file(str(ckpt / f"data-rank{rank}.safetensors")))
     return meta, data
 
 

@@ -24,7 +24,10 @@ import glob
 import itertools
 import os
 import random
-from dataclasses import dataclass
+import re
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +39,7 @@ SAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "sample"
 HUB_DEFAULT = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 TOKENIZE_DOCS = 64  # documents tokenized per call (the Rust tokenizer batches them)
+PIECE_CHARS = 1 << 14  # a longer document is tokenized in pieces of about this many characters
 
 
 @dataclass(frozen=True)
@@ -47,40 +51,48 @@ class DataSpec:
     name: str | None = None  # hub config name
     files: tuple[str, ...] = ()
     text_column: str = "text"
+    # what the messages call the data and its text column: the flags, or the config keys when the
+    # values come from a run's config.yaml (resume has no --data)
+    flags: tuple[str, str] = field(default=("--data", "--text-column"), compare=False)
 
     @classmethod
-    def parse(cls, data: str, text_column: str = "text", split: str = "train") -> DataSpec:
+    def parse(cls, data: str, text_column: str = "text", split: str = "train",
+              flags: tuple[str, str] = ("--data", "--text-column")) -> DataSpec:
         """'sample' (the bundled corpus; split 'train' or 'heldout'), 'cosmopedia-v2' (the seed's
         hub stream), 'org/name[:config]' (a hub dataset), 'DIR:config' (a local copy of a hub
         dataset repo, read the same way), or local files: a file, directory or glob."""
+        flag = flags[0]
         if data == "sample":
             path = SAMPLE_DIR / f"{split}.jsonl"
             if not path.is_file():
                 raise SmolctlError(f"the bundled sample corpus is missing ({path})",
-                                   hint="Run from a clone of the smolctl repository, or pass --data PATH")
-            return cls("json", "", files=(str(path),), text_column=text_column)
+                                   hint=f"Run from a clone of the smolctl repository, or point {flag} at your files")
+            return cls("json", "", files=(str(path),), text_column=text_column, flags=flags)
         if data in ("cosmopedia-v2", "smollm-corpus", "hub"):
-            return cls("hub", HUB_DEFAULT[0], HUB_DEFAULT[1], text_column=text_column)
+            return cls("hub", HUB_DEFAULT[0], HUB_DEFAULT[1], text_column=text_column, flags=flags)
         files = _local_files(data)
         if files and not any(os.path.getsize(f) for f in files):
-            raise SmolctlError(f"the corpus is empty: --data {data} has only empty files",
-                               hint="Point --data at files with text in them")
+            raise SmolctlError(f"the corpus is empty: {flag} {data} has only empty files",
+                               hint=f"Point {flag} at files with text in them")
         files = [f for f in files if os.path.getsize(f)]  # datasets' json reader chokes on empty files
         if files:
             kinds = {LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in files}
             if None in kinds or len(kinds) > 1:
-                raise SmolctlError(f"--data {data}: files must all be .jsonl/.json, .parquet or .txt, one kind at a time")
-            return cls(kinds.pop(), "", files=tuple(files), text_column=text_column)
+                raise SmolctlError(f"{flag} {data}: files must all be .jsonl/.json, .parquet or .txt, "
+                                   "one kind at a time")
+            return cls(kinds.pop(), "", files=tuple(files), text_column=text_column, flags=flags)
         repo, _, config = data.partition(":")
         if config and Path(repo).expanduser().is_dir():  # a local copy of a hub dataset repo: DIR:config
-            return cls("hub", str(Path(repo).expanduser()), config, text_column=text_column)
-        from smolctl.hub import looks_like_hub_id
+            return cls("hub", str(Path(repo).expanduser()), config, text_column=text_column, flags=flags)
+        from smolctl.hub import looks_like_hub_id, no_local_match
 
         if looks_like_hub_id(repo):
-            return cls("hub", repo, config or None, text_column=text_column)
-        raise SmolctlError(f"--data {data}: no such file, directory or glob",
-                           hint="Pass a .jsonl/.json/.parquet/.txt path, a directory or glob of them, "
-                                "'sample' for the bundled corpus, or 'cosmopedia-v2'")
+            return cls("hub", repo, config or None, text_column=text_column, flags=flags)
+        hint = ("Pass a .jsonl/.json/.parquet/.txt path, a directory or glob of them, "
+                "'sample' for the bundled corpus, or 'cosmopedia-v2'")
+        if Path(data).expanduser().is_dir():
+            raise SmolctlError(f"{flag} {data}: the directory holds no .jsonl/.json/.parquet/.txt files", hint=hint)
+        raise SmolctlError(no_local_match(data, flag), hint=hint)
 
     def describe(self) -> str:
         if self.kind == "hub":
@@ -107,8 +119,9 @@ class DataSpec:
             from smolctl.hub import require_hub
 
             if not self.local_hub:
+                flag = self.flags[0]
                 require_hub(f"dataset {self.path}",
-                            hint="Pass --data sample for the bundled corpus, or --data PATH for local files")
+                            hint=f"Pass {flag} sample for the bundled corpus, or {flag} PATH for local files")
             ds = datasets.load_dataset(self.path, self.name, split="train", streaming=True)
         else:
             extra = {"sample_by": "document"} if self.kind == "text" else {}
@@ -196,7 +209,9 @@ class BlockStream(torch.utils.data.IterableDataset):
                                hint="Resume with the same number of processes as the run was saved with")
         block = self.seq_len + 1
         epoch = st.get("epoch", 0)
-        carry: list[int] = list(st.get("carry", []))
+        # Tokens not yet in a block: one int32 tensor, never changed in place (a state may hold a
+        # view of it), read from `pos` on. Cheap to keep, to pass to the trainer, and to save.
+        carry, pos = torch.as_tensor(st.get("carry", []), dtype=torch.int32), 0
         buffer: list[torch.Tensor] = list(st["buffer"].unbind(0)) if "buffer" in st else []
         rng = random.Random(self.seed * 1000 + self.rank)
         if "rng" in st:
@@ -221,12 +236,10 @@ class BlockStream(torch.utils.data.IterableDataset):
                     break
                 epoch_docs += len(texts)
                 docs += len(texts)
-                for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-                    carry.extend(ids)
-                    carry.append(separator)
+                carry, pos = torch.cat([carry[pos:], token_ids(tok, texts, separator)]), 0
                 source_state = ds.state_dict()
-                while len(carry) >= block:
-                    blk, carry = torch.tensor(carry[:block], dtype=torch.long), carry[block:]
+                while len(carry) - pos >= block:
+                    blk, pos = carry[pos:pos + block].long(), pos + block
                     tokens += block
                     if self.shuffle_buffer:
                         buffer.append(blk)
@@ -238,7 +251,7 @@ class BlockStream(torch.utils.data.IterableDataset):
                     ready.append(blk)
                     if len(ready) == self.batch_size:
                         state = {"epoch": epoch, "source": source_state, "seekable": seekable,
-                                 "carry": list(carry), "rng": rng.getstate(), "docs": docs, "tokens": tokens,
+                                 "carry": carry[pos:], "rng": rng.getstate(), "docs": docs, "tokens": tokens,
                                  "rank": self.rank, "world_size": self.world_size}
                         if buffer:  # one tensor, not a list of them: cheap to pass between processes
                             state["buffer"] = torch.stack(buffer)
@@ -246,18 +259,90 @@ class BlockStream(torch.utils.data.IterableDataset):
                         ready = []
             if epoch_docs == 0 and source_state is None:
                 raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
-                                   hint="Point --data at files with text in them")
+                                   hint=f"Point {self.spec.flags[0]} at files with text in them")
             epoch, source_state, seekable = epoch + 1, None, True
+
+
+def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:
+    """The documents' tokens, each followed by `separator` (<|endoftext|>), as one int32 tensor.
+
+    A document longer than PIECE_CHARS is tokenized in pieces (a 50 MB one whole took 7 GB, and
+    long inputs tokenize slower), cut where the tokenizer never joins tokens across (see
+    `pieces`): the ids are exactly the whole document's. Calls take TOKENIZE_DOCS pieces at most."""
+    cut = PIECE_CHARS if _cuts_at_spaces(tok) else None
+    parts, call = [], []  # call: (piece, ends a document) to tokenize together
+
+    def flush():
+        for (_, ends), ids in zip(call, tok([p for p, _ in call], add_special_tokens=False)["input_ids"]):
+            parts.append(torch.tensor(ids + [separator] if ends else ids, dtype=torch.int32))
+        call.clear()
+
+    for text in texts:
+        chunks = pieces(text, cut) if cut and len(text) > cut else [text]
+        for i, piece in enumerate(chunks):
+            call.append((piece, i == len(chunks) - 1))
+            if len(call) == TOKENIZE_DOCS:
+                flush()
+    flush()
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+
+
+def pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut just before a space that sits
+    between two non-space characters: byte-level BPE pre-tokenizes such a space with the word after
+    it (' word'), so no token spans the cut. A stretch with no such space stays whole."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = _cut_point(text, start + 1, start + size)
+        if cut is None:
+            break
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def _cut_point(text: str, lo: int, hi: int) -> int | None:
+    """The last ' ' in text[lo:hi] between two non-space characters, else the first one after hi."""
+    i = text.rfind(" ", lo, hi)
+    while i >= lo and (text[i - 1].isspace() or i + 1 >= len(text) or text[i + 1].isspace()):
+        i = text.rfind(" ", lo, i)
+    if i >= lo:
+        return i
+    after = _CUT.search(text, hi)
+    return after.start() + 1 if after else None
+
+
+_CUT = re.compile(r"\S \S")
+
+
+def _cuts_at_spaces(tok) -> bool:
+    """Whether cutting before ' word' keeps the ids exact: a byte-level BPE (GPT-2 style, as
+    SmolLM2's) with no normalizer and no prefix space. Other tokenizers get whole documents."""
+    import json
+
+    key = id(tok)
+    if key not in _CUTS:
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        _CUTS[key] = (spec.get("normalizer") is None and any(p.get("type") == "ByteLevel" for p in steps)
+                      and all(p.get("type") in ("ByteLevel", "Digits") and not p.get("add_prefix_space")
+                              for p in steps))
+    return _CUTS[key]
+
+
+_CUTS: dict[int, bool] = {}
 
 
 def _text(row: dict, spec: DataSpec) -> str:
     if spec.text_column not in row:
         raise SmolctlError(f"the corpus has no {spec.text_column!r} column (columns: {', '.join(row)})",
-                           hint="Pick one with --text-column")
+                           hint=f"Pick one with {spec.flags[1]}")
     text = row[spec.text_column]
     if not isinstance(text, str):
         raise SmolctlError(f"column {spec.text_column!r} holds {type(text).__name__}, not text",
-                           hint="Pick a text column with --text-column")
+                           hint=f"Pick a text column with {spec.flags[1]}")
     return text
 
 
@@ -277,11 +362,6 @@ def token_stream(spec: DataSpec, tokenizer=None) -> Iterator[list[int]]:
         raise _not_utf8(e) from None
 
 
-def _not_utf8(e: UnicodeDecodeError) -> SmolctlError:
-    return SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
-                        hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-
-
 def tuples(x):
     """JSON turns random.getstate()'s nested tuples into lists; setstate wants tuples back."""
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
@@ -297,7 +377,7 @@ def batches(stream: BlockStream, num_workers: int = 1) -> Iterator[tuple[torch.T
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                          collate_fn=_Item, pin_memory=torch.cuda.is_available(),
                                          prefetch_factor=4 if num_workers else None,
-                                         worker_init_fn=_ignore_stop_signals if num_workers else None)
+                                         worker_init_fn=_worker_init if num_workers else None)
     for item in loader:
         batch, state = item.batch, item.state
         if batch is None:
@@ -316,10 +396,28 @@ class _Item:
         return _Item((None if self.batch is None else self.batch.pin_memory(), self.state))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _worker_init(worker_id: int) -> None:
     """Ctrl-C and SIGTERM are the trainer's to handle (finish the step, save): the worker must
-    outlive them, also when they reach the whole process group (a terminal, a scheduler)."""
+    outlive them, also when they reach the whole process group (a terminal, a scheduler).
+
+    But never its trainer: a worker whose trainer died (SIGKILL, OOM killer) would live on, blocked
+    on a full queue that nobody reads, holding the launcher's stdout open (seen: 70 minutes). So
+    it gets SIGKILL when the trainer dies (Linux: PR_SET_PDEATHSIG), and, everywhere, a watchdog
+    thread exits it once its parent is gone."""
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True, name="smolctl-orphan-check").start()
+
+
+def _exit_when_orphaned(parent: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent:  # re-parented (to init or a subreaper) once the trainer is gone
+        time.sleep(every_s)
+    os._exit(1)

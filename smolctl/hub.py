@@ -31,7 +31,37 @@ def require_hub(what: str, hint: str) -> None:
         raise SmolctlError(f"cannot reach the Hugging Face hub for {what} (offline?)", hint=hint)
 
 
+# Endings that make a name a file, never a hub repo (hub ids such as Qwen/Qwen2.5-0.5B have dots too).
+FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".txt", ".csv", ".arrow", ".gguf", ".safetensors", ".bin", ".pt",
+                 ".pth", ".yaml", ".yml", ".toml", ".whl", ".zip", ".gz", ".zst", ".log"}
+
+
+def looks_local(spec: str) -> bool:
+    """Whether `spec` names something on this machine rather than a hub repo: it exists, or it has
+    a sign of a path -- a leading . / or ~, a backslash, more than one /, glob characters, a file
+    ending, or a first part that is a local directory (`runs/typo`, `data/x`)."""
+    path = os.path.expanduser(spec)
+    first, _, rest = spec.partition("/")
+    return (os.path.exists(path) or spec.startswith((".", "/", "~")) or "\\" in spec or "/" in rest
+            or any(c in spec for c in "*?[") or os.path.splitext(spec)[1].lower() in FILE_SUFFIXES
+            or bool(rest and os.path.isdir(first)))
+
+
 def looks_like_hub_id(spec: str) -> bool:
-    """'org/name' with no local meaning: not an existing path, no path-like prefix."""
-    return (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-            and not os.path.exists(spec) and all(spec.split("/")))
+    """'owner/name' with no sign of a local path (see looks_local)."""
+    return spec.count("/") == 1 and all(spec.split("/")) and not looks_local(spec)
+
+
+def no_local_match(spec: str, what: str) -> str:
+    """'… no such file or directory' for a local-looking `spec`, naming near misses next to it."""
+    import difflib
+
+    path = os.path.expanduser(spec)
+    parent = os.path.dirname(path) or "."
+    if any(c in spec for c in "*?["):
+        return f"{what} {spec}: no local file matches this pattern"
+    if not os.path.isdir(parent):
+        return f"{what} {spec}: no such file or directory ({parent} does not exist)"
+    near = difflib.get_close_matches(os.path.basename(path), os.listdir(parent), n=3)
+    return f"{what} {spec}: no such file or directory" + (
+        f" (did you mean {', '.join(os.path.join(os.path.dirname(spec), n) for n in near)}?)" if near else "")

@@ -31,13 +31,13 @@ def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: in
     from smolctl import fsutil
     from smolctl.data import DataSpec
     from smolctl.distributed import Place, pick_device
-    from smolctl.train import resume_point
+    from smolctl.train import data_flags, resume_point
 
     if cfg.init_from and resume is None:
         cfg = cfg.with_init_model()
     cfg = cfg.resolved()
     pick_device(cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
-    DataSpec.parse(cfg.data, cfg.text_column)
+    DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
     if resume is not None:  # under the run's lock, released before the launch: rank 0 takes it then
         with fsutil.run_lock(run_dir):
             ckpt_io.recover(run_dir)

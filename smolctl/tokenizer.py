@@ -73,10 +73,10 @@ def _load(spec: str | None):
     if path.is_dir():
         if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise SmolctlError(f"no tokenizer in {path} (no tokenizer.json)",
-                               hint="Pass a tokenizer directory, or leave --tokenizer out for the bundled SmolLM2 one")
+                               hint="Point tokenizer at a tokenizer directory, or leave it out for the bundled SmolLM2 one")
         return from_pretrained(str(path))
     if looks_like_hub_id(spec):
-        require_hub(f"tokenizer {spec!r}", hint="Leave --tokenizer out to use the bundled SmolLM2 tokenizer")
+        require_hub(f"tokenizer {spec!r}", hint="Leave tokenizer out to use the bundled SmolLM2 one")
         return from_pretrained(spec)
     raise SmolctlError(f"tokenizer not found: {spec}",
                        hint="Pass a tokenizer directory or a hub id, or leave it out for the bundled one")

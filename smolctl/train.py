@@ -88,9 +88,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
                                          "job failed or was killed", hint=_how_to_continue(run_dir, where.world)) from None
                     if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                         raise
-                    raise SmolctlError(f"out of memory with --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}",
-                                       hint="Lower --batch-size (raise --grad-accum to keep the tokens per step) "
-                                            "or --seq-len", exit_code=1) from None
+                    hint = ("Lower --batch-size (raise --grad-accum to keep the tokens per step) or --seq-len"
+                            if resume is None else  # resume keeps the batch: the run's shape is fixed
+                            "Free memory on the device (another process?), or start a new run with a smaller "
+                            "batch: smolctl train --batch-size N --grad-accum M")
+                    raise SmolctlError(f"out of memory with batch size {cfg.batch_size} x sequence length "
+                                       f"{cfg.seq_len}", hint=hint, exit_code=1) from None
         except BaseException as e:
             if undo is not None and not ckpt_io.checkpoints(run_dir):
                 undo()
@@ -208,14 +211,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
         ckpt_io.load_optimizer(optim_state, loss_module, optimizer.optimizer)
         del optim_state
 
-    spec = DataSpec.parse(cfg.data, cfg.text_column)
+    spec = DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
     stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, tok, rank, world,
                          cfg.shuffle_buffer, cfg.seed, data_state)
     data = batches(stream, cfg.num_workers)
     # Shut the worker down on every way out: left to the interpreter's exit, it is sent a SIGTERM
     # that it ignores (see data.py), and joined forever.
     cleanup.callback(data.close)
-    eval_spec = _eval_spec(cfg)
+    eval_spec = _eval_spec(cfg, data_flags(run_dir, resume, "eval_data"))
 
     # -- sinks: files on the main process; the caller's display --------------------------------
     emit_to: list[Callable] = []
@@ -350,7 +353,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
                 if bad_steps >= cfg.max_bad_steps:
                     raise SmolctlError(
                         f"training diverged: {bad_steps} non-finite steps in a row at step {step}",
-                        hint=f"The last good checkpoint is {last_ckpt}; resume from it with a lower --lr",
+                        hint=f"The last good checkpoint is {last_ckpt}; lower lr in {run_dir / 'config.yaml'} and "
+                             f"resume from it: smolctl resume --run-dir {run_dir} --from latest --allow-config-change",
                         exit_code=1)
                 continue
             bad_steps = 0
@@ -404,7 +408,7 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
         if ckpt_io.checkpoints(run_dir) and not overwrite:
             raise SmolctlError(f"run directory {run_dir} already has checkpoints",
                                hint=f"Continue it with: smolctl resume --run-dir {run_dir} --from latest "
-                                    "(or pass --overwrite to start over)")
+                                    "(to start over instead: smolctl train ... --overwrite)")
         return None
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
@@ -413,7 +417,8 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     same = dict(name=mcfg.name, bos_token_id=mcfg.bos_token_id, eos_token_id=mcfg.eos_token_id)
     if dataclasses.replace(meta.model, **same) != mcfg:
         raise SmolctlError(f"{path} holds a different model config than this run's",
-                           hint="Resume with the run's own config (leave --preset/--config out)")
+                           hint=f"Put back the model of {run_dir / 'config.yaml'} as the checkpoint saved it "
+                                f"(its smolctl.json has it)")
     if meta.step == cfg.max_steps and path.name == "final":
         raise RunComplete(run_dir, meta.step)
     if meta.step > cfg.max_steps:  # a step checkpoint at max_steps (stopped during the last step) finishes
@@ -466,6 +471,14 @@ def run_tokenizer(cfg: TrainConfig, mcfg: ModelConfig, resume_path: Path | None)
     return tok, dataclasses.replace(mcfg, bos_token_id=bos, eos_token_id=eos)
 
 
+def data_flags(run_dir: Path, resume: str | None, key: str) -> tuple[str, str]:
+    """What messages call the data (or eval data) and its text column: train's flags, or, when
+    resuming (resume has no such flags), the keys of the run's config.yaml."""
+    if resume is None:
+        return "--" + key.replace("_", "-"), "--text-column"
+    return f"{key} in {run_dir / 'config.yaml'}", f"text_column in {run_dir / 'config.yaml'}"
+
+
 def _trajectory_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
     """'key: old -> new' for each value that differs and changes what training computes (the model is
     compared as a whole, by resume_point; RESUMABLE fields are bookkeeping)."""
@@ -477,11 +490,11 @@ def _trajectory_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
     return out
 
 
-def _eval_spec(cfg: TrainConfig) -> DataSpec | None:
+def _eval_spec(cfg: TrainConfig, flags: tuple[str, str]) -> DataSpec | None:
     if cfg.eval_data:
-        return DataSpec.parse(cfg.eval_data, cfg.text_column, split="heldout")
+        return DataSpec.parse(cfg.eval_data, cfg.text_column, split="heldout", flags=flags)
     if cfg.data == "sample":
-        return DataSpec.parse("sample", cfg.text_column, split="heldout")
+        return DataSpec.parse("sample", cfg.text_column, split="heldout", flags=flags)
     return None
 
 

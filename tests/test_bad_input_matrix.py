@@ -110,7 +110,7 @@ CASES = [
     ("config-unknown-key", "unknownkey", ["inspect", "--config", "m.yaml"], U, ["unknown model config keys: hiden_size",
                                                                                   "Valid keys"]),
     ("two-model-sources", None, ["inspect", "--preset", "tiny", "--model", "x"], U, ["only one of --preset"]),
-    ("model-missing", None, ["count-params", "--model", "no/such/dir"], U, ["model not found: no/such/dir", "Pass a run"]),
+    ("model-missing", None, ["count-params", "--model", "no/such/dir"], U, ["--model no/such/dir: no such file or directory", "Pass a run"]),
     ("model-empty-dir", "emptydir", ["inspect", "--model", "emptydir"], U, ["is neither a run, a checkpoint nor an HF model directory", "Pass a run"]),
     ("model-is-a-file", "corpus", ["inspect", "--model", "corpus.jsonl"], U, ["is not a model", "Pass a run"]),
     ("model-is-a-config", "indivisible", ["count-params", "--model", "m.yaml"], U,
@@ -151,7 +151,7 @@ CASES = [
     ("run-dir-has-checkpoints", "micro", ["train", "--config", "micro.yaml", "--run-dir", "{run}"], U,
      ["already has checkpoints", "smolctl resume", "--overwrite"]),
     ("out-of-memory", "micro", ["train", "--config", "micro.yaml", "--batch-size", "64", "--max-steps", "1"], E,
-     ["out of memory with --batch-size 64 x --seq-len 16", "--grad-accum"]),
+     ["out of memory with batch size 64 x sequence length 16", "--grad-accum"]),
     # -- train: config files
     ("train-config-unknown-key", "unknowntrain", ["train", "--config", "t.yaml"], U,
      ["unknown training config keys: learning_rate", "Valid keys"]),
@@ -160,7 +160,7 @@ CASES = [
     ("train-config-malformed", "badyaml", ["train", "--config", "bad.yaml"], U, ["malformed config file"]),
     # -- train: corpora
     ("data-missing", "micro", ["train", "--config", "micro.yaml", "--data", "/no/such/file.jsonl"], U,
-     ["no such file, directory or glob", "'sample'"]),
+     ["--data /no/such/file.jsonl: no such file or directory", "'sample'"]),
     ("data-empty", "micro", ["train", "--config", "micro.yaml", "--data", "{empty}"], U,
      ["the corpus is empty", "files with text"]),
     ("data-no-text-column", "micro", ["train", "--config", "micro.yaml", "--data", "{nocolumn}"], U,

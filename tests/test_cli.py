@@ -40,7 +40,7 @@ def test_inspect_hf_directory(cli, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["count-params", "--preset", "nope"], "unknown preset 'nope'. Valid presets: smollm2-135m, tiny"),
     (["inspect", "--config", "/no/such.yaml"], "config file not found"),
-    (["inspect", "--model", "/no/such/dir"], "model not found"),
+    (["inspect", "--model", "/no/such/dir"], "--model /no/such/dir: no such file or directory"),
     (["inspect", "--preset", "tiny", "--model", "x"], "only one of --preset, --config and --model"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, args, words):

@@ -39,7 +39,7 @@ def test_train_then_resume_through_the_cli(cli, tmp_path, micro_yaml, monkeypatc
     (["--mixed-precision", "fp8"], "--mixed-precision must be auto, no, bf16 or fp16"),
     (["--num-workers", "4"], "--num-workers must be 0 or 1"),
     (["--report-to", "mlflow"], "--report-to must be tensorboard, wandb or none"),
-    (["--data", "/no/such/file.jsonl"], "no such file, directory or glob"),
+    (["--data", "/no/such/file.jsonl"], "--data /no/such/file.jsonl: no such file or directory"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--run-dir", "/proc/forbidden/run"], "cannot write to run directory"),
 ])

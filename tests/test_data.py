@@ -128,7 +128,7 @@ def test_non_utf8_text_is_a_clear_error(tmp_path, workers):
 
 
 def test_missing_path():
-    with pytest.raises(SmolctlError, match="no such file, directory or glob"):
+    with pytest.raises(SmolctlError, match="no such file or directory"):
         DataSpec.parse("/no/such/corpus.jsonl")
 
 

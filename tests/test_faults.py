@@ -462,7 +462,7 @@ def test_non_finite_steps_are_skipped_shown_and_stop_the_run(tmp_path, cli, monk
     assert r.exit_code == 1, r.output
     line = one_error_line(r)
     assert "training diverged: 3 non-finite steps in a row at step 6" in line
-    assert "runs/nan/checkpoints/step-00000002" in line and "--lr" in line
+    assert "runs/nan/checkpoints/step-00000002" in line and "lower lr in runs/nan/config.yaml" in line
     assert "step      4 | skipped: non-finite loss or grad norm (1 in a row)" in r.output
     assert [p.name for p in (tmp_path / "runs/nan/checkpoints").iterdir()] == ["step-00000002"]
     rows_ = [json.loads(x) for x in (tmp_path / "runs/nan/metrics.jsonl").read_text().splitlines()]

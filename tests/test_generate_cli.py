@@ -36,7 +36,7 @@ def test_generate_json_samples(cli, tiny_base_dir, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["generate", "hi"], "no model given: pass --model"),
-    (["generate", "hi", "--model", "/no/such/model"], "model not found: /no/such/model"),
+    (["generate", "hi", "--model", "/no/such/model"], "--model /no/such/model: no such file or directory"),
     (["generate", "hi", "--model", "smollm2-instruct"], "smollm2-instruct is not imported yet. Run `smolctl import`"),
     (["generate", "hi", "--model", "{base}", "--temperature", "-1"], "--temperature must be >= 0"),
     (["generate", "hi", "--model", "{base}", "--top-p", "0"], "--top-p must be in (0, 1]"),

@@ -88,7 +88,8 @@ def test_checkpoint_contents_and_manifest(micro_cfg, tmp_path):
     final = tmp_path / "run" / "checkpoints" / "final"
     names = {p.name for p in final.iterdir()}
     assert names == {"config.json", "model.safetensors", "smolctl.json", "optimizer.safetensors", "optimizer.json",
-                     "rng-rank0.json", "rng-rank0.safetensors", "data-rank0.json", "manifest.json",
+                     "rng-rank0.json", "rng-rank0.safetensors", "data-rank0.json", "data-rank0.safetensors",
+                     "manifest.json",
                      "tokenizer.json", "tokenizer_config.json"}  # no chat_template.jinja: a base model
     manifest = json.loads((final / "manifest.json").read_text())["files"]
     assert set(manifest) == names - {"manifest.json"}

@@ -1,4 +1,4 @@
-"""`smolctl count-params`: the parameter breakdown, counted from the instantiated model.
+"""`smolctl count-params`: the parameter breakdown, counted from the model built on the meta device.
 
     smolctl count-params                     # SmolLM2-135M: 134,515,008
     smolctl count-params --preset tiny --json
@@ -19,10 +19,10 @@ def register(app: typer.Typer) -> None:
     def count_params(preset: PresetOpt = None, config: ConfigOpt = None, model: ModelOpt = None,
                      as_json: JsonOpt = False) -> None:
         from smolctl.config import resolve_model_config
-        from smolctl.model import build_model, param_breakdown
+        from smolctl.model import param_breakdown, skeleton
 
         cfg = resolve_model_config(preset, config, model)
-        counts = param_breakdown(build_model(cfg, device="meta"))
+        counts = param_breakdown(skeleton(cfg), cfg.num_layers)
         if as_json:
             print(json.dumps({"model": cfg.name, **counts}, indent=2))
             return

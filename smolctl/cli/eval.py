@@ -46,11 +46,12 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from smolctl.data import DataSpec
+        from smolctl.device import pick_device
         from smolctl.loss import CausalLMLoss, evaluate
         from smolctl.sources import load
 
+        dev = pick_device(device)
         spec = DataSpec.parse(data, text_column, split="heldout")
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load(model, device=dev, dtype=torch.float32)
         seq_len = seq_len or min(loaded.cfg.max_seq_len, 1024)
         if seq_len > loaded.cfg.max_seq_len:

@@ -109,14 +109,15 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none", verbose: bool = False):
     """Load --model for generation (imports torch: call inside a command). Returns (Loaded, seconds)."""
+    from smolctl.device import pick_device
     from smolctl.dtypes import GENERATE, canonical, pick_dtype
-    from smolctl.sources import load, pick_device, resolve
+    from smolctl.sources import load, resolve
 
+    device = pick_device(device)
     if spec is None:
         load(None)  # raises the "how to get a model" message
     dtype = canonical(dtype, GENERATE)
     path = resolve(spec)  # a bad spec fails here, before anything is printed
-    device = pick_device(device)
     if quantize != "none" and dtype in ("fp32", "fp16"):
         raise SmolctlError(f"--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16, not {dtype}")
     if quantize != "none" and device != "cpu":

@@ -18,9 +18,20 @@ def register(app: typer.Typer) -> None:
     @command(app, help="Print a model's module tree and config (no weights are allocated).")
     def inspect(preset: PresetOpt = None, config: ConfigOpt = None, model: ModelOpt = None) -> None:
         from smolctl.config import resolve_model_config
-        from smolctl.model import build_model
+        from smolctl.model import skeleton
 
         cfg = resolve_model_config(preset, config, model)
-        print(build_model(cfg, device="meta"))
+        print(module_tree(skeleton(cfg), cfg.num_layers))
         print()
         print("Config:", cfg.to_hf())
+
+
+def module_tree(model, num_layers: int) -> str:
+    """The module tree of a `skeleton`, its decoder layers counted as the config says (torch
+    prints a run of alike layers as `(0-1): 2 x LlamaDecoderLayer(`)."""
+    import re
+
+    tree = str(model)
+    if num_layers < 2:
+        return tree
+    return re.sub(r"\(0-1\): 2 x ", f"(0-{num_layers - 1}): {num_layers} x ", tree, count=1)

@@ -8,18 +8,27 @@ A package adds commands to smolctl by declaring, in its pyproject.toml,
 where `register(app: typer.Typer) -> None` adds its commands, usually with `@command(app)`
 below so that a `SmolctlError` becomes a one-line error and an exit code instead of a traceback.
 smolctl's own commands are declared the same way in its pyproject.toml.
+
+Every command -- built-in, or a plugin's however it was added -- runs inside `OneLineErrors.main`,
+the boundary: an exception nobody expected (a bug) becomes one line, `Error: internal error: ...
+(full traceback in FILE)`, exit 1, with the traceback saved to FILE (under the run directory when
+the command has one, else the user's cache directory). SMOLCTL_DEBUG=1 lets it through instead.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
+import time
+import traceback
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from smolctl.errors import SmolctlError
 from smolctl.fsutil import Terminated, cleanup_on_exit
@@ -50,8 +59,9 @@ def load_commands(app: typer.Typer) -> list[str]:
 def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     """Like `app.command()`, plus smolctl's error contract: a SmolctlError prints one line
     (`Error: ...`) on stderr and exits with its code; so does an OSError from the environment (disk
-    full, read-only, permissions: exit 1); Ctrl-C exits 130 and SIGTERM 143 without a traceback.
-    However the command ends, the temporary files it still holds are removed (fsutil)."""
+    full, read-only, permissions: exit 1); Ctrl-C exits 130 and SIGTERM 143 without a traceback; an
+    empty option value is refused before the command runs (see NoBlankValues). However the command
+    ends, the temporary files it still holds are removed (fsutil)."""
 
     def decorator(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -63,7 +73,7 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 fail(e)
             except OSError as e:
                 if e.errno not in ENVIRONMENT_ERRORS:
-                    raise  # anything else is a bug: keep its traceback
+                    raise  # anything else is a bug: the boundary (OneLineErrors) reports it
                 fail(SmolctlError(f"{e.strerror}" + (f": {e.filename}" if e.filename else ""),
                                   hint=f"{ENVIRONMENT_ERRORS[e.errno]}, then run it again", exit_code=1))
             except KeyboardInterrupt:
@@ -73,7 +83,7 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 print(f"Stopped by {e}.", file=sys.stderr)
                 raise typer.Exit(128 + e.signum) from None
 
-        app.command(name, **kwargs)(run)
+        app.command(name, **{"cls": NoBlankValues, **kwargs})(run)
         return fn
 
     return decorator
@@ -82,6 +92,75 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
 def fail(e: SmolctlError):
     print(f"Error: {e}", file=sys.stderr)
     raise typer.Exit(e.exit_code)
+
+
+class NoBlankValues(TyperCommand):
+    """`--data ''` (or `--model " "`) is a slip, not a value: an empty path is the working
+    directory, and an empty name matches everything. Refused for every option, on the raw
+    strings, before Typer turns them into paths or values. `--system ''` (no system prompt) means
+    something, so it is allowed; arguments (a prompt) are the command's to judge."""
+
+    BLANK_OK = {"system"}
+
+    def make_parser(self, ctx):
+        parser = super().make_parser(ctx)
+        parse = parser.parse_args
+
+        def parse_args(args):
+            opts, rest, order = parse(args=args)
+            for param in order:
+                values = opts.get(param.name)
+                values = values if isinstance(values, (list, tuple)) else [values]
+                if (param.param_type_name == "option" and param.name not in self.BLANK_OK
+                        and any(isinstance(v, str) and not v.strip() for v in values)):
+                    from typer.core import _click
+
+                    raise _click.exceptions.UsageError(
+                        f"{param.opts[0]} must not be empty: give it a value, or leave it out", ctx)
+            return opts, rest, order
+
+        parser.parse_args = parse_args
+        return parser
+
+
+# -- the boundary: what no command caught ------------------------------------------------------
+
+_run_dir: Path | None = None
+
+
+def crash_reports_in(run_dir: Path | None) -> None:
+    """Commands that work in a run directory name it here: a crash's traceback is saved there."""
+    global _run_dir
+    _run_dir = run_dir
+
+
+def crash_log(exc: BaseException) -> Path | None:
+    """Save `exc`'s full traceback as crash-<time>-<pid>.log in the run directory (if it exists),
+    else $XDG_CACHE_HOME/smolctl/crash (~/.cache), else the temp directory. None if nowhere works."""
+    import tempfile
+
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl" / "crash"
+    text = f"smolctl {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))
+    for folder in ([_run_dir] if _run_dir is not None and _run_dir.is_dir() else []) + [
+            cache, Path(tempfile.gettempdir()) / "smolctl-crash"]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return folder / name
+        except OSError:
+            continue
+    return None
+
+
+def internal_error(exc: Exception) -> int:
+    """Report a bug in one line (the traceback goes to a file); the exit code, 1."""
+    message = " ".join(str(exc).split())
+    message = message if len(message) <= 300 else message[:297] + "..."
+    path = crash_log(exc)
+    where = f"full traceback in {path}" if path else "rerun with SMOLCTL_DEBUG=1 for the traceback"
+    print(f"Error: internal error: {type(exc).__name__}: {message} ({where})", file=sys.stderr)
+    return 1
 
 
 class OneLineErrors(TyperGroup):
@@ -110,4 +189,8 @@ class OneLineErrors(TyperGroup):
         except typer.Abort:
             print("Aborted.", file=sys.stderr)
             sys.exit(1)
+        except Exception as e:  # a bug: one line for the user, the traceback in a file
+            if os.environ.get("SMOLCTL_DEBUG", "") not in ("", "0"):
+                raise
+            sys.exit(internal_error(e))
         sys.exit(code if isinstance(code, int) else 0)

@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from smolctl.cli.options import ConfigOpt, config_options
-from smolctl.cli.registry import command
+from smolctl.cli.registry import command, crash_reports_in
 from smolctl.config import DEFAULT_PRESET, RESUMABLE, TrainConfig
 from smolctl.errors import SmolctlError
 
@@ -111,6 +111,7 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
     from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, resume_command, without_option
     from smolctl.train import train
 
+    crash_reports_in(run_dir)
     where = place()  # set by torchrun / accelerate launch / a scheduler
     if num_processes is not None:
         if num_processes < 1:
