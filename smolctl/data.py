@@ -153,7 +153,7 @@ def first_document(spec: DataSpec, tokenizer: str | None = None) -> list[int]:
                                 "line; .parquet: a Parquet file; text: UTF-8)") from None
     if row is None:
         raise SmolctlError(f"the corpus is empty: {spec.describe()} has no documents",
-                           hint="Point --data at files with text in them")
+                           hint=f"Point {spec.flags[0]} at files with text in them")
     return load_tokenizer(tokenizer)(_text(row, spec), add_special_tokens=False)["input_ids"]
 
 

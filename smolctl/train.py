@@ -273,8 +273,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
             if _on_any_rank(accelerator, bad is not None):  # never the newest state: resume must find a good one
                 raise SmolctlError(f"the weights at step {step} are not finite (NaN/inf" + (f" in {bad}" if bad else "")
                                    + f"): {final.name} was not saved",
-                                   hint=f"The last good checkpoint is {last_ckpt}; resume from it with a lower --lr"
-                                   if last_ckpt else "No checkpoint was saved; start again with a lower --lr",
+                                   hint=f"The last good checkpoint is {last_ckpt}; lower lr in {run_dir / 'config.yaml'} and resume from "
+                                        f"it: smolctl resume --run-dir {run_dir} --from latest --allow-config-change"
+                                   if last_ckpt else "No checkpoint was saved; start again with a lower learning rate",
                                    exit_code=1)
             loss_sums = accelerator.gather(window_loss.reshape(1)).tolist()  # all ranks: each rank's window
             if main:
