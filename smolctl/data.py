@@ -273,6 +273,8 @@ def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:
     parts, call = [], []  # call: (piece, ends a document) to tokenize together
 
     def flush():
+        if not call:
+            return
         for (_, ends), ids in zip(call, tok([p for p, _ in call], add_special_tokens=False)["input_ids"]):
             parts.append(torch.tensor(ids + [separator] if ends else ids, dtype=torch.int32))
         call.clear()
@@ -378,11 +380,27 @@ def batches(stream: BlockStream, num_workers: int = 1) -> Iterator[tuple[torch.T
                                          collate_fn=_Item, pin_memory=torch.cuda.is_available(),
                                          prefetch_factor=4 if num_workers else None,
                                          worker_init_fn=_worker_init if num_workers else None)
-    for item in loader:
-        batch, state = item.batch, item.state
-        if batch is None:
-            raise SmolctlError(state["error"])
-        yield batch, state
+    it = iter(loader)
+    try:
+        for item in it:
+            batch, state = item.batch, item.state
+            if batch is None:
+                raise SmolctlError(state["error"])
+            yield batch, state
+    finally:
+        _stop_worker(it)
+
+
+def _stop_worker(it) -> None:
+    """Shut the worker down now, however the iteration ended. Left to garbage collection, an
+    iterator kept alive by an exception's traceback outlives the trainer's last line, and at exit
+    the interpreter waits forever for a worker that ignores SIGTERM (seen: a crash that hung)."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # DataLoader's own orderly shutdown
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(it, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
 
 
 class _Item:

@@ -84,6 +84,26 @@ smolctl.train.plot_loss = plot_loss
     assert not (tmp_path / "cache" / "smolctl" / "crash").exists()
 
 
+def test_a_bug_in_the_data_worker_ends_the_run_without_hanging(tmp_path, corpus):
+    """An unexpected exception inside the background worker: one line, exit 1, and the process
+    exits -- it once printed the line, then waited forever for the worker, which ignores SIGTERM."""
+    plant = """
+import smolctl.data
+def token_ids(*args, **kwargs):
+    raise IndexError("planted in the worker")
+smolctl.data.token_ids = token_ids
+"""
+    cfg = micro_config(tmp_path, batch_size=2, seq_len=16, num_workers=1)
+    run = tmp_path / "run"
+    r = smolctl("train", "--config", cfg, "--data", corpus, "--max-steps", 2, "--run-dir", run, "--no-dashboard",
+                env={**shim(tmp_path, plant), "XDG_CACHE_HOME": str(tmp_path / "cache")}, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: internal error: IndexError: ")
+    assert "planted in the worker" in Path(last.rsplit("full traceback in ", 1)[1].rstrip(")")).read_text()
+    assert not run.exists()  # a fresh run that failed before its first step leaves nothing
+
+
 def test_smolctl_debug_lets_the_traceback_through(tmp_path):
     r = smolctl("count-params", "--preset", "tiny", env={**shim(tmp_path, BUG), "SMOLCTL_DEBUG": "1",
                                                         "XDG_CACHE_HOME": str(tmp_path / "cache")})
