@@ -280,14 +280,15 @@ class TrainConfig:
     tokenizer: str | None = setting(None, "A tokenizer directory or hub id (default: the bundled SmolLM2 one).")
     license: str | None = setting(None, "The license exports declare (GGUF general.license), e.g. apache-2.0.",
                                   resumable=True)
-    shuffle_buffer: int = setting(0, "Shuffle blocks through a buffer of N; 0 keeps the stream order.", ge=0)
+    shuffle_buffer: int = setting(0, "Shuffle blocks through a buffer of N; 0 keeps the stream order.", ge=0,
+                                  le=2**20)
     num_workers: int = setting(1, "0: tokenize in the training process; 1: in a background worker.",
                                choices=(0, 1), resumable=True)
     # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * processes
-    batch_size: int = setting(8, "Micro-batch per device.", gt=0)
+    batch_size: int = setting(8, "Micro-batch per device.", gt=0, le=2**16)
     seq_len: int | None = setting(None, "Tokens per sequence (default: the model's context, 2048 for "
                                   "SmolLM2-135M).", gt=0)
-    grad_accum: int = setting(1, "Micro-batches per optimizer step.", gt=0)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", gt=0, le=2**16)
     # optimizer and schedule: the SmolLM2-135M recipe (huggingface/smollm config_smollm2_135M.yaml)
     lr: float = setting(3e-3, "Peak learning rate.", gt=0)
     min_lr: float = setting(0.0, "The learning rate the decay ends at.", ge=0)
