@@ -119,11 +119,11 @@ CASES = [
     ("model-rope-scaling", "yarn", ["count-params", "--model", "yarn"], U, ["unsupported RoPE scaling"]),
     # -- train: flags
     ("batch-size-zero", "micro", ["train", "--config", "micro.yaml", "--batch-size", "0"], U,
-     ["--batch-size must be positive"]),
+     ["--batch-size must be between 1 and 65,536"]),
     ("max-steps-negative", "micro", ["train", "--config", "micro.yaml", "--max-steps", "-5"], U,
      ["--max-steps must be positive"]),
     ("grad-accum-zero", "micro", ["train", "--config", "micro.yaml", "--grad-accum", "0"], U,
-     ["--grad-accum must be positive"]),
+     ["--grad-accum must be between 1 and 65,536"]),
     ("seq-len-too-long", "micro", ["train", "--config", "micro.yaml", "--seq-len", "4096"], U,
      ["--seq-len 4096 exceeds the model's max positions (1024)"]),
     ("lr-not-positive", "micro", ["train", "--config", "micro.yaml", "--lr", "0"], U, ["--lr must be positive"]),

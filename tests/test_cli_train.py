@@ -33,7 +33,7 @@ def test_train_then_resume_through_the_cli(cli, tmp_path, micro_yaml, monkeypatc
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--batch-size", "0"], "--batch-size must be between 1 and 65,536"),
     (["--max-steps", "-5"], "--max-steps must be positive"),
     (["--seq-len", "4096"], "--seq-len 4096 exceeds the model's max positions (1024)"),
     (["--mixed-precision", "fp8"], "--mixed-precision must be auto, no, bf16 or fp16"),
