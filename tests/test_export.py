@@ -304,7 +304,7 @@ def test_cli_hf_refuses_non_empty_dir_and_force_replaces_only_an_export(cli, tin
     (["--format", "onnx"], "unknown export format 'onnx'"),
     (["--format", "gguf", "--dtype", "q4_0"], "unknown dtype 'q4_0' for --format gguf"),
     (["--format", "hf", "--dtype", "q8_0"], "unknown dtype 'q8_0' for --format hf"),
-    (["--model", "/no/such/model"], "model not found"),
+    (["--model", "/no/such/model"], "no such file or directory"),
     (["--out", "{tmp}/a-file/out.gguf"], "cannot write to"),  # a parent that is a file: unwritable even for root
     (["--format", "gguf", "--out", "{tmp}"], "is a directory"),
 ])
