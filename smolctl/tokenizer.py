@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -107,7 +109,16 @@ def save_tokenizer(tok, out: str | Path, max_len: int) -> list[Path]:
     TokenizersBackend written as PreTrainedTokenizerFast, the same class under the name 4.x knows.
     """
     out = Path(out)
-    written = [Path(p) for p in tok.save_pretrained(str(out))]
+    try:
+        written = [Path(p) for p in tok.save_pretrained(str(out))]
+    except OSError:
+        raise
+    except Exception as e:  # the Rust writer of tokenizer.json raises a plain Exception ("... (os error 28)")
+        errno = re.search(r"os error (\d+)", str(e))
+        if errno is None:
+            raise
+        code = int(errno.group(1))
+        raise OSError(code, os.strerror(code), str(out / "tokenizer.json")) from None
     path = out / "tokenizer_config.json"
     conf = json.loads(path.read_text(encoding="utf-8"))
     if conf.get("tokenizer_class") == "TokenizersBackend":

@@ -66,6 +66,7 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     def decorator(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kw):
+            crash_reports_in(None)  # a run directory named by an earlier command in this process is not ours
             try:
                 with cleanup_on_exit():
                     return fn(*args, **kw)
