@@ -65,7 +65,7 @@ class DataSpec:
         if data == "sample":
             path = SAMPLE_DIR / f"{split}.parquet"
             if not path.is_file():
-                raise SmolctlError(f"the bundled sample corpus is missing ({path}): this smolctl installation is broken",
+                raise SmolctlError(f"the bundled sample corpus is missing ({path}): this installation is broken",
                                    hint=f"Reinstall smolctl (from a clone: pip install --force-reinstall .), "
                                         f"or point {flag} at your files", exit_code=1)
             return cls("parquet", "", files=(str(path),), text_column=text_column, flags=flags)

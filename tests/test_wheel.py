@@ -42,6 +42,7 @@ def site(tmp_path_factory):
     (unpacked,) = (tmp / "unpacked").iterdir()
     run(["-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", unpacked], tmp)
     (wheel,) = (tmp / "dist").glob("smolctl-*.whl")
+    assert wheel.stat().st_size < 16 * 2**20  # a small install: tokenizer and corpus compressed
     run(["-m", "pip", "install", "-q", "--no-deps", "--target", tmp / "site", wheel], tmp)
     return tmp / "site"
 
