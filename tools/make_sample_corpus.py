@@ -387,7 +387,7 @@ def clean(rec: dict) -> tuple[str | None, str]:
             return None, "no complete sentence"
         text = text[: ends[-1].end()].rstrip()
     words = text.split()
-    if len(words) < 100:
+    if len(words) < 50:  # a short FAQ or note is a document too; fewer words is a fragment
         return None, f"too short ({len(words)} words)"
     grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
     distinct = len(set(grams)) / len(grams)
