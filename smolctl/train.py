@@ -99,6 +99,10 @@ def fit(run: Run, state: TrainState) -> TrainResult:
         while state.step < cfg.max_steps and not stopping:
             lr = lr_at(state.step + 1, cfg)
             train_step(run, state, lr)
+            # The host reads the device (a sync) only at steps where it has something to do. One
+            # process reads its signal flag for free at every step; several agree on it at looks.
+            if not (due(cfg, state.step) or (run.world == 1 and stop.signal)):
+                continue
             good, stopping = look(run, state, stop)
             if not good:
                 continue  # a skipped step: nothing to log, evaluate or save
@@ -127,9 +131,17 @@ def fit(run: Run, state: TrainState) -> TrainResult:
     return TrainResult(state.step, None, state.last_checkpoint, run.run_dir)
 
 
+def due(cfg: TrainConfig, step: int) -> bool:
+    """Whether the loop has anything to do on the host after `step`: log, evaluate, sample, save, end."""
+    every = (cfg.log_every, cfg.eval_every, cfg.sample_every, cfg.save_every)
+    return step == cfg.max_steps or any(n and step % n == 0 for n in every)
+
+
 def train_step(run: Run, state: TrainState, lr: float) -> None:
-    """One optimizer step: grad_accum micro-batches, clipping, and the update unless the step is
-    not finite on some rank (no host sync here: its loss and norm stay on the device)."""
+    """One optimizer step: grad_accum micro-batches, clipping, the update. A step that is not
+    finite on some rank is skipped on the device: it leaves the weights and AdamW's moments and
+    step count as they were. No host sync: the step's loss, norm and finiteness stay on the device
+    until the next look."""
     cfg, acc = run.cfg, run.accelerator
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -142,52 +154,59 @@ def train_step(run: Run, state: TrainState, lr: float) -> None:
             loss = run.loss_module(batch[:, :-1], batch[:, 1:])
             acc.backward(loss / cfg.grad_accum)
         step_loss += loss.detach() / cfg.grad_accum
-    state.grad_norm = acc.clip_grad_norm_(run.loss_module.parameters(), cfg.grad_clip)
+    grad_norm = acc.clip_grad_norm_(run.loss_module.parameters(), cfg.grad_clip)
+    finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+    if run.world > 1:  # every rank skips if any rank's step is bad (an all-reduce, no host sync)
+        finite = acc.reduce(finite.float(), reduction="sum") == run.world
+    # found_inf is the flag GradScaler hands fused AdamW: where it is 1 the kernel changes nothing
+    # and the step count is put back. (Under fp16 GradScaler sets its own: non-finite gradients.)
+    run.optimizer.optimizer.found_inf = (~finite).float()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.window_loss += torch.where(finite, step_loss, 0.0)
+    state.grad_norm = grad_norm
+    state.unseen.append(finite)
     state.step += 1
     state.tokens_seen += run.tokens_per_step
-    state.step_loss = step_loss
 
 
 def look(run: Run, state: TrainState, stop: stop_on_signals) -> tuple[bool, bool]:
-    """Whether the step just taken was finite on every rank (if not it is skipped, and a run of
-    cfg.max_bad_steps of them ends training) and whether any rank got a signal. Every rank must
-    take the same branch: skip if any rank's loss is bad, stop (and save together) if any rank got
-    a signal -- ranks get a launcher's signal at different moments. One 2-element all-reduce and
-    one host sync."""
+    """The host's look at the steps since the last one, in one device-to-host read: a `skip`
+    event for each step that was not finite (cfg.max_bad_steps in a row end training), and whether
+    any rank got a signal -- ranks get a launcher's signal at different moments; they stop, and
+    save, together. Returns (whether the last step was finite, whether to stop)."""
     cfg = run.cfg
-    flags = torch.stack([(torch.isfinite(state.step_loss) & torch.isfinite(state.grad_norm)).float(),
-                         torch.tensor(float(stop.signal is not None), device=run.device)])
+    signalled = torch.tensor([float(stop.signal is not None)], device=run.device)
     if run.world > 1:
-        flags = run.accelerator.reduce(flags, reduction="sum")
-    n_finite, n_stopping = flags.tolist()
-    if n_finite < run.world:
-        run.optimizer.zero_grad(set_to_none=True)  # skip: no update from a NaN/inf step
+        signalled = run.accelerator.reduce(signalled, reduction="sum")
+    *finite, n_stopping = torch.cat([torch.stack(state.unseen).float(), signalled]).tolist()
+    first, state.unseen = state.step - len(finite) + 1, []
+    for step, ok in enumerate(finite, first):
+        if ok:
+            state.bad_steps = 0
+            state.window_steps += 1
+            continue
         state.bad_steps += 1
-        run.emit("skip", step=state.step, bad_steps=state.bad_steps)
+        run.emit("skip", step=step, bad_steps=state.bad_steps)
         if state.bad_steps >= cfg.max_bad_steps:
             raise SmolctlError(
-                f"training diverged: {state.bad_steps} non-finite steps in a row at step {state.step}",
+                f"training diverged: {state.bad_steps} non-finite steps in a row at step {step}",
                 hint=f"The last good checkpoint is {state.last_checkpoint}; lower lr in "
                      f"{run.run_dir / 'config.yaml'} and resume from it: smolctl resume --run-dir {run.run_dir} "
                      "--from latest --allow-config-change", exit_code=1)
-        return False, n_stopping > 0
-    state.bad_steps = 0
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    state.window_loss += state.step_loss
-    state.window_steps += 1
-    return True, n_stopping > 0
+    return finite[-1] > 0, n_stopping > 0
 
 
 def log_row(run: Run, state: TrainState, lr: float) -> None:
     """The `train` event: the window's mean loss over all ranks, throughput, MFU; then a new window."""
     cfg, device = run.cfg, run.device
-    mean_loss = run.accelerator.reduce(state.window_loss, reduction="mean").item() / max(1, state.window_steps)
+    loss_sum, grad_norm = torch.stack([run.accelerator.reduce(state.window_loss, reduction="mean"),
+                                       state.grad_norm.float()]).tolist()
     now = time.perf_counter()
     tps = state.window_steps * run.tokens_per_step / (now - state.window_t)
     peak = run.peak_tflops
-    run.emit("train", step=state.step, max_steps=cfg.max_steps, loss=mean_loss, lr=lr,
-             grad_norm=state.grad_norm.item(), tokens_seen=state.tokens_seen, tokens_per_s=tps,
+    run.emit("train", step=state.step, max_steps=cfg.max_steps, loss=loss_sum / max(1, state.window_steps), lr=lr,
+             grad_norm=grad_norm, tokens_seen=state.tokens_seen, tokens_per_s=tps,
              mfu=run.flops_per_token * tps / (peak * 1e12 * run.world) if peak else None,
              elapsed_s=state.elapsed(), memory_gb=memory_gb(device))
     state.window_loss.zero_()
