@@ -31,7 +31,7 @@ def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: in
     from smolctl import fsutil
     from smolctl.data import DataSpec
     from smolctl.distributed import Place, pick_device
-    from smolctl.train import data_flags, resume_point
+    from smolctl.rundir import data_flags, resume_point
 
     if cfg.init_from and resume is None:
         cfg = cfg.with_init_model()

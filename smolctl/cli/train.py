@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         dashboard: DashOpt = True,
         **flags,
     ) -> None:
-        from smolctl.train import RunComplete
+        from smolctl.rundir import RunComplete
 
         if run_dir is None and Path(from_).is_dir() and Path(from_).parent.name == "checkpoints":
             run_dir = Path(from_).parent.parent
