@@ -27,16 +27,17 @@ import torch
 
 from smolctl import checkpoint as ckpt_io
 from smolctl import fsutil
+from smolctl.checkpoint import resume_command
 from smolctl.config import RESUMABLE, ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.distributed import PeerFailed, is_peer_failure, place
 from smolctl.distributed import accelerator as make_accelerator
 from smolctl.errors import SmolctlError
-from smolctl.launch import resume_command
 from smolctl.loss import CausalLMLoss, evaluate
 from smolctl.metrics import JsonlSink, LogFileSink, plot_loss, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token, memory_gb
 from smolctl.schedule import lr_at
+from smolctl.sources import with_init_model
 from smolctl.tokenizer import document_separator, load_tokenizer, without_chat_template
 
 
@@ -114,7 +115,7 @@ def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
     from smolctl.data import first_document
 
     if cfg.init_from:
-        cfg = cfg.with_init_model()
+        cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     cfg.model_config()
     resume_point(cfg, run_dir, None, overwrite, 1)
@@ -152,7 +153,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, 
     from smolctl.model import build_model
 
     if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
-        cfg = cfg.with_init_model()
+        cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     mcfg = cfg.model_config()
     run_dir = Path(run_dir)
