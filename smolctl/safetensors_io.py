@@ -58,12 +58,12 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     an 8-byte little-endian header size, a JSON header padded with spaces to 8 bytes, then the
     tensors ordered by element size (largest first, so each is aligned), then name.
 
-    Kept over safetensors' own writers because it is much faster where it counts: saving the 135M
-    training state (1.61 GB) took, best of 3 on the shared 2-core machine, 3.58 s this way, 6.69 s
-    (1.87x) with `save_file()` + chmod + fsync + rereading for the sha256 (its bytes are never in
-    our hands), and 15.1 s (4.2x) with `save()`, which builds the whole file as one bytes object
-    (two copies of the 1.08 GB optimizer state). Measured with
-    `PYTHONPATH=$PWD python benchmarks/bench_checkpoint.py --writers --repeats 3`.
+    Kept over safetensors' own writers (issue 14: drop it if they are within 10%) because it is
+    much faster where it counts. Saving the 135M training state (1.61 GB), best (median) of 3 on
+    the shared 2-core machine: this way 3.58 s (7.69 s); `save_file()` + chmod (it makes 0600
+    files) + fsync + rereading for the sha256 (its bytes are never in our hands) 6.69 s (12.7 s),
+    1.87x; `save()`, which builds the whole file as one bytes object (the 1.08 GB optimizer state
+    twice over), 15.1 s (17.2 s), 4.2x. `python benchmarks/bench_checkpoint.py --writers --repeats 3`.
     """
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
