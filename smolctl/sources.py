@@ -110,8 +110,7 @@ def resolve(spec: str | Path) -> Path:
 def verify(path: Path) -> None:
     """A checkpoint's manifest against its files (a directory without one -- an HF model, an
     import -- has nothing to check). Once per process: `generate` resolves, then loads."""
-    from smolctl.checkpoint import MANIFEST
-    from smolctl.checkpoint import verify as verify_checkpoint
+    from smolctl.checkpoint import MANIFEST, verify as verify_checkpoint
     from smolctl.metadata import META, read_meta
 
     if (path / MANIFEST).is_file() and path.resolve() not in _VERIFIED:
