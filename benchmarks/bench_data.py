@@ -5,8 +5,8 @@
 run.py compares the background worker's rate with the tokens/s of each training configuration
 (target: at least 20x, so the pipeline never starves a step).
 
-Reads the corpus (examples/sample/train.jsonl, or a generated local .jsonl) through smolctl's
-BlockStream and `batches()` exactly as `train()` does -- datasets' streaming json reader, the
+Reads the corpus (the bundled sample's train.parquet, or a generated local .jsonl) through smolctl's
+BlockStream and `batches()` exactly as `train()` does -- datasets' streaming reader, the
 bundled SmolLM2 tokenizer, packing into 257-token blocks with resumable state -- both inline
 (num_workers=0) and in the background worker train() uses (num_workers=1).
 """
