@@ -27,6 +27,7 @@ from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token
 from smolctl.rundir import data_flags, resume_point
+from smolctl.sources import load, with_init_model
 
 
 @dataclass
@@ -100,7 +101,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     from smolctl.model import build_model
 
     if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
-        cfg = cfg.with_init_model()
+        cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     mixed = _mixed_precision(cfg)
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
@@ -130,8 +131,6 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     optimizer = _adamw(model, cfg)
     state, window_sum, optim_state = TrainState(), 0.0, None
     if cfg.init_from and resume_path is None:  # continued pretraining: step 0 only; a resume has its own weights
-        from smolctl.sources import load
-
         model.load_state_dict(load(cfg.init_from, dtype=torch.float32).model.state_dict())
     if resume_path is not None:
         model.load_state_dict(ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS)), strict=not mcfg.tie_embeddings)
@@ -184,7 +183,7 @@ def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
     from smolctl.data import first_document
 
     if cfg.init_from:
-        cfg = cfg.with_init_model()
+        cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     cfg.model_config()
     resume_point(cfg, run_dir, None, overwrite, 1)

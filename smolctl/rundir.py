@@ -21,7 +21,7 @@ from smolctl import checkpoint as ckpt_io
 from smolctl import fsutil
 from smolctl.config import RESUMABLE, TrainConfig
 from smolctl.errors import SmolctlError
-from smolctl.launch import resume_command
+from smolctl.checkpoint import resume_command
 
 LOG = "train.log"  # the human-readable log, in the run directory: one log per run
 

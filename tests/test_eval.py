@@ -18,9 +18,9 @@ SEQ, BATCH = 16, 3
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random model saved as an HF directory (transformers loads it on its own)."""
-    from smolctl.checkpoint import save_model
     from smolctl.config import ModelConfig
     from smolctl.model import build_model
+    from smolctl.model_io import save_model
 
     torch.manual_seed(3)
     cfg = ModelConfig(**TINY_GEN)
@@ -66,7 +66,7 @@ def reference_loss(model_dir: Path, ids: list[int], tokens: int) -> tuple[float,
 
 @pytest.mark.parametrize("tokens", [10**6, 50, SEQ * BATCH * 2])
 def test_evaluate_scores_every_prediction_up_to_the_amount(tmp_path, model_dir, tokens):
-    from smolctl.checkpoint import load_model
+    from smolctl.model_io import load_model
 
     corpus = write_corpus(tmp_path / "heldout.jsonl", n_docs=9, seed=4)
     ids = stream_of(corpus)
