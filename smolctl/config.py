@@ -267,8 +267,9 @@ class TrainConfig:
                                   resumable=True)
     shuffle_buffer: int = setting(0, "Shuffle blocks through a buffer of N; 0 keeps the stream order.", ge=0,
                                   le=2**20)
-    num_workers: int = setting(1, "0: tokenize in the training process; 1: in a background worker.",
-                               choices=(0, 1), resumable=True)
+    num_workers: int | None = setting(None, "Background processes that tokenize the data (0: the training "
+                                      "process does); default: one per spare CPU core, 1 to 4. Any number "
+                                      "gives the same blocks in the same order.", ge=0, le=64, resumable=True)
     # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * processes
     batch_size: int = setting(8, "Micro-batch per device.", gt=0, le=2**16)
     seq_len: int | None = setting(None, "Tokens per sequence (default: the model's context, 2048 for "

@@ -84,7 +84,8 @@ smolctl.train.plot_loss = plot_loss
     assert not (tmp_path / "cache" / "smolctl" / "crash").exists()
 
 
-def test_a_bug_in_the_data_worker_ends_the_run_without_hanging(tmp_path, corpus):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bug_in_the_data_worker_ends_the_run_without_hanging(tmp_path, corpus, workers):
     """An unexpected exception inside the background worker: one line, exit 1, and the process
     exits -- it once printed the line, then waited forever for the worker, which ignores SIGTERM."""
     plant = """
@@ -93,7 +94,7 @@ def token_ids(*args, **kwargs):
     raise IndexError("planted in the worker")
 smolctl.data.token_ids = token_ids
 """
-    cfg = micro_config(tmp_path, batch_size=2, seq_len=16, num_workers=1)
+    cfg = micro_config(tmp_path, batch_size=2, seq_len=16, num_workers=workers)
     run = tmp_path / "run"
     r = smolctl("train", "--config", cfg, "--data", corpus, "--max-steps", 2, "--run-dir", run, "--no-dashboard",
                 env={**shim(tmp_path, plant), "XDG_CACHE_HOME": str(tmp_path / "cache")}, cwd=tmp_path)
@@ -150,18 +151,18 @@ def test_a_closed_stdout_pipe_is_a_quiet_exit(tmp_path):
 
 # -- the data worker -------------------------------------------------------------------------------
 
-def test_the_data_worker_dies_with_its_trainer(tmp_path):
-    """SIGKILL a `smolctl train` that tokenizes in a background worker: no process of it is left.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_data_workers_die_with_their_trainer(tmp_path, workers):
+    """SIGKILL a `smolctl train` that tokenizes in background workers: no process of it is left.
 
-    Long documents make each batch's data state big (the tokens carried over to the next block),
-    so the worker's queue to the trainer is full when the trainer dies: a worker that outlives it
-    blocks there forever."""
+    Long documents make each chunk of tokens a worker sends big, so the queue to the trainer is
+    full when the trainer dies: a worker that outlives it blocks there forever."""
     import psutil
 
     words = " ".join(f"w{i % 997}" for i in range(100_000))
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{n} {words}"}) + "\n" for n in range(4)))
-    cfg = micro_config(tmp_path, batch_size=2, seq_len=64, num_workers=1)
+    cfg = micro_config(tmp_path, batch_size=2, seq_len=64, num_workers=workers)
     run = tmp_path / "run"
     log = open(tmp_path / "out.txt", "w")
     p = subprocess.Popen([sys.executable, "-m", "smolctl", "train", "--config", str(cfg), "--data", str(corpus),
@@ -174,9 +175,9 @@ def test_the_data_worker_dies_with_its_trainer(tmp_path):
             assert p.poll() is None, (tmp_path / "out.txt").read_text()
             assert time.monotonic() < deadline, "no training step within 120 s"
             time.sleep(0.2)
-        time.sleep(1)  # the worker runs ahead and fills its queue
+        time.sleep(1)  # the workers run ahead and fill their queue
         children = psutil.Process(p.pid).children(recursive=True)
-        assert children, "the worker should be a child process of the trainer"
+        assert len(children) == workers, "the workers should be the trainer's child processes"
         p.send_signal(signal.SIGKILL)
         p.wait()
         _, alive = psutil.wait_procs(children, timeout=10)

@@ -1,4 +1,5 @@
 import json
+import os
 import time
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from conftest import write_corpus
 
 from smolctl import data
-from smolctl.data import BlockStream, DataSpec, batches
+from smolctl.data import BlockStream, DataSpec, auto_workers, batches
 from smolctl.errors import SmolctlError
 from smolctl.tokenizer import load_tokenizer
 
@@ -54,6 +55,77 @@ def test_resume_twice_gives_the_identical_stream(corpus, shuffle, workers):
     resumed = [b for b, _ in first + second + rest]
     assert len(resumed) == len(straight)
     assert all(torch.equal(a, b) for a, (b, _) in zip(resumed, straight))
+
+
+# -- several workers -----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 documents: the 24-document corpus is 8 chunks an epoch, shared out among the
+    workers (DataLoader workers are forked, so they see the patched value)."""
+    monkeypatch.setattr(data, "TOKENIZE_DOCS", 3)
+
+
+def same(got, want) -> bool:
+    """Two runs of (batch, state): the same batches, and states that resume alike."""
+    def equal(a, b):
+        return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+    return len(got) == len(want) and all(
+        torch.equal(b1, b2) and s1.keys() == s2.keys() and all(equal(s1[k], s2[k]) for k in s1)
+        for (b1, s1), (b2, s2) in zip(got, want))
+
+
+@pytest.mark.parametrize("shuffle", [0, 5])
+def test_any_number_of_workers_gives_the_same_blocks_and_states(corpus, small_chunks, shuffle):
+    spec = DataSpec.parse(str(corpus))
+    kw = dict(seq_len=15, batch_size=2, shuffle_buffer=shuffle, seed=3, max_epochs=2)
+    inline = take(BlockStream(spec, **kw))
+    assert len({s["docs"] for _, s in inline}) > 6  # the batches end in many chunks: every worker had some
+    for workers in (1, 2, 3):
+        assert same(take(BlockStream(spec, **kw), workers=workers), inline), workers
+
+
+@pytest.mark.parametrize("shuffle", [0, 5])
+def test_a_resume_may_change_the_number_of_workers(corpus, small_chunks, shuffle):
+    spec = DataSpec.parse(str(corpus))
+    kw = dict(seq_len=15, batch_size=2, shuffle_buffer=shuffle, seed=3, max_epochs=2)
+
+    def resumed(workers):  # 7 batches (mid-chunk, mid-epoch), 30 more (into epoch 2), the rest
+        out, state = [], None
+        for n, w in zip((7, 30, None), workers):
+            out += take(BlockStream(spec, state=state, **kw), n, w)
+            state = out[-1][1]
+        return out
+
+    straight = take(BlockStream(spec, **kw), workers=1)
+    got = resumed((2, 3, 0))
+    assert got[36][1]["epoch"] == 1
+    assert len(got) == len(straight) and all(torch.equal(a, b) for (a, _), (b, _) in zip(got, straight))
+    assert same(got, resumed((0, 0, 0)))  # and the states (datasets' counters differ after a resume)
+
+
+def test_an_error_in_a_later_workers_share_arrives_after_the_blocks_before_it(tmp_path, small_chunks):
+    """Document 4 is in chunk 1, worker 1's: chunk 0's blocks come out, then its one-line error."""
+    path = write_corpus(tmp_path / "c.jsonl", n_docs=9)
+    lines = path.read_text().splitlines()
+    lines[4] = json.dumps({"text": None})
+    path.write_text("\n".join(lines) + "\n")
+    got = []
+    with pytest.raises(SmolctlError, match="holds NoneType, not text"):
+        for item in batches(BlockStream(DataSpec.parse(str(path)), seq_len=3, batch_size=1), 2):
+            got.append(item[0])
+    chunk0 = stream_tokens([write_corpus(tmp_path / "first3.jsonl", n_docs=3)])
+    assert torch.cat(got).flatten().tolist() == chunk0[:len(got) * 4] and len(chunk0) - len(got) * 4 < 4
+
+
+@pytest.mark.parametrize("cores, processes, workers", [(1, 1, 1), (2, 1, 1), (8, 1, 4), (16, 1, 4),
+                                                       (8, 2, 3), (16, 8, 1)])
+def test_auto_workers_leaves_a_core_to_each_trainer(monkeypatch, cores, processes, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    assert auto_workers() == workers
 
 
 def test_shuffle_changes_order_not_content(corpus):
@@ -125,7 +197,7 @@ def test_bad_corpora(tmp_path, setup, words):
         take(BlockStream(DataSpec.parse(str(path)), seq_len=7, batch_size=1), 1)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 def test_non_utf8_text_is_a_clear_error(tmp_path, workers):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     with pytest.raises(SmolctlError, match="not UTF-8"):

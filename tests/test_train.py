@@ -83,6 +83,19 @@ def test_resume_is_bit_exact_after_one_and_two_resumes(micro_cfg, tmp_path, shuf
     assert resumed == straight  # bit for bit
 
 
+def test_resume_with_another_number_of_data_workers_is_exact(micro_cfg, tmp_path, monkeypatch):
+    """The number of workers moves the tokenizing, not the blocks: resume may change it (no
+    --allow-config-change: num_workers is resumable) and the run continues bit for bit."""
+    from smolctl import data
+
+    monkeypatch.setattr(data, "TOKENIZE_DOCS", 3)  # 8 chunks an epoch, shared out among the workers
+    train(micro_cfg(num_workers=0), tmp_path / "straight")
+    train(micro_cfg(num_workers=2), tmp_path / "resumed")
+    train(micro_cfg(num_workers=3), tmp_path / "resumed", resume="4")
+    train(micro_cfg(num_workers=1), tmp_path / "resumed", resume="8")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
 def test_checkpoint_contents_and_manifest(micro_cfg, tmp_path):
     train(micro_cfg(max_steps=4), tmp_path / "run")
     final = tmp_path / "run" / "checkpoints" / "final"
