@@ -71,7 +71,7 @@ class DataSpec:
             path = SAMPLE_DIR / f"{split}.parquet"
             if not path.is_file():
                 raise SmolctlError(f"the bundled sample corpus is missing ({path}): this installation is broken",
-                                   hint=f"Reinstall smolctl (from a clone: pip install --force-reinstall .), "
+                                   hint=f"Reinstall smolctl with pip, "
                                         f"or point {flag} at your files", exit_code=1)
             return cls("parquet", "", files=(str(path),), text_column=text_column, flags=flags)
         if data in ("cosmopedia-v2", "smollm-corpus", "hub"):
