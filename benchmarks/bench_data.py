@@ -2,8 +2,8 @@
 
     python benchmarks/bench_data.py [--tokens 1500000] [--workers 0,1,2]
 
-Reads the corpus (examples/sample/train.jsonl, or a generated local .jsonl) through smolctl's
-BlockStream and `batches()` exactly as `train()` does -- datasets' streaming json reader, the
+Reads the corpus (the bundled sample's train.parquet, or a generated local .jsonl) through smolctl's
+BlockStream and `batches()` exactly as `train()` does -- datasets' streaming reader, the
 bundled SmolLM2 tokenizer, packing into 257-token blocks with resumable state -- inline
 (num_workers=0) and with N background workers (the trainer process packs what they tokenize).
 

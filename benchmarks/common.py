@@ -130,10 +130,13 @@ WORDS = ("the a model learns tokens from text every step small language data str
 
 
 def corpus(min_tokens: int = 2_000_000) -> Path:
-    """examples/sample/train.jsonl when the repository has it, else a generated local .jsonl
-    (cached under benchmarks/results/.cache/) of roughly `min_tokens` tokens."""
-    sample = ROOT / "examples" / "sample" / "train.jsonl"
-    if sample.is_file() and sample.stat().st_size > 4 * min_tokens // 2:
+    """The bundled sample's train split (smolctl/assets/sample/train.parquet) when it holds
+    `min_tokens` tokens, else a generated local .jsonl (cached under benchmarks/results/.cache/) of
+    roughly `min_tokens` tokens."""
+    import pyarrow.parquet as pq
+
+    sample = ROOT / "smolctl" / "assets" / "sample" / "train.parquet"
+    if sample.is_file() and sum(pq.read_table(sample, columns=["token_length"])[0].to_pylist()) >= min_tokens:
         return sample
     path = RESULTS / ".cache" / f"corpus-{min_tokens}.jsonl"
     if not path.is_file():

@@ -1,7 +1,8 @@
-"""Checkpoints: self-describing directories of safetensors files, written atomically.
+"""Training checkpoints: self-describing directories of safetensors files, written atomically,
+verified against their manifest, found and pruned.
 
-A checkpoint directory is also a Hugging Face model directory (config.json + model.safetensors
-with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` loads it too:
+A checkpoint directory is a model directory (model_io.py: config.json + model.safetensors, which
+`LlamaForCausalLM.from_pretrained(ckpt)` loads too) plus what resuming needs:
 
     runs/demo/checkpoints/step-00000500/
         config.json          transformers' LlamaConfig (the architecture)
@@ -15,8 +16,8 @@ with transformers' tensor names), so `LlamaForCausalLM.from_pretrained(ckpt)` lo
 
 It is written into a temporary directory and renamed into place only when complete, so a
 crash mid-save leaves the previous checkpoint as the latest. Nothing here unpickles: tensors
-come from safetensors, everything else is JSON. Every file is written with open(), so it gets the
-umask's mode like any other file (safetensors' own save_file makes its file 0600).
+come from safetensors, everything else is JSON. Every file is fsynced and hashed as it is
+written (safetensors_io.py), so the manifest never rereads them.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,149 +35,23 @@ from safetensors.torch import load_file
 
 from smolctl import fsutil
 from smolctl.config import ModelConfig
-from smolctl.data import tuples
 from smolctl.errors import SmolctlError
-from smolctl.metadata import META, CheckpointMeta, model_config_of, read_meta
+from smolctl.metadata import META, CheckpointMeta, read_meta
+from smolctl.model_io import WEIGHTS, write_config
+from smolctl.safetensors_io import file_sha256, write_file, write_json, write_tensors
 
-WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 IN_SAFETENSORS = "<in optimizer.safetensors>"  # optimizer.json's stand-in for a tensor
 
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors as saved: contiguous, with a tied lm_head dropped (it is the embedding)."""
-    state = model.state_dict()
-    if model.lm_head.weight is model.model.embed_tokens.weight:
-        state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def write_config(cfg: ModelConfig, out: Path, **extra) -> None:
-    """config.json: transformers' LlamaConfig (`extra`: more of its fields), and two additions.
-
-    pad_token_id = the EOS unless given, as SmolLM2-Instruct has it: training packs blocks and never
-    pads, but runtimes that batch prompts need an id (transformers warns without one). Only in the
-    file: in the LlamaConfig we train, a pad id would freeze that embedding row (padding_idx).
-    rope_theta at the top level too: transformers 5 keeps it only in rope_parameters, and 4.x and
-    llama.cpp's converter read the top-level key (silently falling back to 10,000 without it)."""
-    conf = json.loads(cfg.to_hf(**{"pad_token_id": cfg.eos_token_id, **extra}).to_json_string())
-    conf.setdefault("rope_theta", cfg.rope_theta)
-    (Path(out) / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-
-
-def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra: dict | None = None) -> None:
-    """Write config.json, model.safetensors and smolctl.json into `out` (which must exist)."""
-    out = Path(out)
-    write_config(cfg, out)
-    write_tensors(out / WEIGHTS, model_state(model), {"format": "pt"})
-    meta = {"model": cfg.to_dict(), **(extra or {})}
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, cfg) from a checkpoint or HF model directory holding model.safetensors."""
-    path = Path(path)
-    cfg = model_config_of(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise SmolctlError(f"no {WEIGHTS} in {path}", hint="Pass a checkpoint or HF model directory with safetensors weights")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as e:  # safetensors' own error type: a header that isn't one, a short file
-        raise SmolctlError(f"{weights} is not a valid safetensors file ({' '.join(str(e).split())[:120]})",
-                           hint="The file is damaged or not safetensors; re-export or re-download it") from None
-    return model_from_state(cfg, state, device, dtype, source=weights)
-
-
-def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                     dtype: torch.dtype | None = None, source: str | Path = "the weights"):
-    """An eval-mode model for `cfg` holding `state`'s tensors (assigned, not copied: no second allocation)."""
-    from smolctl.model import build_model
-
-    model = build_model(cfg, device="meta")
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    hint = "The checkpoint is damaged or from another model"
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # shapes that disagree with config.json
-        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise SmolctlError(f"{source} does not match its config: {first[:160]}", hint=hint) from None
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise SmolctlError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}",
-                           hint=hint)
-    if cfg.tie_embeddings:
-        model.tie_weights()
-    _rebuild_rotary(model, cfg, device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval(), cfg
-
-
-def _rebuild_rotary(model, cfg: ModelConfig, device) -> None:
-    """Non-persistent buffers (RoPE inv_freq) are not in the file: rebuild them off the meta device."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    with torch.device(device):
-        model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
-
-
-# -- training checkpoints ----------------------------------------------------------------------
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def write_file(path: Path, data: bytes | list) -> None:
-    """Write and fsync: the bytes are on disk before the manifest says so.
-
-    `data` is bytes or a list of buffers (memoryviews of tensors: see write_tensors). Their sha256
-    is computed from memory in a second thread while they are written (hashlib and file writes
-    both release the GIL) and remembered for the manifest, so finalize() never rereads the file.
-    """
-    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(fsutil.sha256, chunks)
-        with open(path, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        stat = os.stat(path)
-        _DIGESTS[os.path.abspath(path)] = (stat.st_size, stat.st_mtime_ns, digest.result())
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`'s format, written straight from the tensors' memory.
-
-    safetensors' `save()` builds the whole file as one Python bytes object (two copies of 1 GB
-    for the 135M optimizer state); this writes each tensor's own buffer. Layout as safetensors
-    does it: an 8-byte little-endian header size, a JSON header padded with spaces to 8 bytes,
-    then the tensors ordered by element size (largest first, so each is aligned), then name.
-    """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    views = [memoryview(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()) for k in order]
-    write_file(path, [struct.pack("<Q", len(head)), head, *views])
-
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256) of what write_file wrote
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_file(path, (json.dumps(obj, indent=1) + "\n").encode())
+def resume_command(run_dir: Path, world: int, step: int | str = "latest") -> str:
+    """The command that continues `run_dir` from its checkpoint at `step`, with `world` processes."""
+    again = f" --num-processes {world}" if world > 1 else ""
+    return f"smolctl resume{again} --run-dir {run_dir} --from {step}"
 
 
 def staging_path(final: Path) -> Path:
@@ -286,7 +159,7 @@ def save_rank_state(tmp: Path, rank: int, data_state: dict) -> None:
 def finalize(tmp: Path, final: Path) -> None:
     """Write the manifest, then rename the finished directory into place (replacing an older one)."""
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {"files": {p.name: {"sha256": _sha256(p, written=True), "bytes": p.stat().st_size} for p in files},
+    manifest = {"files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files},
                 "time": time.time()}
     write_json(tmp / MANIFEST, {**manifest, "sha256": _manifest_sha256(manifest)})
     fsutil.publish(tmp, final, aside=final.parent / f".old-{final.name}")
@@ -426,7 +299,8 @@ def load_training_state(ckpt: Path, rank: int, world_size: int) -> tuple[Checkpo
     comes back later, through `load_optimizer`, once the model is wrapped."""
     meta = check_world_size(ckpt, world_size)
     rng = json.loads((ckpt / f"rng-rank{rank}.json").read_text())
-    random.setstate(tuples(rng["python"]))
+    version, internal, gauss = rng["python"]  # JSON made getstate()'s tuples lists
+    random.setstate((version, tuple(internal), gauss))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
     rng_t = load_file(str(ckpt / f"rng-rank{rank}.safetensors"))
     torch.set_rng_state(rng_t["torch"])
@@ -480,13 +354,3 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def _numpy_rng() -> list:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _sha256(path: Path, written: bool = False) -> str:
-    """The file's sha256; with `written`, the one write_file computed if the file is unchanged since."""
-    if written:
-        stat = os.stat(path)
-        size, mtime, digest = _DIGESTS.pop(os.path.abspath(path), (None, None, None))
-        if (size, mtime) == (stat.st_size, stat.st_mtime_ns):
-            return digest
-    return fsutil.sha256(path)

@@ -243,21 +243,6 @@ def write_mapping(path: str | Path, data: dict[str, Any]) -> None:
         fsutil.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def resolve_model_config(preset: str | None = None, config: str | Path | None = None,
-                         model: str | Path | None = None) -> ModelConfig:
-    """The config named by one of --preset / --config / --model (the preset default is 135M)."""
-    given = [x for x in (preset, config, model) if x is not None]
-    if len(given) > 1:
-        raise SmolctlError("give only one of --preset, --config and --model")
-    if config is not None:
-        return ModelConfig.from_file(config)
-    if model is not None:
-        from smolctl.sources import model_config
-
-        return model_config(model)
-    return ModelConfig.from_preset(preset or DEFAULT_PRESET)
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run is, each field with its help text and range (see schema.py): the
@@ -334,36 +319,6 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict({"preset": self.preset or DEFAULT_PRESET, **self.model})
-
-    def with_init_model(self) -> TrainConfig:
-        """For a fresh run from `init_from`: that model's config and tokenizer, pinned into this
-        config (written to config.yaml, so that a resume never reads the source again).
-
-        The model config comes from the source. An explicit one (a preset, a `model:` section)
-        that differs from it anywhere but the name and the init std is refused, and so is a
-        tokenizer with more tokens than the model's vocabulary.
-        """
-        from smolctl.sources import model_config, tokenizer_of
-        from smolctl.tokenizer import load_tokenizer
-
-        source = model_config(self.init_from)
-        if self.preset is not None or self.model:
-            mine = self.model_config()
-            diff = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "init_std")
-                    and getattr(mine, f.name) != getattr(source, f.name)]
-            if diff:
-                raise SmolctlError(f"--init-from {self.init_from} does not fit this run's model config ("
-                                   + ", ".join(f"{k} {getattr(source, k)} there, {getattr(mine, k)} here" for k in diff)
-                                   + ")", hint="Leave --preset and the config's model section out: "
-                                               "the model config comes from --init-from")
-        tokenizer = self.tokenizer if self.tokenizer is not None else tokenizer_of(self.init_from)
-        n_tokens = len(load_tokenizer(tokenizer))
-        if n_tokens > source.vocab_size:
-            raise SmolctlError(f"the tokenizer has {n_tokens:,} tokens, more than the "
-                               f"vocabulary of --init-from {self.init_from} ({source.vocab_size:,})",
-                               hint="Use the model's own tokenizer (leave --tokenizer out)")
-        model = dataclasses.replace(source, name=Path(self.init_from).stem)  # not config.json's "config"
-        return dataclasses.replace(self, preset=None, model=model.to_dict(), tokenizer=tokenizer)
 
     def with_flags(self, flags: dict[str, Any]) -> TrainConfig:
         """These values (by field name, None: not given) over this config; errors name them as flags."""

@@ -40,7 +40,7 @@ import torch
 
 from smolctl.errors import SmolctlError
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "sample"  # package data: {train,heldout}.parquet
 HUB_DEFAULT = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 TOKENIZE_DOCS = 64  # documents tokenized per call (the Rust tokenizer batches them)
@@ -68,11 +68,12 @@ class DataSpec:
         dataset repo, read the same way), or local files: a file, directory or glob."""
         flag = flags[0]
         if data == "sample":
-            path = SAMPLE_DIR / f"{split}.jsonl"
+            path = SAMPLE_DIR / f"{split}.parquet"
             if not path.is_file():
-                raise SmolctlError(f"the bundled sample corpus is missing ({path})",
-                                   hint=f"Run from a clone of the smolctl repository, or point {flag} at your files")
-            return cls("json", "", files=(str(path),), text_column=text_column, flags=flags)
+                raise SmolctlError(f"the bundled sample corpus is missing ({path}): this installation is broken",
+                                   hint=f"Reinstall smolctl (from a clone: pip install --force-reinstall .), "
+                                        f"or point {flag} at your files", exit_code=1)
+            return cls("parquet", "", files=(str(path),), text_column=text_column, flags=flags)
         if data in ("cosmopedia-v2", "smollm-corpus", "hub"):
             return cls("hub", HUB_DEFAULT[0], HUB_DEFAULT[1], text_column=text_column, flags=flags)
         files = _local_files(data)

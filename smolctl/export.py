@@ -175,8 +175,8 @@ def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "mo
     from safetensors.torch import save
     from transformers import GenerationConfig
 
-    from smolctl.checkpoint import WEIGHTS, model_state, write_config
     from smolctl.dtypes import torch_dtype as to_torch
+    from smolctl.model_io import WEIGHTS, model_state, write_config
     from smolctl.tokenizer import save_tokenizer
 
     cfg, tok = loaded.cfg, loaded.tokenizer
@@ -207,8 +207,8 @@ def write_gguf(loaded, out: Path, dtype: str, progress: Progress, label: str = "
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    from smolctl.checkpoint import model_state
     from smolctl.gguf_io import hf_to_gguf_name, to_gguf_rows
+    from smolctl.model_io import model_state
 
     cfg = loaded.cfg
     qtype = {"fp32": Q.F32, "fp16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]

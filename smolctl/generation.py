@@ -14,8 +14,8 @@ The loop is our own (model forward + transformers' DynamicCache under inference_
 than `model.generate` + a streamer thread: it streams without a thread, stops on stop strings and
 per row without StoppingCriteria subclasses, and fits on a screen. In fp32 it is as fast as
 generate within the noise (0.94x-1.04x at batch 1 across benchmark runs: benchmarks/README.md);
-the CPU wins are in smolctl/fastpath.py (bf16 through torch.mv, int4 weights), which the CLI
-applies after loading.
+the CPU wins are in smolctl/fastpath.py (bf16 through torch.mv, int4 weights), which
+loading.py applies after loading.
 Greedy output equals `model.generate(do_sample=False)` token for token, and seeded sampling
 `model.generate(do_sample=True)`'s (tests/test_generation.py): the logit processors are
 transformers' own, in its order.
@@ -222,6 +222,12 @@ class Generation:
             raise SmolctlError("no prompt given")
         self.results = [Result(prompt_tokens=len(ids)) for ids in self.prompt_ids]
         self.stats = Stats(prompt_tokens=sum(map(len, self.prompt_ids)), rows=len(self.prompt_ids))
+
+    def stats_line(self) -> str:
+        """The speed line generate and chat print to stderr (the first prompt's finish reason)."""
+        st = self.stats
+        return (f"[{st.prompt_tokens} prompt + {st.new_tokens} new tokens, {st.decode_tokens_per_s:.1f} tokens/s, "
+                f"first token after {st.prefill_s:.2f} s, {self.results[0].finish_reason}]")
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)

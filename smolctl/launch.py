@@ -18,11 +18,6 @@ from smolctl.errors import SmolctlError
 LAUNCHED_BY_SMOLCTL = "SMOLCTL_LAUNCHER"
 
 
-def resume_command(run_dir: Path, world: int, step: int | str = "latest") -> str:
-    again = f" --num-processes {world}" if world > 1 else ""
-    return f"smolctl resume{again} --run-dir {run_dir} --from {step}"
-
-
 def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int,
               allow_config_change: bool = False) -> None:
     """Once, before starting N processes: the checks that would otherwise fail in all of them,
@@ -31,10 +26,11 @@ def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: in
     from smolctl import fsutil
     from smolctl.data import DataSpec
     from smolctl.distributed import Place, pick_device
-    from smolctl.train import data_flags, resume_point
+    from smolctl.rundir import data_flags, resume_point
+    from smolctl.sources import with_init_model
 
     if cfg.init_from and resume is None:
-        cfg = cfg.with_init_model()
+        cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     pick_device(cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
     DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
@@ -74,6 +70,8 @@ def launch(n: int, args: list[str], run_dir: Path) -> int:
         rank, failure = min(e.failures.items(), key=lambda kv: (_consequence(kv[1].exitcode), kv[1].timestamp, kv[0]))
         if failure.exitcode > 0 and failure.exitcode != PEER_FAILED_EXIT:
             return failure.exitcode  # it printed why
+        from smolctl.checkpoint import resume_command
+
         how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
                else f"stopped with exit code {failure.exitcode}")
         raise SmolctlError(f"process {rank} of {n} {how}, so the job stopped",

@@ -25,10 +25,39 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self._masks: dict[tuple, torch.Tensor] = {}  # eager attention's causal mask, by shape
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
+        hidden = self.hidden_states(input_ids)  # (B, T, C)
         return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, labels.flatten())
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LlamaModel's forward for whole blocks (no padding, no cache), minus its host sync: on
+        every call transformers checks the positions for packed sequences with an `.all()`, which
+        makes the CPU wait for the GPU once per micro-batch. A block's positions are always 0..T-1:
+        SDPA needs no mask (its is_causal kernel, as transformers picks), eager attention (the
+        compiled CPU path) the additive causal mask transformers would make, made once per shape."""
+        llama = self.model.model
+        impl = llama.config._attn_implementation
+        if impl not in ("sdpa", "eager"):  # flash/flex attention: transformers' own forward
+            return llama(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = llama.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        mask = self._eager_mask(input_ids.shape[1], hidden.dtype, hidden.device) if impl == "eager" else None
+        rope = llama.rotary_emb(hidden, position_ids=positions)
+        for layer in llama.layers[: llama.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=positions)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4.x layers return tuples
+        return llama.norm(hidden)
+
+    def _eager_mask(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(1, 1, T, T): 0 where a position may attend, the dtype's minimum above the diagonal."""
+        key = (length, dtype, device)
+        if key not in self._masks:
+            future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+            self._masks[key] = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(
+                future, torch.finfo(dtype).min)[None, None]
+        return self._masks[key]
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

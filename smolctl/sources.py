@@ -18,6 +18,7 @@ Imported models live in models_dir(): $SMOLCTL_MODELS_DIR, else ~/.cache/smolctl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from smolctl import fsutil
+from smolctl.config import DEFAULT_PRESET, ModelConfig, TrainConfig
 from smolctl.errors import SmolctlError
 
 HINT = ("Pass a run directory, a checkpoint or HF model directory, a .gguf file, a hub id, "
@@ -122,7 +124,7 @@ DAMAGED = "Pass another checkpoint (a run's older ones are under RUN/checkpoints
 _VERIFIED: set[Path] = set()
 
 
-def model_config(spec: str | Path):
+def model_config(spec: str | Path) -> ModelConfig:
     """The config of the model `spec` names (anything --model takes), without reading its weights:
     the one loading would use."""
     from smolctl.metadata import model_config_of
@@ -133,6 +135,19 @@ def model_config(spec: str | Path):
 
         return read_gguf_header(path)[1]
     return model_config_of(path)
+
+
+def resolve_model_config(preset: str | None = None, config: str | Path | None = None,
+                         model: str | Path | None = None) -> ModelConfig:
+    """The config named by one of --preset / --config / --model (the preset default is 135M)."""
+    given = [x for x in (preset, config, model) if x is not None]
+    if len(given) > 1:
+        raise SmolctlError("give only one of --preset, --config and --model")
+    if config is not None:
+        return ModelConfig.from_file(config)
+    if model is not None:
+        return model_config(model)
+    return ModelConfig.from_preset(preset or DEFAULT_PRESET)
 
 
 def tokenizer_of(spec: str | Path) -> str | None:
@@ -150,11 +165,41 @@ def tokenizer_of(spec: str | Path) -> str | None:
     return str(path) if (path / "tokenizer.json").is_file() else None
 
 
+def with_init_model(cfg: TrainConfig) -> TrainConfig:
+    """For a fresh run from `cfg.init_from`: that model's config and tokenizer, pinned into the
+    training config (written to config.yaml, so that a resume never reads the source again).
+
+    The model config comes from the source. An explicit one (a preset, a `model:` section)
+    that differs from it anywhere but the name and the init std is refused, and so is a
+    tokenizer with more tokens than the model's vocabulary.
+    """
+    from smolctl.tokenizer import load_tokenizer
+
+    source = model_config(cfg.init_from)
+    if cfg.preset is not None or cfg.model:
+        mine = cfg.model_config()
+        diff = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "init_std")
+                and getattr(mine, f.name) != getattr(source, f.name)]
+        if diff:
+            raise SmolctlError(f"--init-from {cfg.init_from} does not fit this run's model config ("
+                               + ", ".join(f"{k} {getattr(source, k)} there, {getattr(mine, k)} here" for k in diff)
+                               + ")", hint="Leave --preset and the config's model section out: "
+                                           "the model config comes from --init-from")
+    tokenizer = cfg.tokenizer if cfg.tokenizer is not None else tokenizer_of(cfg.init_from)
+    n_tokens = len(load_tokenizer(tokenizer))
+    if n_tokens > source.vocab_size:
+        raise SmolctlError(f"the tokenizer has {n_tokens:,} tokens, more than the "
+                           f"vocabulary of --init-from {cfg.init_from} ({source.vocab_size:,})",
+                           hint="Use the model's own tokenizer (leave --tokenizer out)")
+    model = dataclasses.replace(source, name=Path(cfg.init_from).stem)  # not config.json's "config"
+    return dataclasses.replace(cfg, preset=None, model=model.to_dict(), tokenizer=tokenizer)
+
+
 def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
     """The model `spec` names, with its own tokenizer: the directory's tokenizer files (checkpoints,
     imports and HF directories carry them), else the bundled one without a chat template (a
     checkpoint written before checkpoints carried their tokenizer is a SmolLM2-vocabulary base model)."""
-    from smolctl.checkpoint import load_model
+    from smolctl.model_io import load_model
     from smolctl.tokenizer import base_tokenizer, load_tokenizer
 
     if spec is None:
@@ -179,8 +224,6 @@ def provenance(path: Path) -> dict:
     return dict(read_meta(path).general) if (path / META).is_file() else {}
 
 
-
-
 # -- the hub -------------------------------------------------------------------------------------
 
 def download_from_hub(repo_id: str) -> Path:
@@ -201,8 +244,8 @@ def download_from_hub(repo_id: str) -> Path:
 
 def load_gguf(path: Path, device: str = "cpu", dtype=None, header=None) -> Loaded:
     """Dequantize a llama GGUF into our model, with the tokenizer the file describes (`header`: see read_gguf)."""
-    from smolctl.checkpoint import model_from_state
     from smolctl.gguf_io import read_gguf
+    from smolctl.model_io import model_from_state
 
     cfg, state, info = read_gguf(path, header)
     state = {k: v.to(device) for k, v in state.items()}
@@ -288,7 +331,7 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
         loaded.cfg.name = dest.name
         source_info = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": fsutil.sha256(gguf_path)}
     with fsutil.atomic_dir(dest) as tmp:
-        from smolctl.checkpoint import save_model
+        from smolctl.model_io import save_model
         from smolctl.tokenizer import save_tokenizer
 
         log(f"Writing {dest}")

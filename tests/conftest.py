@@ -105,8 +105,8 @@ def write_gguf(path, model, cfg, arch="llama", tokenizer=None, bos=1, eos=2, cha
     import gguf
     import numpy as np
 
-    from smolctl.checkpoint import model_state
     from smolctl.gguf_io import hf_to_gguf_name, to_gguf_rows
+    from smolctl.model_io import model_state
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny test model")
@@ -166,9 +166,9 @@ def tiny_base_dir(tmp_path_factory):
     """A tiny random checkpoint directory with no tokenizer files (the bundled one: a base model)."""
     import torch
 
-    from smolctl.checkpoint import save_model
     from smolctl.config import ModelConfig
     from smolctl.model import build_model
+    from smolctl.model_io import save_model
 
     torch.manual_seed(1)
     cfg = ModelConfig(**{**TINY_GEN, "max_seq_len": 64})

@@ -54,3 +54,35 @@ def test_decode_rows_pair_each_smolctl_path_with_the_engine_reading_the_same_wei
     rows = bench_decode.comparisons(table + [engine("llama.cpp", "Q4_1 (GGUF)", 80.0)],
                                     SimpleNamespace(new_tokens=8, threads=1))
     assert rows[-1].ratio == pytest.approx(0.5) and "llama.cpp" in rows[-1].name
+
+
+def test_the_checkpoint_benchmark_saves_and_loads_a_real_checkpoint(tmp_path):
+    """The benchmark on the tiny preset: its save must be one that `find_checkpoint` accepts
+    (verified manifest, training metadata) and that loads; every writer's save must finish."""
+    import json
+
+    import bench_checkpoint
+
+    out = tmp_path / "rows.json"
+    bench_checkpoint.main(["--preset", "tiny", "--repeats", "1", "--writers", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["name"].startswith("save, tiny") and rows[1]["name"].startswith("load")
+    assert [r["name"] for r in rows[2:]] == [f"save with {name}" for name in bench_checkpoint.WRITERS]
+    assert all(r["value"] > 0 and r["baseline_value"] > 0 for r in rows)
+
+
+def test_safetensors_own_writers_in_the_benchmark_write_what_ours_does(tmp_path):
+    """The comparison is fair: the same bytes, and the same file mode (the umask's)."""
+    import os
+
+    import bench_checkpoint
+    import torch
+
+    from smolctl.safetensors_io import write_tensors
+
+    tensors = {"w": torch.randn(5, 3), "step": torch.tensor(3.0), "ids": torch.arange(4)}
+    write_tensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
+    for i, writer in enumerate(bench_checkpoint.WRITERS.values()):
+        writer(tmp_path / f"{i}.safetensors", tensors, {"format": "pt"})
+        assert (tmp_path / f"{i}.safetensors").read_bytes() == (tmp_path / "ours.safetensors").read_bytes()
+        assert os.stat(tmp_path / f"{i}.safetensors").st_mode == os.stat(tmp_path / "ours.safetensors").st_mode

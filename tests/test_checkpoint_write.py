@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from smolctl import checkpoint as ckpt_io
+from smolctl import safetensors_io as st_io
 
 
 @pytest.mark.parametrize("tensors, metadata", [
@@ -17,7 +17,7 @@ from smolctl import checkpoint as ckpt_io
 ])
 def test_write_tensors_writes_exactly_what_safetensors_would(tmp_path, tensors, metadata):
     path = tmp_path / "x.safetensors"
-    ckpt_io.write_tensors(path, tensors, metadata)
+    st_io.write_tensors(path, tensors, metadata)
     assert path.read_bytes() == save(tensors, metadata=metadata)
     back = load_file(str(path))
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
@@ -25,9 +25,9 @@ def test_write_tensors_writes_exactly_what_safetensors_would(tmp_path, tensors, 
 
 def test_the_manifest_digest_is_computed_while_writing_and_matches_the_file(tmp_path):
     path = tmp_path / "x.safetensors"
-    ckpt_io.write_tensors(path, {"w": torch.randn(64, 64)})
+    st_io.write_tensors(path, {"w": torch.randn(64, 64)})
     on_disk = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert ckpt_io._DIGESTS[os.path.abspath(path)][2] == on_disk
-    assert ckpt_io._sha256(path, written=True) == on_disk
-    ckpt_io.write_file(path, b"changed")  # rewritten: the remembered digest follows the new bytes
-    assert ckpt_io._sha256(path, written=True) == hashlib.sha256(b"changed").hexdigest()
+    assert st_io._DIGESTS[os.path.abspath(path)][2] == on_disk
+    assert st_io.file_sha256(path) == on_disk
+    st_io.write_file(path, b"changed")  # rewritten: the remembered digest follows the new bytes
+    assert st_io.file_sha256(path) == hashlib.sha256(b"changed").hexdigest()

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from smolctl.config import PRESETS, ModelConfig, resolve_model_config
+from smolctl.config import PRESETS, ModelConfig
 from smolctl.errors import SmolctlError
+from smolctl.sources import resolve_model_config
 
 
 def seed_config() -> dict:

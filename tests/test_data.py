@@ -175,10 +175,14 @@ def test_local_formats_go_through_datasets_streaming(tmp_path):
     assert blocks[0][0][0].tolist() == ref[:4]
 
 
-def test_sample_corpus_name(tmp_path):
+def test_sample_corpus_name(tmp_path, monkeypatch):
     spec = DataSpec.parse("sample")
-    assert spec.files[0].endswith("examples/sample/train.jsonl")
-    assert DataSpec.parse("sample", split="heldout").files[0].endswith("heldout.jsonl")
+    assert spec.kind == "parquet" and spec.files[0].endswith("smolctl/assets/sample/train.parquet")
+    assert DataSpec.parse("sample", split="heldout").files[0].endswith("smolctl/assets/sample/heldout.parquet")
+    monkeypatch.setattr(data, "SAMPLE_DIR", tmp_path)  # an installation that lost its package data
+    with pytest.raises(SmolctlError, match="the bundled sample corpus is missing .*installation is broken") as e:
+        DataSpec.parse("sample")
+    assert e.value.exit_code == 1 and "Reinstall smolctl" in e.value.hint
 
 
 @pytest.mark.parametrize("setup, words", [

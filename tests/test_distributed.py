@@ -193,7 +193,7 @@ def test_checkpoints_under_fsdp2_sharding_resume_exactly(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     losses = json.loads(out.read_text())
     assert losses["resumed"] == losses["straight"], losses
-    from smolctl.checkpoint import load_model
+    from smolctl.model_io import load_model
 
     model, cfg = load_model(tmp_path / "checkpoints" / "step-00000004")  # no FSDP needed to read it
     assert cfg.num_layers == 2 and model.lm_head.weight is model.model.embed_tokens.weight

@@ -18,9 +18,9 @@ SEQ, BATCH = 16, 3
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random model saved as an HF directory (transformers loads it on its own)."""
-    from smolctl.checkpoint import save_model
     from smolctl.config import ModelConfig
     from smolctl.model import build_model
+    from smolctl.model_io import save_model
 
     torch.manual_seed(3)
     cfg = ModelConfig(**TINY_GEN)
@@ -29,16 +29,22 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def stream_of(jsonl: Path) -> list[int]:
-    """The token stream, by hand: each document's ids, then <|endoftext|> (id 0)."""
+def stream_of(path: Path) -> list[int]:
+    """The token stream of a .jsonl or .parquet corpus, by hand: each document's ids, then
+    <|endoftext|> (id 0)."""
+    import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from smolctl.tokenizer import BUNDLED
 
     tok = AutoTokenizer.from_pretrained(str(BUNDLED))
+    if path.suffix == ".parquet":
+        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    else:
+        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
     ids = []
-    for line in jsonl.read_text(encoding="utf-8").splitlines():
-        ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [0]
+    for text in texts:
+        ids += tok(text, add_special_tokens=False)["input_ids"] + [0]
     return ids
 
 
@@ -60,7 +66,7 @@ def reference_loss(model_dir: Path, ids: list[int], tokens: int) -> tuple[float,
 
 @pytest.mark.parametrize("tokens", [10**6, 50, SEQ * BATCH * 2])
 def test_evaluate_scores_every_prediction_up_to_the_amount(tmp_path, model_dir, tokens):
-    from smolctl.checkpoint import load_model
+    from smolctl.model_io import load_model
 
     corpus = write_corpus(tmp_path / "heldout.jsonl", n_docs=9, seed=4)
     ids = stream_of(corpus)
@@ -74,12 +80,13 @@ def test_evaluate_scores_every_prediction_up_to_the_amount(tmp_path, model_dir, 
     assert loss == pytest.approx(want, rel=1e-5)
 
 
-def test_eval_command_scores_the_whole_short_split(cli, model_dir):
-    """The default data is the sample's held-out split, shorter than --tokens: all of it is scored."""
-    ids = stream_of(SAMPLE_DIR / "heldout.jsonl")
-    r = cli("eval", "--model", model_dir, "--seq-len", 64)
+def test_eval_command_scores_the_whole_held_out_split(cli, model_dir):
+    """The default data is the sample's held-out split; asked for more than it has, all of it is scored."""
+    ids = stream_of(SAMPLE_DIR / "heldout.parquet")
+    asked = len(ids) + 1000
+    r = cli("eval", "--model", model_dir, "--seq-len", 64, "--tokens", asked)
     assert r.exit_code == 0, r.output
-    assert f"scored {len(ids) - 1:,} tokens (all the data has; --tokens asked for 32,768)" in r.output
+    assert f"scored {len(ids) - 1:,} tokens (all the data has; --tokens asked for {asked:,})" in r.output
     r = cli("eval", "--model", model_dir, "--seq-len", 64, "--tokens", 1000, "--json")
     result = json.loads(r.output[r.output.index("{"):])
     assert result["tokens"] == result["tokens_requested"] == 1000

@@ -38,8 +38,8 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tok):
     """A tiny checkpoint trained on TRAIN: 20 full-text AdamW steps take the loss from ≈ 11 to < 1."""
-    from smolctl.checkpoint import save_model
     from smolctl.model import build_model
+    from smolctl.model_io import save_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(**TINY)
@@ -118,7 +118,7 @@ def test_hf_tokenizer_and_generation_config(exported, tok):
 
 
 def test_hf_round_trip_is_bit_identical(tiny, exported):
-    from smolctl.checkpoint import load_model, model_state
+    from smolctl.model_io import load_model, model_state
 
     _, model, cfg = tiny
     back, back_cfg = load_model(exported("hf", "fp32"))
@@ -131,7 +131,7 @@ def test_hf_round_trip_is_bit_identical(tiny, exported):
 def test_hf_bf16_holds_the_rounded_weights(tiny, exported):
     from safetensors.torch import load_file
 
-    from smolctl.checkpoint import model_state
+    from smolctl.model_io import model_state
 
     out = exported("hf", "bf16")
     stored = load_file(str(out / "model.safetensors"))
@@ -210,7 +210,7 @@ def test_gguf_quantized_argmax_agrees_on_held_out_text(tiny, exported, tok, llam
 def test_gguf_round_trip(tiny, exported, dtype):
     """Read back (dequantize, un-permute, rename): f32 is bit-identical, f16/bf16 are exactly
     the rounded weights, q8_0 is within half a quantisation step of each 32-weight block."""
-    from smolctl.checkpoint import model_state
+    from smolctl.model_io import model_state
 
     _, model, cfg = tiny
     back = read_gguf_state(exported("gguf", dtype), cfg)

@@ -19,6 +19,7 @@ import pytest
 from conftest import MICRO, kill_tree, write_corpus
 
 from smolctl import checkpoint as ckpt_io
+from smolctl import safetensors_io
 
 STEPS, SAVE_EVERY = 64, 2
 
@@ -357,7 +358,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survive
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    real, calls = ckpt_io.write_file, []
+    real, calls = safetensors_io.write_file, []
 
     def write_file(path, data):
         calls.append(path.name)
@@ -365,14 +366,14 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survive
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(ckpt_io, "write_file", write_file)
+    monkeypatch.setattr(safetensors_io, "write_file", write_file)
     r = cli("resume", "--run-dir", run, "--from", 3, "--save-every", 1, "--no-dashboard")  # saves 4, then 5 fails
     assert r.exit_code == 1, r.output
     line = one_error_line(r)
     assert "could not save checkpoint" in line and "step-00000005: No space left on device" in line
     assert "model.safetensors" in line and "smolctl resume --run-dir" in line and "--from latest" in line
     assert not list((run / "checkpoints").glob(".tmp-*"))
-    monkeypatch.setattr(ckpt_io, "write_file", real)
+    monkeypatch.setattr(safetensors_io, "write_file", real)
     assert ckpt_io.find_checkpoint(run, "latest").name == "step-00000004"
     r = cli("resume", "--run-dir", run, "--from", "latest", "--no-dashboard")
     assert r.exit_code == 0 and "Done: step 6" in r.output

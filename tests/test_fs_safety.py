@@ -156,7 +156,7 @@ def test_a_signal_mid_write_leaves_nothing(run, tiny_chat_gguf, tmp_path, what, 
     module, func, args = {
         "export-hf": ("smolctl.export", "write_hf", ["export", "--model", run, "--out", tmp_path / "out" / "hf"]),
         "export-gguf": ("smolctl.export", "write_gguf", ["export", "--model", run, "--out", tmp_path / "out" / "m.gguf"]),
-        "import": ("smolctl.checkpoint", "save_model", ["import", tiny_chat_gguf[0], "--out", tmp_path / "out" / "imp"]),
+        "import": ("smolctl.model_io", "save_model", ["import", tiny_chat_gguf[0], "--out", tmp_path / "out" / "imp"]),
     }[what]
     (tmp_path / "out").mkdir()
     marker = tmp_path / "written"

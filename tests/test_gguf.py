@@ -4,9 +4,9 @@ import pytest
 import torch
 from test_export import llama_logits  # llama, the fixture (llama.cpp with the AMX workaround), is in conftest.py
 
-from smolctl.checkpoint import model_state
 from smolctl.errors import SmolctlError
 from smolctl.gguf_io import from_gguf_rows, read_gguf, to_gguf_rows
+from smolctl.model_io import model_state
 from smolctl.sources import default_name, import_model, load
 
 

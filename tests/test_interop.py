@@ -350,9 +350,9 @@ def test_dtype_vocabulary_is_shared(cli, tiny_base_dir, tmp_path):
 def small(tmp_path_factory, custom_tok_dir):
     """A tiny random model on the 320-token tokenizer, saved as a checkpoint with its tokenizer: GGUF
     readers index every token string, so a small vocabulary keeps each load to a second."""
-    from smolctl.checkpoint import save_model
     from smolctl.config import ModelConfig
     from smolctl.model import build_model
+    from smolctl.model_io import save_model
     from smolctl.sources import load
     from smolctl.tokenizer import load_tokenizer, save_tokenizer
 

@@ -6,9 +6,10 @@ import signal
 import pytest
 import torch
 
+from smolctl.checkpoint import resume_command
 from smolctl.distributed import PEER_FAILED_EXIT, Place, pick_device, place
 from smolctl.errors import SmolctlError
-from smolctl.launch import _consequence, resume_command, without_option
+from smolctl.launch import _consequence, without_option
 
 LAUNCH_ENV = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU does")

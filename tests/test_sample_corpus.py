@@ -1,23 +1,23 @@
-"""The bundled sample corpus (examples/sample/) and the rules of the script that wrote it."""
+"""The bundled sample corpus (smolctl/assets/sample/, package data) and the rules of the script
+that wrote it."""
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from smolctl.data import SAMPLE_DIR
 from smolctl.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "examples" / "sample"
 # cosmopedia-v2's columns (HuggingFaceTB/smollm-corpus, config cosmopedia-v2), with their types.
 SCHEMA = {"prompt": str, "text": str, "token_length": int, "audience": str, "format": str, "seed_data": str}
 
 
 def read_split(name):
-    lines = (SAMPLE / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    return pq.read_table(SAMPLE_DIR / f"{name}.parquet").to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,24 @@ def script():
 
 def test_rows_have_exactly_cosmopedia_v2_schema(splits):
     for name, rows in splits.items():
-        assert rows, f"{name}.jsonl is empty"
+        assert rows, f"{name}.parquet is empty"
         for row in rows:
             assert set(row) == set(SCHEMA), row.keys()
             for key, kind in SCHEMA.items():
                 assert type(row[key]) is kind, (key, row[key])
             assert row["text"].strip() and row["prompt"].strip() and row["token_length"] > 0
+
+
+def test_stored_as_zstd_parquet_in_small_row_groups():
+    """Compressed, to keep the install small; row groups of a few hundred rows, the steps a resume
+    seeks in (DataSpec.open reads parquet one row group at a time)."""
+    for name in ("train", "heldout"):
+        file = pq.ParquetFile(SAMPLE_DIR / f"{name}.parquet")
+        assert [(f.name, str(f.type)) for f in file.schema_arrow] == [
+            (key, "int64" if kind is int else "string") for key, kind in SCHEMA.items()]  # cosmopedia's order
+        groups = [file.metadata.row_group(i) for i in range(file.metadata.num_row_groups)]
+        assert all(g.num_rows <= 512 for g in groups)
+        assert {g.column(j).compression for g in groups for j in range(g.num_columns)} == {"ZSTD"}
 
 
 def test_token_length_is_the_bundled_tokenizers_count(splits):

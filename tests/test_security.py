@@ -21,6 +21,7 @@ from conftest import MICRO, write_corpus
 
 from smolctl import checkpoint as ckpt_io
 from smolctl.errors import SmolctlError
+from smolctl.model_io import load_model
 
 SOURCE = Path(__file__).resolve().parent.parent / "smolctl"
 # Where torch.save / transformers' Trainer / accelerate.save_state put pickles.
@@ -93,7 +94,7 @@ def test_planted_pickles_are_never_executed(run, tmp_path, cli, no_unpickling):
                  ["export", "--model", final, "--out", tmp_path / "exported.gguf"]):
         r = cli(*argv)
         assert r.exit_code == 0, (argv, r.output)
-    ckpt_io.load_model(final)
+    load_model(final)
     assert not marker.exists()
 
     # A pickle standing in for the weights, the optimizer or a state file: refused, not run.

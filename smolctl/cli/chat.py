@@ -20,7 +20,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.generate import load_model
 from smolctl.cli.options import (
     DeviceOpt,
     DtypeOpt,
@@ -62,10 +61,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from smolctl.chat import Conversation
         from smolctl.generation import Sampling
+        from smolctl.loading import load_for_generation
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        loaded, _ = load_model(model, dtype, device, quantize, verbose)
+        loaded, _ = load_for_generation(model, dtype, device, quantize, verbose)
         conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=max_new_tokens,
                             system=system)
         interactive = sys.stdin.isatty()
@@ -152,8 +152,6 @@ class Repl:
         return None
 
     def answer(self, text: str) -> None:
-        from smolctl.cli.generate import stats_line
-
         trimmed = self.conv.trimmed
         self.conv.add_user(text)
         gen = self.conv.reply(self.model, self.sampling)
@@ -170,4 +168,4 @@ class Repl:
         self.conv.add_assistant(gen.results[0].text)
         print(flush=True)
         if self.interactive:
-            note(stats_line(gen))
+            note(gen.stats_line())

@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
     @command(app, name="count-params", help="Count parameters by component (embedding, layers, norm, head).")
     def count_params(preset: PresetOpt = None, config: ConfigOpt = None, model: ModelOpt = None,
                      as_json: JsonOpt = False) -> None:
-        from smolctl.config import resolve_model_config
         from smolctl.model import param_breakdown, skeleton
+        from smolctl.sources import resolve_model_config
 
         cfg = resolve_model_config(preset, config, model)
         counts = param_breakdown(skeleton(cfg), cfg.num_layers)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,10 +64,11 @@ def register(app: typer.Typer) -> None:
         if num_samples < 1:
             raise SmolctlError(f"--num-samples must be at least 1, got {num_samples}")
         from smolctl.generation import Generation, Sampling
+        from smolctl.loading import load_for_generation
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
-        loaded, load_s = load_model(model, dtype, device, quantize, verbose)
+        loaded, load_s = load_for_generation(model, dtype, device, quantize, verbose)
         samples = []
         for i in range(num_samples):
             # sample i uses seed + i: each sample differs, and the whole run is reproducible
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
             result = gen.results[0]
             if not as_json:
                 print(flush=True)
-                print(stats_line(gen), file=sys.stderr)
+                print(gen.stats_line(), file=sys.stderr)
             samples.append({"text": result.text, "finish_reason": result.finish_reason,
                             "new_token_ids": result.token_ids, **gen.stats.to_dict()})
         if as_json:
@@ -105,39 +105,3 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise SmolctlError("the prompt is empty",
                            hint='Give some text to continue: smolctl generate "Once upon a time"')
     return prompt
-
-
-def load_model(spec: str | None, dtype: str, device: str | None, quantize: str = "none", verbose: bool = False):
-    """Load --model for generation (imports torch: call inside a command). Returns (Loaded, seconds)."""
-    from smolctl.device import pick_device
-    from smolctl.dtypes import GENERATE, canonical, pick_dtype
-    from smolctl.sources import load, resolve
-
-    device = pick_device(device)
-    if spec is None:
-        load(None)  # raises the "how to get a model" message
-    dtype = canonical(dtype, GENERATE)
-    path = resolve(spec)  # a bad spec fails here, before anything is printed
-    if quantize != "none" and dtype in ("fp32", "fp16"):
-        raise SmolctlError(f"--quantize int4 computes in bf16: leave --dtype out or use --dtype bf16, not {dtype}")
-    if quantize != "none" and device != "cpu":
-        raise SmolctlError(f"--quantize {quantize} is a CPU path (not {device})",
-                           hint="Use --dtype bf16 on accelerators")
-    torch_dtype, why = pick_dtype(dtype, device)
-    what = f"{quantize} weights, bf16" if quantize != "none" else why
-    if verbose or sys.stderr.isatty():  # scripts get only errors and the speed line, unless they ask
-        print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
-    t = time.perf_counter()
-    # int4 is quantized from the stored (fp32) weights, not from a bf16 copy of them
-    loaded = load(path, device=device, dtype=None if quantize == "int4" else torch_dtype)
-    if device == "cpu":
-        from smolctl.fastpath import fast_cpu_decoding
-
-        fast_cpu_decoding(loaded.model, int4=quantize == "int4")
-    return loaded, time.perf_counter() - t
-
-
-def stats_line(gen) -> str:
-    st = gen.stats
-    return (f"[{st.prompt_tokens} prompt + {st.new_tokens} new tokens, {st.decode_tokens_per_s:.1f} tokens/s, "
-            f"first token after {st.prefill_s:.2f} s, {gen.results[0].finish_reason}]")

@@ -17,8 +17,8 @@ from smolctl.cli.registry import command
 def register(app: typer.Typer) -> None:
     @command(app, help="Print a model's module tree and config (no weights are allocated).")
     def inspect(preset: PresetOpt = None, config: ConfigOpt = None, model: ModelOpt = None) -> None:
-        from smolctl.config import resolve_model_config
         from smolctl.model import skeleton
+        from smolctl.sources import resolve_model_config
 
         cfg = resolve_model_config(preset, config, model)
         print(module_tree(skeleton(cfg), cfg.num_layers))

@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         dashboard: DashOpt = True,
         **flags,
     ) -> None:
-        from smolctl.train import RunComplete
+        from smolctl.rundir import RunComplete
 
         if run_dir is None and Path(from_).is_dir() and Path(from_).parent.name == "checkpoints":
             run_dir = Path(from_).parent.parent
@@ -107,8 +107,9 @@ def _newest_run() -> Path:
 
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
          num_processes: int | None = None, allow_config_change: bool = False) -> None:
+    from smolctl.checkpoint import resume_command
     from smolctl.distributed import PeerFailed, place
-    from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, resume_command, without_option
+    from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, without_option
     from smolctl.train import train
 
     crash_reports_in(run_dir)

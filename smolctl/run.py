@@ -1,0 +1,259 @@
+"""A training run as the loop sees it: `setup` builds everything before the first step (the
+Run) and the state to start from (the TrainState), fresh, from --init-from weights, or from a
+checkpoint: resume is the same objects with restored state.
+
+    run, state = setup(cfg, run_dir, resume=None, log_file=run_dir / "train.log", sinks=[print], ...)
+    fit(run, state)   # train.py
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from smolctl import checkpoint as ckpt_io
+from smolctl import rundir
+from smolctl.config import ModelConfig, TrainConfig, write_mapping
+from smolctl.data import BlockStream, DataSpec, batches
+from smolctl.distributed import accelerator as make_accelerator
+from smolctl.errors import SmolctlError
+from smolctl.loss import CausalLMLoss
+from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
+from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token
+from smolctl.rundir import data_flags, resume_point
+from smolctl.sources import load, with_init_model
+
+
+@dataclass
+class Run:
+    """Everything built before the first step; fixed for the life of the run."""
+    cfg: TrainConfig
+    mcfg: ModelConfig
+    run_dir: Path
+    accelerator: Any
+    model: torch.nn.Module  # the bare model (sampling, parameter counts)
+    loss_module: torch.nn.Module  # model + loss, as Accelerate prepared it (DDP/FSDP-wrapped)
+    optimizer: Any  # Accelerate's wrapper; .optimizer is the torch AdamW
+    data: Any  # iterator of (batch, data state after it)
+    tokenizer: Any
+    eval_spec: DataSpec | None
+    sinks: list[Callable]  # where events go: metrics.jsonl and the log file on the main process, the caller's
+    general: dict  # GGUF-style provenance for the checkpoints
+    flops_per_token: float
+    peak_tflops: float | None  # the device's, for MFU
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum * self.world
+
+    def emit(self, event: str, **fields) -> None:
+        for sink in self.sinks:
+            sink({"event": event, **fields})
+
+
+@dataclass
+class TrainState:
+    """What the loop advances and a checkpoint restores."""
+    step: int = 0
+    tokens_seen: int = 0
+    data_state: dict | None = None  # the data stream's position after the last batch taken
+    last_checkpoint: Path | None = None
+    start_step: int = 0  # where this call started (0, or the checkpoint's step)
+    elapsed_before: float = 0.0  # training time of the attempts before this one
+    started: float = 0.0  # perf_counter() when this attempt's first step began
+    bad_steps: int = 0  # non-finite steps in a row
+    # The log window: the steps since the last `train` row. It continues across a resume, so that
+    # the next row averages the same steps, with the same float32 sums, as an uninterrupted run's.
+    window_steps: int = 0  # good (finite) steps in the window
+    window_loss: torch.Tensor | None = None  # their float32 loss sum, on the device
+    window_t: float = 0.0
+    grad_norm: torch.Tensor | None = None  # the last step's, on the device
+    unseen: list[torch.Tensor] = field(default_factory=list)  # finite or not, each step since the last look
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
+def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
+          overwrite: bool, allow_config_change: bool, cleanup: ExitStack) -> tuple[Run, TrainState]:
+    """Build the run and its starting state: fresh, from --init-from weights, or from a checkpoint.
+    `cleanup` gets what must be closed however training ends (the data worker, the sinks)."""
+    from accelerate.utils import DistributedType, set_seed
+
+    from smolctl.model import build_model
+
+    if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
+        cfg = with_init_model(cfg)
+    cfg = cfg.resolved()
+    mixed = _mixed_precision(cfg)
+    trackers = None if cfg.report_to == "none" else [cfg.report_to]
+    if trackers:
+        _require_tracker(cfg.report_to)
+    accelerator = make_accelerator(cfg.device, mixed_precision=mixed, log_with=trackers, project_dir=str(run_dir))
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+
+    # -- run directory, or the checkpoint to resume from --------------------------------------
+    if main and resume is not None:
+        ckpt_io.recover(run_dir, say=accelerator.print)
+    accelerator.wait_for_everyone()
+    resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
+                               allow_config_change=allow_config_change)
+    tok, mcfg = rundir.run_tokenizer(cfg, cfg.model_config(), resume_path)
+    if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
+        raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
+                           hint="Leave it out and sample from a checkpoint with smolctl generate")
+    if main:
+        rundir.prepare(run_dir, fresh=overwrite and resume is None)
+        write_mapping(run_dir / "config.yaml", cfg.to_dict())
+    accelerator.wait_for_everyone()
+
+    # -- model, optimizer, and the state to start from ----------------------------------------
+    set_seed(cfg.seed)
+    model = build_model(mcfg, device="cpu")  # seeded init; identical on every rank
+    optimizer = _adamw(model, cfg)
+    state, window_sum, optim_state = TrainState(), 0.0, None
+    if cfg.init_from and resume_path is None:  # continued pretraining: step 0 only; a resume has its own weights
+        model.load_state_dict(load(cfg.init_from, dtype=torch.float32).model.state_dict())
+    if resume_path is not None:
+        model.load_state_dict(ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS)), strict=not mcfg.tie_embeddings)
+        meta, data_state = ckpt_io.load_training_state(resume_path, rank, world)
+        optim_state = ckpt_io.read_optimizer(resume_path)  # applied after prepare
+        state = TrainState(step=meta.step, tokens_seen=meta.tokens_seen, data_state=data_state,
+                           last_checkpoint=resume_path, start_step=meta.step, elapsed_before=meta.elapsed_s,
+                           window_steps=meta.log_steps)
+        window_sum = meta.log_loss_sums[rank] if meta.log_steps else 0.0
+        if main:
+            rundir.supersede_later_checkpoints(run_dir, resume_path, meta.step, accelerator.print)
+    loss_module = CausalLMLoss(model)
+    if cfg.compile:
+        compile_layers(model, eager_attention=accelerator.device.type == "cpu" and cfg.seq_len <= 512)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    if optim_state is not None:  # after prepare: under FSDP each rank keeps its shard of it
+        ckpt_io.load_optimizer(optim_state, loss_module, optimizer.optimizer)
+        del optim_state
+    state.window_loss = torch.tensor(window_sum, dtype=torch.float32, device=accelerator.device)
+
+    # -- data, and where events go ------------------------------------------------------------
+    spec = DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
+    stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, tok, rank, world,
+                         cfg.shuffle_buffer, cfg.seed, state.data_state)
+    data = batches(stream, cfg.num_workers)
+    # Shut the worker down on every way out: left to the interpreter's exit, it is sent a SIGTERM
+    # that it ignores (see data.py), and joined forever.
+    cleanup.callback(data.close)
+    emit_to: list[Callable] = []
+    cleanup.callback(close_sinks, emit_to)
+    if main:
+        _open_sinks(emit_to, run_dir, log_file, state.step, sinks, accelerator if trackers else None, cfg)
+    general = {"name": run_dir.name, **({"license": cfg.license} if cfg.license else {})}
+    run = Run(cfg, mcfg, run_dir, accelerator, model, loss_module, optimizer, data, tok,
+              _eval_spec(cfg, data_flags(run_dir, resume, "eval_data")), emit_to, general,
+              flops_per_token(mcfg, cfg.seq_len), device_peak_tflops(accelerator.device, cfg.peak_tflops))
+    verb = (f"Resuming from {resume_path} (step {state.step})" if resume_path else
+            f"Training from the weights of {cfg.init_from}" if cfg.init_from else "Training")
+    run.emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
+                           f"{spec.describe()}, {world} x {accelerator.device.type} process(es), mixed precision "
+                           f"{mixed}, {run.tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
+             step=state.step, max_steps=cfg.max_steps, run_dir=str(run_dir),
+             resumed_from=str(resume_path) if resume_path else None, config=cfg.to_dict())
+    return run, state
+
+
+def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
+    """What a fresh run can check before it creates anything: the config, the run directory, the
+    data (its first document is read and tokenized), the tracker."""
+    from smolctl.data import first_document
+
+    if cfg.init_from:
+        cfg = with_init_model(cfg)
+    cfg = cfg.resolved()
+    cfg.model_config()
+    resume_point(cfg, run_dir, None, overwrite, 1)
+    first_document(DataSpec.parse(cfg.data, cfg.text_column), cfg.tokenizer)
+    if cfg.report_to != "none":
+        _require_tracker(cfg.report_to)
+
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    # what accelerate launch was told (config file or flag), else bf16 where supported
+    return os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm weights
+    # fused: one kernel per step on cpu, cuda and mps alike, and the only AdamW that can skip a
+    # non-finite step on the device (found_inf, see train.train_step)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def _open_sinks(emit_to: list, run_dir: Path, log_file: Path, step: int, sinks: list[Callable],
+                tracker_accelerator, cfg: TrainConfig) -> None:
+    """metrics.jsonl, the log file, the caller's sinks and the tracker, on the main process."""
+    # Drop what an earlier attempt logged after this point (all of it for a fresh start, e.g. a
+    # run killed before its first checkpoint and started again): each step is logged once.
+    truncate_after(run_dir / "metrics.jsonl", step)
+    truncate_after(log_file, step)
+    try:
+        emit_to.append(JsonlSink(run_dir / "metrics.jsonl"))
+        emit_to.append(LogFileSink(log_file))
+    except OSError as e:
+        raise SmolctlError(f"cannot write the log file {log_file}: {e.strerror}",
+                           hint="Pick another --log-file") from None
+    emit_to.extend(sinks)
+    if tracker_accelerator is not None:
+        from smolctl.metrics import TrackerSink
+
+        tracker_accelerator.init_trackers(run_dir.name, config={k: v for k, v in cfg.to_dict().items() if k != "model"})
+        emit_to.append(TrackerSink(tracker_accelerator))
+
+
+def _eval_spec(cfg: TrainConfig, flags: tuple[str, str]) -> DataSpec | None:
+    if cfg.eval_data:
+        return DataSpec.parse(cfg.eval_data, cfg.text_column, split="heldout", flags=flags)
+    if cfg.data == "sample":
+        return DataSpec.parse("sample", cfg.text_column, split="heldout", flags=flags)
+    return None
+
+
+def _require_tracker(name: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+    if importlib.util.find_spec(module) is None:
+        raise SmolctlError(f"--report-to {name} needs the {module} package", hint=f"pip install {module}")
+
+
+def close_sinks(sinks: list) -> None:
+    """Close each sink once (the list is emptied)."""
+    while sinks:
+        sink = sinks.pop(0)
+        close = getattr(sink, "close", None)
+        if close:
+            close()
