@@ -66,8 +66,9 @@ def _cpu(p) -> float:
 
 def stages(path: Path) -> dict:
     """CPU seconds of each stage in one process, over the whole corpus: reading (datasets'
-    streaming reader, rows to dicts), tokenizing (the Rust tokenizer, TOKENIZE_DOCS per call),
-    packing (cutting blocks, the state). Every worker reads every document; the tokenizing is split."""
+    streaming reader, the text column to Python), tokenizing (the Rust tokenizer, TOKENIZE_DOCS
+    per call), packing (cutting blocks, the state). Every worker reads every document; the
+    tokenizing is what they share out."""
     from smolctl.data import TOKENIZE_DOCS, BlockStream, Chunk, DataSpec, _text, token_ids
     from smolctl.tokenizer import document_separator, load_tokenizer
 
