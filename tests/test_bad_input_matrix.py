@@ -7,7 +7,6 @@ changes). Cases run in-process through the real app (the `cli` fixture), offline
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,6 @@ nothing half-made is left behind, one process per run, and every loader checks a
 manifest. Signals and locks are tested on real subprocesses."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
