@@ -165,7 +165,7 @@ def test_the_readme_commands_with_a_tiny_stand_in(cli, tiny_chat_gguf, models_di
     imp, evaluate, train_args = readme_commands("Continued pretraining")
     assert imp == ["import"]
     r = cli(*evaluate)
-    assert r.exit_code == 0 and "scored 6,707 tokens" in r.output, r.output
+    assert r.exit_code == 0 and "scored 32,768 tokens" in r.output, r.output
     steps = train_args.index("--max-steps") + 1
     r = cli(*train_args[:steps], "2", *train_args[steps + 1:])
     assert r.exit_code == 0, r.output
