@@ -2,6 +2,7 @@
 (launch.py), in-process and in milliseconds. The jobs themselves run in test_distributed.py."""
 
 import signal
+import time
 
 import pytest
 import torch
@@ -93,8 +94,39 @@ def test_cuda_without_a_gpu_is_refused():
 def test_the_launcher_reports_the_cause_not_the_consequences():
     """Timestamps have whole seconds: a rank's own error outranks a kill, which outranks the
     launcher's own SIGTERM to the survivors and a survivor's broken collective."""
-    codes = [PEER_FAILED_EXIT, -signal.SIGTERM, -signal.SIGKILL, 2]
-    assert sorted(codes, key=_consequence) == [2, -signal.SIGKILL, -signal.SIGTERM, PEER_FAILED_EXIT]
+    codes = [PEER_FAILED_EXIT, -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGKILL, 2]
+    assert sorted(codes, key=_consequence) == [2, -signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGTERM,
+                                               PEER_FAILED_EXIT]
+
+
+@pytest.mark.parametrize("launched_by_smolctl", [False, True])
+def test_a_rank_stopped_by_its_launcher_leaves_the_words_to_it(monkeypatch, launched_by_smolctl):
+    """SIGTERM outside the training loop (setup, or unwinding after a peer died) ends a command
+    with 143. Alone it says so; as a rank of `--num-processes` it is quiet: the launcher sent that
+    signal because another rank failed, and names that one (seen in CI: `Stopped by SIGTERM.` from
+    the survivor, in place of the launcher's line about the rank that was killed)."""
+    import os
+
+    import typer
+    from typer.testing import CliRunner
+
+    from smolctl.cli import registry
+    from smolctl.launch import LAUNCHED_BY_SMOLCTL
+
+    if launched_by_smolctl:
+        monkeypatch.setenv(LAUNCHED_BY_SMOLCTL, "1")
+    else:
+        monkeypatch.delenv(LAUNCHED_BY_SMOLCTL, raising=False)
+    app = typer.Typer()
+
+    @registry.command(app)
+    def setup():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once
+
+    r = CliRunner().invoke(app, [])
+    assert r.exit_code == 128 + signal.SIGTERM
+    assert r.output == ("" if launched_by_smolctl else "Stopped by SIGTERM.\n")
 
 
 def test_resume_command_and_argv_surgery(tmp_path):

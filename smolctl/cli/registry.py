@@ -32,6 +32,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from smolctl.errors import SmolctlError
 from smolctl.fsutil import Terminated, cleanup_on_exit
+from smolctl.launch import LAUNCHED_BY_SMOLCTL
 
 GROUP = "smolctl.commands"
 # OSErrors that mean the machine, not smolctl, is in the way (one line, exit 1, no traceback),
@@ -81,7 +82,8 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 print("\nInterrupted.", file=sys.stderr)
                 raise typer.Exit(130) from None
             except Terminated as e:
-                print(f"Stopped by {e}.", file=sys.stderr)
+                if not os.environ.get(LAUNCHED_BY_SMOLCTL):  # else its launcher stopped it, and says why
+                    print(f"Stopped by {e}.", file=sys.stderr)
                 raise typer.Exit(128 + e.signum) from None
 
         app.command(name, **{"cls": NoBlankValues, **kwargs})(run)
