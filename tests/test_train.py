@@ -40,8 +40,15 @@ def test_wsd_schedule():
 def test_cosine_schedule_and_default_warmup():
     cfg = TrainConfig(max_steps=5000, schedule="cosine", lr=1.0, min_lr=0.1).resolved()
     assert cfg.warmup_steps == 100  # 2% of 5,000 (the recipe's 2,000 scaled to a short run)
-    assert lr_at(100, cfg) == 1.0 and lr_at(5000, cfg) == pytest.approx(0.1)
-    assert lr_at(2550, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == 1.0
+    # 4,900 steps on 4,901 strides of the half cosine: symmetric about its middle, and the last step
+    # as far above min_lr as the first below lr
+    assert lr_at(101, cfg) < 1.0 and 1.0 - lr_at(101, cfg) == pytest.approx(lr_at(5000, cfg) - 0.1)
+    assert lr_at(5000, cfg) > 0.1 and lr_at(2550, cfg) > 0.55 > lr_at(2551, cfg)
+    assert lr_at(2550, cfg) - 0.55 == pytest.approx(0.55 - lr_at(2551, cfg))
+    lrs = [lr_at(s, cfg) for s in range(100, 5001)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(3, TrainConfig(max_steps=3, warmup_steps=0, schedule="cosine", lr=1.0).resolved()) > 0
     assert TrainConfig(max_steps=10**6).resolved().warmup_steps == 2000
 
 
