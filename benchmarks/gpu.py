@@ -160,7 +160,6 @@ def bare_steps(args, mcfg, device, compiled: bool) -> tuple[float, dict]:
     seconds = start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t
     extra = {"warmup_s": warmup_s, "final_loss": loss.item(),
              "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
-    del model, loss_module, opt, data
     return args.steps * args.batch_size * args.seq_len / seconds, extra
 
 

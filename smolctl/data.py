@@ -430,8 +430,8 @@ def batches(stream: BlockStream, num_workers: int | None = None) -> Iterator[tup
 def auto_workers() -> int:
     """The default number of data workers: one per CPU core this process can spare -- the cores it
     may use, shared by the training processes on this machine, less one for the trainer itself --
-    from 1 to 4. One worker tokenizes ~0.5M tokens/s on a recent x86 core; one GPU training
-    SmolLM2-135M consumes ~0.36M."""
+    from 1 to 4. One worker tokenizes ~0.23M tokens/s on one core of a recent Xeon, two ~0.4M
+    (benchmarks/README.md); one H200 training SmolLM2-135M at 45% MFU consumes ~0.36M."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's (and so accelerate launch's)
     return max(1, min(4, cores // max(1, processes) - 1))

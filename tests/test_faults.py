@@ -147,18 +147,18 @@ def fault_plan(rng: random.Random) -> list[tuple]:
     n-th checkpoint file write (cut at `fraction` of its bytes), just before / just after the n-th
     save's rename into place, or in the middle of the n-th metrics.jsonl row. Counted in steps,
     not seconds, so that a fast machine doesn't finish the run before the plan is through."""
-    plan = [("time", rng.randint(1, 3), 0) for _ in range(4)] + [("after-save", 0, 0)] * 4
-    plan += [("write", rng.randint(1, 12), rng.random()) for _ in range(8)]  # 8 files per save
-    plan += [(kind, rng.randint(1, 2), 0) for kind in ("before-rename", "after-rename") for _ in range(3)]
-    plan += [("torn-metrics", rng.randint(2, 6), rng.uniform(0.1, 0.9)) for _ in range(3)]
+    plan = [("time", rng.randint(1, 3), 0) for _ in range(3)] + [("after-save", 0, 0)] * 2
+    plan += [("write", rng.randint(1, 12), rng.random()) for _ in range(5)]  # 8 files per save
+    plan += [(kind, rng.randint(1, 2), 0) for kind in ("before-rename", "after-rename") for _ in range(2)]
+    plan += [("torn-metrics", rng.randint(2, 6), rng.uniform(0.1, 0.9)) for _ in range(2)]
     rng.shuffle(plan)
     return plan
 
 
 def test_kill_anywhere_then_resume_is_exact(tmp_path, forkserver):
-    """SIGKILL at ~25 points, `resume --from latest` after each (or `train` again when no
-    checkpoint exists yet): metrics.jsonl and the log hold each step once, with the uninterrupted
-    run's values bit for bit, and the final weights are identical."""
+    """SIGKILL at ~16 points of every kind, `resume --from latest` after each (or `train` again
+    when no checkpoint exists yet): metrics.jsonl and the log hold each step once, with the
+    uninterrupted run's values bit for bit, and the final weights are identical."""
     rng = random.Random(int(os.environ.get("SMOLCTL_FAULT_SEED", "0")))
     write_corpus(tmp_path / "corpus.jsonl", n_docs=40)
     model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
@@ -203,7 +203,7 @@ def test_kill_anywhere_then_resume_is_exact(tmp_path, forkserver):
         where = (tmp_path / "kills.log").read_text().splitlines()[-1] if armed else fault[0]
         kills.append(f"{where} (last step logged: {last})")
     print(f"\n{len(kills)} kills:\n  " + "\n  ".join(kills))
-    assert p.exitcode == 0 and len(kills) >= 20
+    assert p.exitcode == 0 and len(kills) >= 12
     assert train_rows(metrics) == train_rows(tmp_path / "straight" / "metrics.jsonl")
     assert [r[0] for r in train_rows(metrics)] == list(range(1, STEPS + 1))
     assert log_steps(tmp_path / "run" / "train.log") == list(range(1, STEPS + 1))
