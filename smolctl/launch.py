@@ -84,16 +84,18 @@ def launch(n: int, args: list[str], run_dir: Path) -> int:
 
 def _consequence(exitcode: int) -> int:
     """How likely a process's exit status is a consequence of another's failure rather than its
-    cause (timestamps have only seconds): its own error (0), killed outright (1), the launcher's
-    own SIGTERM to the survivors (2: killed by it, or stopped by it with 128 + SIGTERM), stopped
-    because a collective broke (3)."""
+    cause (timestamps have only seconds): its own error (0), killed outright (1), stopped by a
+    SIGTERM after saving or quietly (128 + SIGTERM: 2), killed by the launcher's own SIGTERM to the
+    survivors (3), stopped because a collective broke (4)."""
     import signal
 
     from smolctl.distributed import PEER_FAILED_EXIT
 
     if exitcode == PEER_FAILED_EXIT:
+        return 4
+    if exitcode == -signal.SIGTERM:
         return 3
-    if exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM):
+    if exitcode == 128 + signal.SIGTERM:
         return 2
     return 1 if exitcode < 0 else 0
 

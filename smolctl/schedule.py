@@ -13,7 +13,7 @@ def lr_at(step: int, cfg) -> float:
     step still learns at (lr - min_lr) / (D + 1) + min_lr: decaying all the way would make it an
     lr-0 step (min_lr 0) that changes nothing (torchtitan and nanotron count the same way).
     cosine: linear warmup, then half a cosine towards min_lr, counted the same way: its C steps
-    sit at 1..C of C + 1 even strides of the half period, so the last step is not an lr-0 step either.
+    sit at 1..C of C + 1 even strides of the half period, so its last step is no lr-0 step either.
     """
     if step <= cfg.warmup_steps:  # warmup: lr * step / warmup
         return cfg.lr * step / max(1, cfg.warmup_steps)
