@@ -91,13 +91,8 @@ def _consequence(exitcode: int) -> int:
 
     from smolctl.distributed import PEER_FAILED_EXIT
 
-    if exitcode == PEER_FAILED_EXIT:
-        return 4
-    if exitcode == -signal.SIGTERM:
-        return 3
-    if exitcode == 128 + signal.SIGTERM:
-        return 2
-    return 1 if exitcode < 0 else 0
+    consequences = {128 + signal.SIGTERM: 2, -signal.SIGTERM: 3, PEER_FAILED_EXIT: 4}
+    return consequences.get(exitcode, 1 if exitcode < 0 else 0)
 
 
 def without_option(argv: list[str], name: str) -> list[str]:

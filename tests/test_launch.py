@@ -92,8 +92,9 @@ def test_cuda_without_a_gpu_is_refused():
 
 
 def test_the_launcher_reports_the_cause_not_the_consequences():
-    """Timestamps have whole seconds: a rank's own error outranks a kill, which outranks the
-    launcher's own SIGTERM to the survivors and a survivor's broken collective."""
+    """Timestamps have whole seconds: a rank's own error outranks a kill, which outranks a rank
+    that a SIGTERM stopped (143: it saved and said so, or was quiet), the launcher's own SIGTERM
+    to the survivors and a survivor's broken collective."""
     codes = [PEER_FAILED_EXIT, -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGKILL, 2]
     assert sorted(codes, key=_consequence) == [2, -signal.SIGKILL, 128 + signal.SIGTERM, -signal.SIGTERM,
                                                PEER_FAILED_EXIT]
