@@ -75,16 +75,18 @@ def make_repo(root: Path, mb: int) -> Path:
 
 
 def state_at(spec, rows: int, seekable: bool) -> dict:
-    """A BlockStream state whose source position is `rows` documents into the shard: the first
-    batch's state with its source replaced by the dataset's own state_dict at that row."""
-    from smolctl.data import BlockStream
+    """A BlockStream state whose source position is `rows` documents into the shard (rounded down
+    to whole reads): the first batch's state with its source replaced by the dataset's own
+    state_dict there, read as BlockStream reads, TOKENIZE_DOCS rows at a time."""
+    import itertools
+
+    from smolctl.data import TOKENIZE_DOCS, BlockStream
 
     _, state = next(iter(BlockStream(spec, 256, 8)))
-    ds = spec.open(seekable=seekable)
-    docs = iter(ds)
-    for _ in range(rows):
-        next(docs)
-    return {**state, "source": ds.state_dict(), "seekable": seekable, "carry": []}
+    ds = spec.open(seekable=seekable).with_format("arrow")
+    for _ in itertools.islice(ds.iter(batch_size=TOKENIZE_DOCS), rows // TOKENIZE_DOCS):
+        pass
+    return {**state, "source": ds.state_dict(), "seekable": seekable, "read_rows": TOKENIZE_DOCS, "carry": []}
 
 
 def first_batch(spec, state):

@@ -87,7 +87,8 @@ def main(argv=None) -> None:
             if ours:
                 consumes[f"{preset} {precision} B{batch}×S256"] = ours[0]
     if "data" in only:
-        r = section("bench_data.py", "--tokens", "300000" if args.quick else "1000000")
+        r = section("bench_data.py", "--tokens", "300000" if args.quick else "1000000",
+                    "--repeats", "1" if args.quick else "3")
         raw["data"] = r
         got = rows_of(r)
         rows += got

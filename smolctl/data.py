@@ -18,13 +18,15 @@ The resumable state is ours, not `datasets`' shuffle (which doesn't save its buf
 source position (`IterableDataset.state_dict()`, taken from a fresh dataset per epoch), the
 carry-over tokens, the optional block shuffle buffer and its RNG, the epoch and counters.
 
-Tokenizing is ~95% of the pipeline's time, so that is what runs in parallel: N worker processes
-each read every document and tokenize every N-th group of TOKENIZE_DOCS of them; the trainer
-packs the groups in document order. The blocks, their order and the state are the same for any N.
+Tokenizing is ~97% of the pipeline's time, so that is what runs in parallel: N worker processes
+each read every group of TOKENIZE_DOCS documents as an Arrow table (cheap: no Python objects) and
+tokenize every N-th group; the trainer packs the groups in document order. The blocks, their order
+and the state are the same for any N.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -146,26 +148,43 @@ def first_document(spec: DataSpec, tokenizer: str | None = None) -> list[int]:
     one line, before a run creates anything."""
     from smolctl.tokenizer import load_tokenizer
 
-    try:
+    with _reading(spec):
         row = next(iter(spec.open()), None)
-    except SmolctlError:
-        raise
-    except UnicodeDecodeError as e:
-        raise _not_utf8(e) from None
-    except Exception as e:  # datasets/pyarrow/json: many exception types for "not what it says it is"
-        reason = " ".join(str(e).split())[:200]
-        raise SmolctlError(f"cannot read {spec.describe()}: {type(e).__name__}: {reason}",
-                           hint="Check that the files are what their suffix says (.jsonl: one JSON object per "
-                                "line; .parquet: a Parquet file; text: UTF-8)") from None
     if row is None:
         raise SmolctlError(f"the corpus is empty: {spec.describe()} has no documents",
                            hint=f"Point {spec.flags[0]} at files with text in them")
     return load_tokenizer(tokenizer)(_text(row, spec), add_special_tokens=False)["input_ids"]
 
 
-def _not_utf8(e: UnicodeDecodeError) -> SmolctlError:
-    return SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
-                        hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+@contextlib.contextmanager
+def _reading(spec: DataSpec):
+    """An error reading the corpus, at its first document or its millionth, as one line: datasets,
+    pyarrow and the json reader raise many exception types for files that are not what their
+    suffix says, or that disagree with each other (columns, types)."""
+    try:
+        yield
+    except SmolctlError:
+        raise
+    except UnicodeDecodeError as e:
+        raise SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                           hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise SmolctlError(f"cannot read {spec.describe()}: {type(e).__name__}: {reason}",
+                           hint="Check that every file is what its suffix says (.jsonl: one JSON object per "
+                                "line; .parquet: a Parquet file; text: UTF-8) and that all have the same "
+                                "columns and types") from None
+
+
+def _read(spec: DataSpec, items: Iterator) -> Iterator:
+    """`items`, each read inside `_reading`."""
+    end = object()
+    while True:
+        with _reading(spec):
+            item = next(items, end)
+        if item is end:
+            return
+        yield item
 
 
 def _local_files(data: str) -> list[str]:
@@ -208,7 +227,7 @@ class BlockStream:
     def chunks(self, worker: int = 0, workers: int = 1) -> Iterator[Chunk]:
         """Chunk i (the i-th TOKENIZE_DOCS documents from where the stream starts; an epoch's last
         chunk may be shorter) tokenized, for each i with i % workers == worker. Every worker reads
-        every document -- reading is ~2% of the cost, tokenizing the rest -- and tokenizes its own."""
+        every chunk, as an Arrow table -- a few percent of the cost -- and tokenizes its own."""
         from smolctl.tokenizer import document_separator, load_tokenizer
 
         tok = load_tokenizer() if self.tokenizer is None else self.tokenizer
@@ -216,27 +235,26 @@ class BlockStream:
         st = self.state
         epoch, source_state, index = st.get("epoch", 0), st.get("source"), 0
         seekable = st.get("seekable", not st)  # states saved before row-group seeking count rows per file
-        try:
-            while self.max_epochs is None or epoch < self.max_epochs:
-                # One-row Arrow tables: only the text column becomes Python, and only where it is
-                # tokenized. Through `ds.iter()`, not `iter(ds)`: in a DataLoader worker that hands
-                # each worker only some of the files (shards). The source positions are the same.
+        # Documents per read: a source position is the dataset's state after a read of this many
+        # rows, and means something else after reads of another size. States saved before
+        # chunk-sized reads resume one row at a time, to the end of their epoch.
+        read = st.get("read_rows", 1 if source_state is not None else TOKENIZE_DOCS)
+        while self.max_epochs is None or epoch < self.max_epochs:
+            with _reading(self.spec):
                 ds = self.spec.open(self.rank, self.world_size, seekable).with_format("arrow")
                 if source_state is not None:
                     ds.load_state_dict(source_state)
-                rows, epoch_docs = ds.iter(batch_size=1), 0
-                while docs := list(itertools.islice(rows, TOKENIZE_DOCS)):
-                    epoch_docs += len(docs)
-                    if index % workers == worker:
-                        ids = token_ids(tok, [_text(row, self.spec) for row in docs], separator)
-                        yield Chunk(index, epoch, len(docs), ids, ds.state_dict(), seekable)
-                    index += 1
-                if epoch_docs == 0 and source_state is None:
-                    raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
-                                       hint=f"Point {self.spec.flags[0]} at files with text in them")
-                epoch, source_state, seekable = epoch + 1, None, True
-        except UnicodeDecodeError as e:
-            raise _not_utf8(e) from None
+            epoch_docs = 0
+            for docs in _read(self.spec, _chunk_tables(ds, read)):
+                epoch_docs += docs.num_rows
+                if index % workers == worker:
+                    ids = token_ids(tok, _texts(docs, self.spec), separator)
+                    yield Chunk(index, epoch, docs.num_rows, ids, ds.state_dict(), seekable, read)
+                index += 1
+            if epoch_docs == 0 and source_state is None:
+                raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
+                                   hint=f"Point {self.spec.flags[0]} at files with text in them")
+            epoch, source_state, seekable, read = epoch + 1, None, True, TOKENIZE_DOCS
 
     def pack(self, chunks: Iterator[Chunk]) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         """The chunks' tokens cut into blocks of seq_len + 1, through the optional shuffle buffer,
@@ -254,7 +272,7 @@ class BlockStream:
         ready: list[torch.Tensor] = []  # blocks coming out of the (optional) shuffle buffer
         for expected, chunk in enumerate(chunks):
             if chunk.error is not None:
-                raise SmolctlError(chunk.error)
+                raise SmolctlError(*chunk.error)
             if chunk.index != expected:  # the DataLoader hands out workers' items round-robin
                 raise RuntimeError(f"data chunk {chunk.index} arrived where chunk {expected} belongs")
             docs += chunk.docs
@@ -272,6 +290,7 @@ class BlockStream:
                 ready.append(blk)
                 if len(ready) == self.batch_size:
                     state = {"epoch": chunk.epoch, "source": chunk.source, "seekable": chunk.seekable,
+                             "read_rows": chunk.read_rows,
                              "carry": carry[pos:], "rng": rng.getstate(), "docs": docs, "tokens": tokens,
                              "rank": self.rank, "world_size": self.world_size}
                     if buffer:  # one tensor, not a list of them: what the checkpoint saves
@@ -292,7 +311,8 @@ class Chunk:
     tokens: torch.Tensor | None = None
     source: dict | None = None
     seekable: bool = True
-    error: str | None = None
+    read_rows: int = TOKENIZE_DOCS
+    error: tuple[str, str | None, int] | None = None  # a SmolctlError's message, hint and exit code
 
 
 def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:
@@ -307,7 +327,7 @@ def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:
     def flush():
         if not call:
             return
-        for (_, ends), ids in zip(call, tok([p for p, _ in call], add_special_tokens=False)["input_ids"]):
+        for (_, ends), ids in zip(call, encode(tok, [p for p, _ in call])):
             parts.append(torch.tensor(ids + [separator] if ends else ids, dtype=torch.int32))
         call.clear()
 
@@ -369,17 +389,57 @@ def _cuts_at_spaces(tok) -> bool:
 _CUTS: dict[int, bool] = {}
 
 
-def _text(row, spec: DataSpec) -> str:
-    """The text of a document: a row as a dict, or as a one-row Arrow table."""
-    columns = row if isinstance(row, dict) else row.column_names
+def _text(row: dict, spec: DataSpec) -> str:
+    """The text of a document, a row as a dict."""
+    _require_column(row, spec)
+    return _require_str(row[spec.text_column], spec)
+
+
+def _texts(docs, spec: DataSpec) -> list[str]:
+    """The texts of documents, an Arrow table's rows."""
+    _require_column(docs.column_names, spec)
+    texts = docs[spec.text_column].to_pylist()
+    for text in texts:
+        _require_str(text, spec)
+    return texts
+
+
+def _require_column(columns, spec: DataSpec) -> None:
     if spec.text_column not in columns:
         raise SmolctlError(f"the corpus has no {spec.text_column!r} column (columns: {', '.join(columns)})",
                            hint=f"Pick one with {spec.flags[1]}")
-    text = row[spec.text_column] if isinstance(row, dict) else row[spec.text_column][0].as_py()
+
+
+def _require_str(text, spec: DataSpec) -> str:
     if not isinstance(text, str):
         raise SmolctlError(f"column {spec.text_column!r} holds {type(text).__name__}, not text",
                            hint=f"Pick a text column with {spec.flags[1]}")
     return text
+
+
+def _chunk_tables(ds, read: int) -> Iterator:
+    """The documents of `ds` (formatted "arrow") about TOKENIZE_DOCS at a time, each group one
+    Arrow table, read `read` rows at a time: a source position means what it says only after reads
+    of the size it was saved with (states saved before chunk-sized reads: 1)."""
+    import pyarrow as pa
+
+    rows = ds.iter(batch_size=read)
+    per_chunk = max(1, TOKENIZE_DOCS // read)
+    if per_chunk == 1:
+        return rows
+    groups = iter(lambda: list(itertools.islice(rows, per_chunk)), [])
+    return (pa.concat_tables(group, promote_options="default") for group in groups)
+
+
+def encode(tok, texts: list[str]) -> list[list[int]]:
+    """`tok(texts, add_special_tokens=False)["input_ids"]`, ~20% faster: a `tokenizers` backend with
+    no truncation or padding set is called directly, through `encode_batch_fast`, which skips the
+    character offsets that transformers' call has it compute (and then drops)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None or backend.truncation is not None or backend.padding is not None:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in fast(texts, add_special_tokens=False)]
 
 
 def token_stream(spec: DataSpec, tokenizer=None) -> Iterator[list[int]]:
@@ -389,13 +449,12 @@ def token_stream(spec: DataSpec, tokenizer=None) -> Iterator[list[int]]:
     from smolctl.tokenizer import document_separator, load_tokenizer
 
     tok = load_tokenizer() if tokenizer is None else tokenizer
-    separator, rows = document_separator(tok), iter(spec.open())
-    try:
-        while texts := [_text(row, spec) for row in itertools.islice(rows, TOKENIZE_DOCS)]:
-            for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-                yield ids + [separator]
-    except UnicodeDecodeError as e:
-        raise _not_utf8(e) from None
+    separator = document_separator(tok)
+    with _reading(spec):
+        ds = spec.open().with_format("arrow")
+    for docs in _read(spec, _chunk_tables(ds, TOKENIZE_DOCS)):
+        for ids in encode(tok, _texts(docs, spec)):
+            yield ids + [separator]
 
 
 def tuples(x):
@@ -449,7 +508,7 @@ class _Chunks(torch.utils.data.IterableDataset):
         try:
             yield from self.stream.chunks(info.id, info.num_workers)
         except SmolctlError as e:  # no traceback through the worker: the packer raises it in the trainer
-            yield Chunk(-1, error=str(e))
+            yield Chunk(-1, error=(e.message, e.hint, e.exit_code))
 
 
 def _as_is(item: Chunk) -> Chunk:

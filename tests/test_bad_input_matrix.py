@@ -49,6 +49,8 @@ SETUP = {
     "latin1": lambda d: (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1")),
     "csv": lambda d: (d / "data.csv").write_text("text\nhello\n"),
     "short": lambda d: (d / "short.jsonl").write_text('{"text": ""}\n'),  # one token: nothing to predict
+    "mixed": lambda d: ((d / "mixed").mkdir(), write_corpus(d / "mixed" / "a.jsonl"),  # files that disagree
+                        write_corpus(d / "mixed" / "b.jsonl", extra={"id": 7})),
     "badyaml": lambda d: (d / "bad.yaml").write_text("model: [unclosed\n"),
     "badjson": lambda d: (d / "bad.json").write_text("{not json"),
     "listyaml": lambda d: (d / "list.yaml").write_text("- a\n- b\n"),
@@ -83,7 +85,7 @@ def _wrong_weights(d: Path) -> None:
 
 # Corpora named in arguments as {key}: the file SETUP[key] writes.
 DATA = {"empty": "empty.jsonl", "nocolumn": "nocol.jsonl", "intcolumn": "int.jsonl", "latin1": "latin1.txt",
-        "csv": "data.csv", "short": "short.jsonl"}
+        "csv": "data.csv", "short": "short.jsonl", "mixed": "mixed"}
 
 U = 2  # usage / bad input
 E = 1  # the environment (disk, memory) or a run that failed
@@ -168,6 +170,8 @@ CASES = [
      ["holds int, not text", "--text-column"]),
     ("data-not-utf8", "micro", ["train", "--config", "micro.yaml", "--data", "{latin1}", "--max-steps", "1"], U,
      ["not UTF-8", "iconv"]),
+    ("data-files-disagree", "micro", ["train", "--config", "micro.yaml", "--data", "{mixed}", "--max-steps", "9"], U,
+     ["cannot read 2 local json file(s): CastError", "same columns"]),
     ("data-wrong-format", "micro", ["train", "--config", "micro.yaml", "--data", "{csv}"], U,
      [".jsonl/.json, .parquet or .txt"]),
     ("data-hub-offline", "micro", ["train", "--config", "micro.yaml", "--data", "cosmopedia-v2"], U,
@@ -223,6 +227,8 @@ CASES = [
     ("export-unwritable", None, ["export", "--model", "{run}", "--out", "/proc/forbidden/m.gguf"], U,
      ["cannot write"]),
     ("export-model-missing", None, ["export", "--model", "nope", "--out", "m.gguf"], U, ["model not found: nope"]),
+    ("eval-data-files-disagree", "corpus", ["eval", "--model", "{run}", "--data", "{mixed}"], U,
+     ["cannot read 2 local json file(s): CastError", "same columns"]),
     ("eval-data-too-short", "corpus", ["eval", "--model", "{run}", "--data", "{short}", "--seq-len", "16"], U,
      ["nothing to predict"]),
 ]

@@ -105,6 +105,28 @@ smolctl.data.token_ids = token_ids
     assert not run.exists()  # a fresh run that failed before its first step leaves nothing
 
 
+def test_a_corpus_broken_past_its_start_ends_the_run_in_one_line_and_keeps_its_checkpoints(tmp_path):
+    """The first file reads; the second has a line that is not JSON. The reader fails mid-run, in
+    the data worker: one line, and no log line from datasets before it; the checkpoints stay.
+    (Inline, and in the other commands: test_data.py and test_bad_input_matrix.py.)"""
+    from smolctl.data import TOKENIZE_DOCS
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"Document {i} is short and plain."}) + "\n"
+                                            for i in range(TOKENIZE_DOCS)))  # ~16 steps, then b is read
+    (corpus / "b.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
+    cfg = micro_config(tmp_path, batch_size=2, seq_len=16, num_workers=1)
+    run = tmp_path / "run"
+    r = smolctl("train", "--config", cfg, "--data", corpus, "--max-steps", 1000, "--save-every", 10,
+                "--run-dir", run, "--no-dashboard", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if not line.startswith(("Training:", "step "))]
+    assert len(errors) == 1 and errors[0].startswith("Error: cannot read 2 local json file(s): "), r.stderr
+    assert "JSON" in errors[0] and "Traceback" not in r.stderr
+    assert (run / "checkpoints" / "step-00000010").is_dir()
+
+
 def test_smolctl_debug_lets_the_traceback_through(tmp_path):
     r = smolctl("count-params", "--preset", "tiny", env={**shim(tmp_path, BUG), "SMOLCTL_DEBUG": "1",
                                                         "XDG_CACHE_HOME": str(tmp_path / "cache")})

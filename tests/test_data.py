@@ -204,6 +204,34 @@ def test_non_utf8_text_is_a_clear_error(tmp_path, workers):
         take(BlockStream(DataSpec.parse(str(tmp_path / "latin1.txt")), seq_len=7, batch_size=1), 1, workers)
 
 
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_files_that_disagree_are_a_clear_error_wherever_they_are_read(tmp_path, workers):
+    """The second file has a column the first has not: datasets fails on it mid-stream (here in the
+    third chunk), in a worker or inline; the trainer gets one line, not a worker's traceback."""
+    write_corpus(tmp_path / "a.jsonl", n_docs=2 * data.TOKENIZE_DOCS + 10)
+    write_corpus(tmp_path / "b.jsonl", n_docs=5, extra={"meta": 1})
+    with pytest.raises(SmolctlError, match=r"cannot read 2 local json file\(s\): CastError: .*meta") as e:
+        take(BlockStream(DataSpec.parse(str(tmp_path)), seq_len=7, batch_size=1, max_epochs=1), None, workers)
+    assert "same columns and types" in e.value.hint
+
+
+def test_encode_gives_what_the_tokenizers_call_gives(tmp_path):
+    """The direct `tokenizers` call, and its fallback where the backend would truncate (a
+    tokenizer.json with truncation set: transformers' call turns it off, the backend would not)."""
+    import copy
+    import random
+
+    tok = load_tokenizer()
+    rng = random.Random(1)
+    bits = ["a", "Zz", " ", "\n", "1", "234", ". ", "é", "中文", "<|endoftext|>", "<|im_start|>", "🙂", "\u00a0"]
+    texts = ["".join(rng.choice(bits) for _ in range(rng.randint(0, 200))) for _ in range(50)]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert data.encode(tok, texts) == want
+    truncating = copy.deepcopy(tok)
+    truncating.backend_tokenizer.enable_truncation(8)
+    assert data.encode(truncating, texts) == want and max(map(len, want)) > 8
+
+
 def test_missing_path():
     with pytest.raises(SmolctlError, match="no such file or directory"):
         DataSpec.parse("/no/such/corpus.jsonl")

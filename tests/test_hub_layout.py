@@ -8,6 +8,7 @@ import random
 import pytest
 from conftest import WORDS
 
+from smolctl import data
 from smolctl.data import BlockStream, DataSpec
 
 # 7 row groups per shard; documents are read 64 at a time, so resume points land inside shards
@@ -128,6 +129,20 @@ def test_the_stream_resumes_exactly_inside_a_shard(corpus_repo, no_network, rank
     legacy = [next(old) for _ in range(26)][-1][1]
     resumed = stream({k: v for k, v in legacy.items() if k != "seekable"})
     assert [next(resumed)[0].tolist() for _ in range(4)] == [b.tolist() for b, _ in straight[26:]]
+    # And one saved when the source was read a row at a time (no "read_rows" key): its position
+    # counts single rows, which a chunk-sized read would take for chunks.
+    rowwise = [next(it) for it in [iter(BlockStream(spec, 64, 4, rank=rank, world_size=world, state={
+        "rank": rank, "world_size": world, "seekable": True, "read_rows": 1}))] for _ in range(30)]
+    assert [b.tolist() for b, _ in rowwise] == [b.tolist() for b, _ in straight]
+    misread = 0
+    for k in (4, 12, 25):
+        legacy = rowwise[k][1]
+        assert legacy["read_rows"] == 1
+        resumed = stream({key: v for key, v in legacy.items() if key != "read_rows"})
+        assert [next(resumed)[0].tolist() for _ in range(k + 1, 30)] == [b.tolist() for b, _ in straight[k + 1:]]
+        wrong = stream({**legacy, "read_rows": data.TOKENIZE_DOCS})
+        misread += [next(wrong)[0].tolist() for _ in range(k + 1, 30)] != [b.tolist() for b, _ in straight[k + 1:]]
+    assert misread  # the read size is part of the position
 
 
 def test_train_and_resume_from_the_local_copy(micro_cfg, corpus_repo, no_network, tmp_path):

@@ -7,6 +7,7 @@ Nothing here imports torch or transformers: `smolctl --help` stays fast.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -45,4 +46,7 @@ app = make_app()
 
 
 def main() -> None:
+    # datasets logs a reader's failure ("Failed to load JSON from file ...") before raising it, and
+    # smolctl reports that error itself, in one line: its log says errors only where the user asks.
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     app()
