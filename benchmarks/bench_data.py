@@ -128,8 +128,8 @@ def stages(path: Path) -> tuple[dict, list[str]]:
     for _ in BlockStream(spec, SEQ, BATCH).pack(iter(chunks)):
         pass
     pack = time.process_time() - t
-    return {"tokens": sum(len(x) for x in ids), "cpu_s": {"read": read, "tokenize": tokenize, "pack": pack}}, \
-        [t for g in texts for t in g]
+    where = {"tokens": sum(len(x) for x in ids), "cpu_s": {"read": read, "tokenize": tokenize, "pack": pack}}
+    return where, [text for group in texts for text in group]
 
 
 def main(argv=None) -> None:

@@ -326,8 +326,8 @@ def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:
     long inputs tokenize slower), cut where the tokenizer never joins tokens across (see
     `pieces`): the ids are exactly the whole document's. Calls take TOKENIZE_DOCS pieces at most."""
     cut = PIECE_CHARS if _cuts_at_spaces(tok) else None
-    out, call = array.array("i"), []  # out: C ints (int32), 2x faster to fill than tensors per document
-    # call: (piece, ends a document) to tokenize together
+    out = array.array("i")  # the ids as C ints (int32): 2x faster to fill than a tensor per document
+    call = []  # (piece, ends a document) to tokenize together
 
     def flush():
         if not call:
@@ -430,6 +430,8 @@ def _chunk_tables(ds, read: int) -> Iterator:
     of the size it was saved with (states saved before chunk-sized reads: 1)."""
     import pyarrow as pa
 
+    # `ds.iter()`, not `iter(ds)`: in a DataLoader worker that hands each worker only some of the
+    # files (shards). The source positions are the same.
     rows = ds.iter(batch_size=read)
     per_chunk = max(1, TOKENIZE_DOCS // read)
     if per_chunk == 1:
