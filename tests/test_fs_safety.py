@@ -159,8 +159,12 @@ def test_a_signal_mid_write_leaves_nothing(run, tiny_chat_gguf, tmp_path, what, 
     }[what]
     (tmp_path / "out").mkdir()
     marker = tmp_path / "written"
+    # SIGINT as a terminal's foreground job has it, whatever this test process has: a shell's
+    # background job inherits it ignored, and Python then leaves it so (rightly: `smolctl export &`).
+    # Seen: the suite started with `&` hung here for 60 s.
     p = subprocess.Popen([sys.executable, "-c", PAUSED.format(module=module, func=func), marker, *map(str, args)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not marker.exists() and p.poll() is None and time.time() < deadline:
