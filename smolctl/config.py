@@ -204,7 +204,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     """Read a JSON, YAML or TOML file into a dict, with one-line errors for bad files."""
     path = Path(path)
     if not path.is_file():
-        raise SmolctlError(f"config file not found: {path}", hint="Check the path")
+        raise SmolctlError(fsutil.no_file("config file", path), hint="Check the path")
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")

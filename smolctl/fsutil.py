@@ -191,6 +191,24 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def no_file(what: str, path: str | Path) -> str:
+    """'{what} not found: {path}', or, where something other than a regular file is there, what."""
+    p = os.path.expanduser(os.fspath(path))
+    if os.path.islink(p) and not os.path.exists(p):
+        return f"{what} {path} is a symbolic link to {os.readlink(p)}, which does not exist"
+    if os.path.isdir(p):
+        return f"{what} {path} is a directory, not a file"
+    if os.path.exists(p):
+        import stat
+
+        mode = os.stat(p).st_mode
+        kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                 (stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"))
+        kind = next((name for test, name in kinds if test(mode)), "special file")
+        return f"{what} {path} is not a regular file (it is a {kind})"
+    return f"{what} not found: {path}"
+
+
 # -- signals -----------------------------------------------------------------------------------
 
 @contextmanager

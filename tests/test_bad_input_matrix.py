@@ -49,6 +49,7 @@ SETUP = {
     "latin1": lambda d: (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1")),
     "csv": lambda d: (d / "data.csv").write_text("text\nhello\n"),
     "short": lambda d: (d / "short.jsonl").write_text('{"text": ""}\n'),  # one token: nothing to predict
+    "dangling": lambda d: (d / "gone").symlink_to(d / "nowhere"),
     "mixed": lambda d: ((d / "mixed").mkdir(), write_corpus(d / "mixed" / "a.jsonl"),  # files that disagree
                         write_corpus(d / "mixed" / "b.jsonl", extra={"id": 7})),
     "badyaml": lambda d: (d / "bad.yaml").write_text("model: [unclosed\n"),
@@ -100,6 +101,8 @@ CASES = [
     # -- inspect / count-params: presets, config files, model directories
     ("unknown-preset", None, ["inspect", "--preset", "huge"], U, ["unknown preset 'huge'", "Valid presets"]),
     ("config-missing", None, ["inspect", "--config", "nope.yaml"], U, ["config file not found: nope.yaml"]),
+    ("config-a-device", None, ["inspect", "--config", "/dev/null"], U,
+     ["config file /dev/null is not a regular file (it is a character device)"]),
     ("config-malformed-yaml", "badyaml", ["inspect", "--config", "bad.yaml"], U, ["malformed config file", "Fix"]),
     ("config-malformed-json", "badjson", ["count-params", "--config", "bad.json"], U, ["malformed config file"]),
     ("config-not-a-mapping", "listyaml", ["inspect", "--config", "list.yaml"], U, ["must hold a mapping"]),
@@ -112,6 +115,8 @@ CASES = [
                                                                                   "Valid keys"]),
     ("two-model-sources", None, ["inspect", "--preset", "tiny", "--model", "x"], U, ["only one of --preset"]),
     ("model-missing", None, ["count-params", "--model", "no/such/dir"], U, ["--model no/such/dir: no such file or directory", "Pass a run"]),
+    ("model-dangling-link", "dangling", ["inspect", "--model", "gone"], U,
+     ["--model gone is a symbolic link to", "nowhere, which does not exist", "Pass a run"]),
     ("model-empty-dir", "emptydir", ["inspect", "--model", "emptydir"], U, ["is neither a run, a checkpoint nor an HF model directory", "Pass a run"]),
     ("model-is-a-file", "corpus", ["inspect", "--model", "corpus.jsonl"], U, ["is not a model", "Pass a run"]),
     ("model-is-a-config", "indivisible", ["count-params", "--model", "m.yaml"], U,
@@ -170,6 +175,8 @@ CASES = [
      ["holds int, not text", "--text-column"]),
     ("data-not-utf8", "micro", ["train", "--config", "micro.yaml", "--data", "{latin1}", "--max-steps", "1"], U,
      ["not UTF-8", "iconv"]),
+    ("data-a-device", "micro", ["train", "--config", "micro.yaml", "--data", "/dev/zero"], U,
+     ["--data /dev/zero is not a regular file (it is a character device)"]),
     ("data-files-disagree", "micro", ["train", "--config", "micro.yaml", "--data", "{mixed}", "--max-steps", "9"], U,
      ["cannot read 2 local json file(s): CastError", "same columns"]),
     ("data-wrong-format", "micro", ["train", "--config", "micro.yaml", "--data", "{csv}"], U,

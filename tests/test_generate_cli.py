@@ -45,6 +45,8 @@ def test_generate_json_samples(cli, tiny_base_dir, tmp_path):
     (["generate", "", "--model", "{base}"], "the prompt is empty"),
     (["generate", "word " * 70, "--model", "{base}"], "tokens; the model's context is 64"),
     (["generate", "--model", "{base}", "--prompt-file", "/no/file.txt"], "prompt file not found"),
+    (["generate", "--model", "{base}", "--prompt-file", "/dev/zero"], "prompt file /dev/zero is not a regular file"),
+    (["generate", "--model", "{base}", "--prompt-file", "{tmp}"], "is a directory, not a file"),
     (["chat", "--model", "{base}", "--top-k", "-1"], "--top-k must be >= 0"),
     (["chat", "--model", "{qwen}"], "is a 'qwen2' model; smolctl reads only llama-architecture GGUF files"),
     (["import", "{qwen}", "--out", "{tmp}/x"], "is a 'qwen2' model"),

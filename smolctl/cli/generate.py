@@ -34,6 +34,7 @@ from smolctl.cli.options import (
 )
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
+from smolctl.fsutil import no_file
 
 
 def register(app: typer.Typer) -> None:
@@ -99,7 +100,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         if str(prompt_file) == "-":
             return sys.stdin.read()
         if not prompt_file.is_file():
-            raise SmolctlError(f"prompt file not found: {prompt_file}", hint="Check the path")
+            raise SmolctlError(no_file("prompt file", prompt_file), hint="Check the path")
         prompt = prompt_file.read_text(encoding="utf-8")
     if not prompt:
         raise SmolctlError("the prompt is empty",
