@@ -68,4 +68,3 @@ def no_local_match(spec: str, what: str) -> str:
     near = difflib.get_close_matches(os.path.basename(path), os.listdir(parent), n=3)
     return f"{what} {spec}: no such file or directory" + (
         f" (did you mean {', '.join(os.path.join(os.path.dirname(spec), n) for n in near)}?)" if near else "")
-
