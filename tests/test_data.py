@@ -215,7 +215,7 @@ def test_files_that_disagree_are_a_clear_error_wherever_they_are_read(tmp_path, 
     assert "same columns and types" in e.value.hint
 
 
-def test_encode_gives_what_the_tokenizers_call_gives(tmp_path):
+def test_encode_gives_what_the_tokenizers_call_gives():
     """The direct `tokenizers` call, and its fallback where the backend would truncate (a
     tokenizer.json with truncation set: transformers' call turns it off, the backend would not)."""
     import copy
