@@ -107,15 +107,29 @@ class Conversation:
                           context_length=self.context_length)
 
     def save(self, path: str | Path, model_name: str = "") -> Path:
+        """Write the conversation as JSON to `path`: a new file, or one an earlier /save wrote
+        (never a user's other file, nor anything inside a run, checkpoint or model)."""
         path = Path(path).expanduser()
-        if path.is_dir():
-            raise SmolctlError(f"{path} is a directory", hint="Give a file name, e.g. /save chat.json")
+        fsutil.check_output(path, "/save")
         data = {"model": model_name, "chat_template": self.chat, "messages": self.messages()}
         try:
-            fsutil.write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            with fsutil.hold(path, f"/save {path}"):
+                if path.exists() and path.stat().st_size and not is_transcript(path):
+                    raise SmolctlError(f"{path} exists and is not a chat saved by /save",
+                                       hint="Give a new file name, e.g. /save chat.json")
+                fsutil.write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         except OSError as e:
             raise SmolctlError(f"cannot write {path}: {e.strerror}", hint="Pick a writable path") from None
         return path
+
+
+def is_transcript(path: Path) -> bool:
+    """A file that /save wrote: JSON with the model, the template flag and the messages."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"model", "chat_template", "messages"} <= set(data)
 
 
 def read_message(next_line: Callable[[bool], str]) -> str:

@@ -224,6 +224,13 @@ def _manifest_sha256(manifest: dict) -> str:
     return fsutil.sha256([json.dumps(manifest, sort_keys=True).encode()])
 
 
+def saved(run_dir: Path) -> list[Path]:
+    """Every checkpoint directory of a run, damaged and set-aside ones too (not the hidden
+    leftovers of an interrupted save): what starting the run over would delete."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(p for p in folder.glob("*") if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def checkpoints(run_dir: Path, say=lambda message: None) -> list[tuple[int, Path]]:
     """(step, path) of a run's finished checkpoints, oldest first (final/ counted at the step its
     metadata says: one whose metadata is damaged is left out, and `say` is told why)."""
@@ -250,18 +257,25 @@ def find_checkpoint(run_dir: Path, which: str, say=print, hint: str = DAMAGED) -
             raise SmolctlError(f"--from {which}: not a checkpoint directory",
                                hint="Use a step number, 'latest', or a checkpoint path")
         return _checked(path, hint)
-    found = checkpoints(run_dir, say=say if which == "latest" else lambda message: None)
-    if not found:
-        if which == "latest" and (Path(run_dir) / "checkpoints" / "final").is_dir():
-            raise SmolctlError(f"every checkpoint of {run_dir} is damaged")
-        raise SmolctlError(f"run {run_dir} has no checkpoints", hint="Start it with smolctl train")
-    if which == "latest":
+    for attempt in range(3):  # a live run may prune what we listed: then list again
+        found = checkpoints(run_dir, say=say if which == "latest" else lambda message: None)
+        if not found:
+            if which == "latest" and (Path(run_dir) / "checkpoints" / "final").is_dir():
+                raise SmolctlError(f"every checkpoint of {run_dir} is damaged")
+            raise SmolctlError(f"run {run_dir} has no checkpoints", hint="Start it with smolctl train")
+        if which != "latest":
+            break
         for step, path in reversed(found):
             try:
                 return _checked(path, hint)
+            except Vanished:
+                break
             except SmolctlError as e:
                 say(f"Skipping damaged checkpoint: {e}")
-        raise SmolctlError(f"every checkpoint of {run_dir} is damaged")
+        else:
+            raise SmolctlError(f"every checkpoint of {run_dir} is damaged")
+    if which == "latest":
+        raise SmolctlError(f"the checkpoints of {run_dir} were deleted while being read", hint=hint)
     step = int(which)
     matches = [p for s, p in found if s == step]
     if not matches:
@@ -270,10 +284,17 @@ def find_checkpoint(run_dir: Path, which: str, say=print, hint: str = DAMAGED) -
     return _checked(matches[0], hint)
 
 
+class Vanished(SmolctlError):
+    """A checkpoint that a live run pruned between listing it and reading it."""
+
+
 def _checked(ckpt: Path, hint: str = DAMAGED) -> Path:
     """`ckpt`, once its files match the manifest and its metadata is a training checkpoint's."""
-    verify(ckpt, hint)
-    read_meta(ckpt, training=True)
+    with fsutil.pinned(ckpt):  # a live run's pruning leaves it alone while we hash it
+        if not ckpt.is_dir():
+            raise Vanished(f"checkpoint {ckpt} was deleted while it was being read", hint=hint)
+        verify(ckpt, hint)
+        read_meta(ckpt, training=True)
     return ckpt
 
 
@@ -318,7 +339,7 @@ def prune(run_dir: Path, keep_last: int | None) -> None:
         return
     steps = [p for _, p in checkpoints(run_dir) if p.name.startswith("step-")]
     for p in steps[:-keep_last]:
-        fsutil.remove(p)
+        fsutil.remove_unpinned(p)  # one being read (eval, generate, export of this run) waits for the next save
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -29,7 +29,6 @@ dtype, as llama.cpp's own converter does.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -75,6 +74,7 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
     """Refuse, before any slow work, what the export could not or should not write. Paths are
     compared resolved: `source` is what --model resolved to."""
     out = out.expanduser()
+    fsutil.check_output(out, "--out", kind="directory" if fmt == "hf" else "file")
     dst = out.resolve()
     if source is not None:
         src = source.resolve()
@@ -86,33 +86,40 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
         raise SmolctlError(f"{out} lies inside {found[1]} ({found[0]})",
                            hint="Choose an --out outside runs and checkpoints")
     if fmt == "hf":
-        if out.exists() and not out.is_dir():
-            raise SmolctlError(f"{out} exists and is not a directory", hint="Choose a directory for --format hf")
-        fsutil.check_replaceable(out, force, _is_hf_model, "a Hugging Face model directory")
+        fsutil.check_replaceable(out, force, is_hf_export, "a Hugging Face export written by smolctl")
     else:
-        if out.is_dir():
-            raise SmolctlError(f"{out} is a directory", hint="Give a file name for --format gguf, e.g. model.gguf")
-        fsutil.check_replaceable(out, force, _is_gguf, "a GGUF file")
+        fsutil.check_replaceable(out, force, is_gguf_export, "a GGUF file written by smolctl export")
     parent = out.absolute().parent
     while not parent.exists():  # the nearest existing ancestor is where directories will be created
         parent = parent.parent
-    try:  # a real write, not os.access: root passes access checks on read-only mounts
-        tempfile.TemporaryFile(dir=parent).close()
+    try:
+        fsutil.check_writable(parent)
     except OSError as e:
         raise SmolctlError(f"cannot write to {parent}: {e.strerror or e}",
                            hint="Choose an --out in a writable directory") from None
 
 
-def _is_hf_model(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+# What an HF export holds: a directory of only these files (and config.json among them) is one
+# smolctl wrote, and --force may replace it; anything else there (a README, src/) is the user's.
+HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"}
+GGUF_MARK = "smolctl.export"  # a GGUF key of ours, written first: what marks the file as our export
 
 
-def _is_gguf(path: Path) -> bool:
+def is_hf_export(path: Path) -> bool:
+    return (path.is_dir() and (path / "config.json").is_file()
+            and all(p.name in HF_FILES for p in path.iterdir()))
+
+
+def is_gguf_export(path: Path) -> bool:
+    """A GGUF that smolctl export wrote (its key is in the header's first KB), not any GGUF: a
+    model the user downloaded is never replaced."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
+            head = f.read(4096)
     except OSError:
         return False
+    return head[:4] == b"GGUF" and GGUF_MARK.encode() in head
 
 
 def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = None, force: bool = False,
@@ -128,17 +135,21 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
     source = loaded.path if loaded is not None else resolve(model)  # verifies a checkpoint's manifest
     check_out(fmt, out, force, source=source)
     progress = progress or (lambda what, done, total: None)
-    if loaded is None:
-        import torch
+    with fsutil.hold(out, f"--out {out}"):
+        check_out(fmt, out, force, source=source)  # again, as the one writer: another may have just finished
+        if loaded is None:
+            import torch
 
-        progress(f"loading {model}", 0, None)
-        loaded = load(source, device="cpu", dtype=torch.float32)
-    write = write_hf if fmt == "hf" else write_gguf
-    try:
-        with (fsutil.atomic_dir if fmt == "hf" else fsutil.atomic_file)(out) as tmp:
-            write(loaded, tmp, dtype, progress, label=out.name)
-    except OSError as e:  # permissions, a full disk, a vanished directory: the user's to fix
-        raise SmolctlError(f"cannot write {out}: {e.strerror or e}", hint="Check the --out location") from None
+            progress(f"loading {model}", 0, None)
+            with fsutil.pinned(source):  # a live run's pruning leaves it alone while it loads
+                loaded = load(source, device="cpu", dtype=torch.float32)
+        write = write_hf if fmt == "hf" else write_gguf
+        try:
+            with (fsutil.atomic_dir if fmt == "hf" else fsutil.atomic_file)(out) as tmp:
+                write(loaded, tmp, dtype, progress, label=out.name)
+        except OSError as e:  # permissions, a full disk, a vanished directory: the user's to fix
+            raise SmolctlError(f"cannot write {out}: {e.strerror or e}", hint="Check the --out location",
+                               exit_code=1) from None
     files = sorted(p for p in out.iterdir() if p.is_file()) if out.is_dir() else [out]
     return ExportResult(fmt, dtype, out, [(p, p.stat().st_size) for p in files])
 
@@ -194,7 +205,7 @@ def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "mo
     state = {k: v.to(torch_dtype) for k, v in model_state(loaded.model).items()}
     blob = save(state, metadata={"format": "pt"})
     del state
-    with open(out / WEIGHTS, "wb") as f:
+    with fsutil.open_file(out / WEIGHTS, "wb") as f:
         for start in range(0, len(blob), CHUNK):
             f.write(blob[start:start + CHUNK])
             progress(f"{label}/{WEIGHTS}", min(start + CHUNK, len(blob)), len(blob))
@@ -213,6 +224,7 @@ def write_gguf(loaded, out: Path, dtype: str, progress: Progress, label: str = "
     cfg = loaded.cfg
     qtype = {"fp32": Q.F32, "fp16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
     writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_string(GGUF_MARK, "smolctl")  # first: is_gguf_export finds it in the header's first KB
     _add_metadata(writer, cfg, dtype)
     for key, value in provenance(loaded).items():
         if isinstance(value, list):

@@ -4,8 +4,17 @@
     with atomic_dir(dest) as tmp: ...                    # the same for a directory
     write_text(path, text)                               # a small file, atomically
     sha256(path) / sha256([buffer, ...])                 # the one hasher (files are read in chunks)
+    check_output(path, "--log-file")                     # before writing: no link, FIFO, device; not inside a run
     check_replaceable(out, force, ours, "an HF model")   # before replacing anything: refuse what isn't ours
+    with hold(out): ...                                  # one writer per output target (lock naming its PID)
     with run_lock(run_dir) as created: ...               # one process per run directory
+    with open_file(path, "a") as f: ...                  # the one open() for writing: never through a link
+    with pinned(ckpt): ...                               # a reader's claim: pruning leaves `ckpt` alone
+
+Only this module opens files for writing, renames or deletes (tests/test_layering.py checks the
+source). What it deletes, truncates or replaces is what smolctl made and recognises as its own
+(the `owns_*` / `is_*` predicates below, and what a command's `ours` says of its own output):
+never a user's file, whatever --force says.
 
 Temporary paths live beside their target (same filesystem: the final rename is atomic) under a
 hidden name, and are registered while they exist: a block that raises -- any exception, Ctrl-C's
@@ -25,12 +34,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 from smolctl.errors import SmolctlError
 
@@ -95,6 +106,9 @@ def remove(path: Path) -> None:
 
 def _temp_name(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-{os.getpid()}-"
+
+
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<kind>partial|old)-\d+-\w+")  # what _temp_name makes
 
 
 def _ordinary_mode(path: Path, mode: int) -> None:
@@ -199,14 +213,72 @@ def no_file(what: str, path: str | Path) -> str:
     if os.path.isdir(p):
         return f"{what} {path} is a directory, not a file"
     if os.path.exists(p):
-        import stat
-
-        mode = os.stat(p).st_mode
-        kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                 (stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"))
-        kind = next((name for test, name in kinds if test(mode)), "special file")
-        return f"{what} {path} is not a regular file (it is a {kind})"
+        return f"{what} {path} is not a regular file (it is a {_special(os.stat(p).st_mode)})"
     return f"{what} not found: {path}"
+
+
+def _special(mode: int) -> str:
+    kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def check_output(path: Path, what: str, own: Path | None = None, kind: str = "file") -> None:
+    """Refuse, before anything is created, an output path smolctl must not write: a symbolic link
+    (never written through), a named pipe, device or socket, something of the other `kind` ("file"
+    or "directory"), or a path inside a run, checkpoint or model -- other than `own`, the run this
+    command writes."""
+    path = Path(path)
+    if os.path.islink(path):
+        raise SmolctlError(f"{what} {path} is a symbolic link (to {os.readlink(path)})",
+                           hint="smolctl never writes through a link: pass the path it points to, or another path")
+    if os.path.exists(path):
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise SmolctlError(f"{what} {path} is not a regular file (it is a {_special(mode)})",
+                               hint="Pass a path to a regular file")
+        if kind == "file" and stat.S_ISDIR(mode):
+            raise SmolctlError(f"{what} {path} is a directory", hint="Pass a file name")
+        if kind == "directory" and not stat.S_ISDIR(mode):
+            raise SmolctlError(f"{what} {path} is a file, not a directory", hint="Pass a directory")
+    found = precious_above(path)
+    if found and (own is None or found[0] != Path(own).resolve()):
+        raise SmolctlError(f"{what} {path} lies inside {found[1]} ({found[0]})",
+                           hint="Choose a path outside runs, checkpoints and models")
+
+
+def open_file(path: Path, mode: str = "wb", encoding: str | None = None) -> IO:
+    """The one way a file is opened for writing ("w", "a", with "b" or not): never through a
+    symbolic link, and only a regular file (a FIFO or device is refused, not waited on)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    flags |= os.O_APPEND if mode.startswith("a") else os.O_TRUNC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SmolctlError(f"{path} is a symbolic link", hint="smolctl never writes through a link") from None
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise SmolctlError(f"{path} is not a regular file (it is a named pipe)", hint="Pass a regular file") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise SmolctlError(f"{path} is not a regular file (it is a {_special(info.st_mode)})",
+                           hint="Pass a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode, encoding=None if "b" in mode else (encoding or "utf-8"))
+
+
+def move(src: Path, dst: Path) -> None:
+    """Rename `src` (ours) to `dst`, which must not exist: a move never replaces anything."""
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "already exists", str(dst))
+    os.rename(src, dst)
+
+
+def check_writable(folder: Path) -> None:
+    """A real write in `folder` (root passes access checks on read-only mounts); OSError if not."""
+    tempfile.TemporaryFile(dir=folder).close()
 
 
 # -- signals -----------------------------------------------------------------------------------
@@ -279,17 +351,47 @@ def precious_within(root: Path) -> tuple[Path, str] | None:
 
 
 def precious_above(path: Path) -> tuple[Path, str] | None:
-    """The nearest run or checkpoint that (resolved) `path` lies inside, if any."""
+    """The nearest run, checkpoint or model that (resolved) `path` lies inside, if any."""
     for parent in Path(path).resolve().parents:
-        if is_run(parent) or is_checkpoint(parent):
-            return parent, "a training run" if is_run(parent) else "a checkpoint"
+        what = precious(parent) or ("a model" if is_model(parent) else None)
+        if what:
+            return parent, what
     return None
+
+
+def is_model(path: Path) -> bool:
+    """A model directory: config.json with the weights beside it (an HF model, an export, an import)."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+# Keys that every config.yaml smolctl writes into a run directory has (all of TrainConfig's).
+RUN_KEYS = {"model", "data", "max_steps", "batch_size", "seq_len", "lr", "save_every"}
+
+
+def owns_run(path: Path) -> bool:
+    """Whether `path` is a run directory smolctl made: its config.yaml is a training config as
+    `smolctl train` writes it. A user's own config.yaml there is not (it is never overwritten)."""
+    config = Path(path) / "config.yaml"
+    if not config.is_file() or config.is_symlink():
+        return False
+    try:
+        import yaml
+
+        with open(config, "rb") as f:
+            data = yaml.safe_load(f.read(1 << 20))
+        return isinstance(data, dict) and RUN_KEYS <= set(data)
+    except Exception:  # not YAML, not UTF-8: not ours
+        return False
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def check_replaceable(path: Path, force: bool, ours: Callable[[Path], bool], what: str) -> None:
     """Refuse to replace `path` unless --force names it, it is `ours` (something of the kind this
     command writes: `what`), and it neither is nor holds a run, a checkpoint or another import."""
-    if not os.path.lexists(path) or (path.is_dir() and not any(path.iterdir())):
+    if not os.path.lexists(path) or _empty_dir(path):
         return
     if not force:
         raise SmolctlError(f"{path} already exists", hint="Pass --force to replace it, or choose another path")
@@ -305,13 +407,105 @@ def check_replaceable(path: Path, force: bool, ours: Callable[[Path], bool], wha
                            hint="--force only replaces what this command wrote; choose another path")
 
 
-# -- run directories -------------------------------------------------------------------------
+# -- one writer per target -------------------------------------------------------------------
+
+@contextmanager
+def _locked(lock: Path, what: str, cannot: str, hint: str) -> Iterator[None]:
+    """Hold an exclusive flock on `lock` (created if needed; it holds our PID) for the block. A
+    second process gets a one-line error naming the holder's PID. The kernel drops a flock when
+    its process dies, so the lock file a killed process leaves never blocks; it is removed (while
+    still held) when the block ends."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise SmolctlError(f"{cannot}: {e.strerror}", hint=hint) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SmolctlError(f"{what} is in use by process {pid}",
+                               hint="Wait for it to finish or stop it: two writers would overwrite each other",
+                               exit_code=1) from None
+        try:  # the holder may have removed the lock file (its block ended) while we waited
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if os.path.isdir(lock.parent):
+            lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def hold(target: Path, what: str | None = None, hint: str = "Pick another output path") -> Iterator[None]:
+    """Be the one writer of `target` (a file or directory about to be written or replaced) for the
+    block: a lock beside it, and what an earlier writer killed mid-write left (its hidden temporary
+    copies) tidied first -- an old version moved aside and never replaced is put back."""
+    target = Path(target).absolute()
+    made = [d for d in target.parents if not os.path.lexists(d)]  # what the lock needs created
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        what = what or str(target)
+        with _locked(lock_path(target), what, f"cannot write {what}", hint):
+            tidy(target)
+            yield
+    finally:  # nothing written: the folders made for the lock go too
+        for folder in made:
+            if os.path.lexists(target) or not _empty_dir(folder):
+                break
+            folder.rmdir()
+
+
+def tidy(target: Path) -> None:
+    """Remove the temporary copies of `target` that a killed writer left beside it (call it while
+    holding the target: nobody else is writing it)."""
+    target = Path(target)
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP_NAME.fullmatch(name)
+        if not m or m["target"] != target.name:
+            continue
+        leftover = target.parent / name
+        if m["kind"] == "old" and not os.path.lexists(target):
+            os.replace(leftover, target)  # killed between publish's two renames: the old one back
+        else:
+            remove(leftover)
+
+
+def tidy_dir(folder: Path) -> None:
+    """`tidy` for every target directly in `folder` (a run directory, which we hold)."""
+    seen = set()
+    for name in os.listdir(folder):
+        m = _TEMP_NAME.fullmatch(name)
+        if m and m["target"] not in seen:
+            seen.add(m["target"])
+            tidy(Path(folder) / m["target"])
+
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[bool]:
     """Create `run_dir` if needed and hold its exclusive lock for the block; yield whether this call
-    created the directory. A second process gets a one-line error naming the holder's PID. The
-    kernel drops a flock when its process dies, so the lock file a killed run leaves never blocks."""
+    created the directory. A second process gets a one-line error naming the holder's PID."""
     run_dir = Path(run_dir)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -322,39 +516,48 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
     except OSError as e:
         raise SmolctlError(f"cannot write to run directory {run_dir}: {e.strerror}",
                            hint="Pick another --run-dir") from None
-    while True:
-        try:
-            fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise SmolctlError(f"cannot write to run directory {run_dir}: {e.strerror}",
-                               hint="Pick another --run-dir") from None
+    with _locked(run_dir / LOCK, f"run directory {run_dir}", f"cannot write to run directory {run_dir}",
+                 hint="Pick another --run-dir"):
+        tidy_dir(run_dir)
+        yield created
+
+
+# -- readers' claims -----------------------------------------------------------------------------
+
+@contextmanager
+def pinned(folder: Path) -> Iterator[Path]:
+    """A shared flock on the directory `folder` for the block: `remove_unpinned` (pruning) leaves
+    it alone meanwhile, so a reader never loses the checkpoint it is reading to a live run."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield Path(folder)  # not there (or no directory): the reader says what it found
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield Path(folder)
+    finally:
+        os.close(fd)
+
+
+def remove_unpinned(folder: Path) -> bool:
+    """Delete the directory `folder` unless a reader has it pinned; whether it was deleted."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                os.close(fd)
-                raise
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise SmolctlError(f"run directory {run_dir} is in use by process {pid}",
-                               hint="Wait for it to finish or stop it: two processes would overwrite each "
-                                    "other's checkpoints and logs", exit_code=1) from None
-        try:  # the holder may have deleted the directory (a failed fresh run) while we waited
-            same = os.fstat(fd).st_ino == os.stat(run_dir / LOCK).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
+        except OSError:
+            return False  # being read: the next prune takes it
+        remove(folder)
+        return True
+    finally:
         os.close(fd)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield created
-    finally:  # removed while still held (a waiter notices, above): a run that ends leaves no lock file
-        if os.path.isdir(run_dir):
-            Path(run_dir / LOCK).unlink(missing_ok=True)
-        os.close(fd)
+
+
+RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl", "train.log", "loss.png")  # what a run writes
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -362,6 +565,7 @@ def check_run_dir(run_dir: Path) -> None:
     a model, or that holds another run, checkpoint or model below it (other than its own
     checkpoints): training there would mix two things that are each deleted or replaced whole."""
     run_dir = Path(run_dir)
+    check_output(run_dir, "--run-dir", kind="directory")
     found = precious_above(run_dir)
     if found:
         raise SmolctlError(f"--run-dir {run_dir} lies inside {found[1]} ({found[0]})",
@@ -371,6 +575,12 @@ def check_run_dir(run_dir: Path) -> None:
     if (run_dir / "config.json").is_file() or is_checkpoint(run_dir) or is_import(run_dir):
         raise SmolctlError(f"--run-dir {run_dir} is a model or checkpoint directory, not a run",
                            hint="Choose another run directory, e.g. runs/NAME")
+    if not owns_run(run_dir):
+        clash = next((name for name in RUN_FILES if os.path.lexists(run_dir / name)
+                      and not (name == "checkpoints" and _empty_dir(run_dir / name))), None)
+        if clash:
+            raise SmolctlError(f"--run-dir {run_dir} is not a smolctl run, and it holds a {clash} that a run "
+                               f"would overwrite", hint="Choose a new or empty run directory, e.g. runs/NAME")
     own = run_dir / "checkpoints"
     for here, dirs, _ in os.walk(run_dir):
         here = Path(here)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from smolctl import fsutil
+from smolctl.errors import SmolctlError
 
 Event = dict[str, Any]
 Sink = Callable[[Event], None]
@@ -56,7 +58,7 @@ class JsonlSink:
     """metrics.jsonl: one JSON object per event, flushed as it comes (a crash loses nothing)."""
 
     def __init__(self, path: Path):
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = fsutil.open_file(path, "a", encoding="utf-8")
 
     def __call__(self, e: Event) -> None:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in e.items()}
@@ -72,12 +74,12 @@ class LogFileSink:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = fsutil.open_file(path, "a", encoding="utf-8")
 
     def __call__(self, e: Event) -> None:
         line = format_event(e)
-        if line:
-            self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        if line:  # one line per event, always: that is what makes the file recognisably ours
+            self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(line.splitlines())}\n")
             self.f.flush()
 
     def close(self) -> None:
@@ -99,6 +101,31 @@ class TrackerSink:
         self.accelerator.end_training()
 
 
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")  # LogFileSink's timestamp
+
+
+def is_log(path: Path) -> bool:
+    """Whether `path` is a log smolctl wrote (empty, or every whole line LogFileSink's): the only
+    kind of existing file a run appends to, and truncates when it resumes."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.endswith(b"\n") and not _LOG_LINE.match(line.decode("utf-8", "replace")):
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def check_log_file(path: Path, run_dir: Path) -> None:
+    """Before anything is created: a log file is a new file, or a log smolctl wrote, outside any
+    run, checkpoint or model but this run; never a link, FIFO or device, never a user's file."""
+    fsutil.check_output(path, "--log-file", own=run_dir)
+    if path.is_file() and path.stat().st_size and not is_log(path):
+        raise SmolctlError(f"--log-file {path} is not a smolctl log: a run would append to it and cut it "
+                           f"on resume", hint="Pass a new file (or a log an earlier run wrote)")
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop what a run logged after `step` (it is about to be redone by a resume), atomically.
 
@@ -106,7 +133,7 @@ def truncate_after(path: Path, step: int) -> None:
     line without its newline is the torn write of a killed process: dropped, so that the next
     row doesn't glue onto it (and the file stays one JSON object per line).
     """
-    if not path.is_file():
+    if not path.is_file() or not path.stat().st_size:
         return
     kept = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
@@ -155,6 +182,7 @@ def plot_loss(metrics: Path, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    with fsutil.atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from smolctl import fsutil
 from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
 from smolctl.metadata import META, model_config_of
@@ -42,7 +43,8 @@ def write_config(cfg: ModelConfig, out: Path, **extra) -> None:
     llama.cpp's converter read the top-level key (silently falling back to 10,000 without it)."""
     conf = json.loads(cfg.to_hf(**{"pad_token_id": cfg.eos_token_id, **extra}).to_json_string())
     conf.setdefault("rope_theta", cfg.rope_theta)
-    (Path(out) / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    with fsutil.open_file(Path(out) / "config.json", "w") as f:
+        f.write(json.dumps(conf, indent=2) + "\n")
 
 
 def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra: dict | None = None) -> None:
@@ -51,7 +53,8 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, out: str | Path, extra:
     write_config(cfg, out)
     write_tensors(out / WEIGHTS, model_state(model), {"format": "pt"})
     meta = {"model": cfg.to_dict(), **(extra or {})}
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    with fsutil.open_file(out / META, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

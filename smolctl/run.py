@@ -27,7 +27,7 @@ from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token
 from smolctl.rundir import data_flags, resume_point
-from smolctl.sources import load, with_init_model
+from smolctl.sources import load, resolve, with_init_model
 
 
 @dataclass
@@ -120,9 +120,9 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
-    if main:
-        rundir.prepare(run_dir, fresh=overwrite and resume is None)
+    if main:  # config.yaml first: it is what marks the directory as a run of ours
         write_mapping(run_dir / "config.yaml", cfg.to_dict())
+        rundir.prepare(run_dir, fresh=overwrite and resume is None)
     accelerator.wait_for_everyone()
 
     # -- model, optimizer, and the state to start from ----------------------------------------
@@ -183,6 +183,9 @@ def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
     from smolctl.data import first_document
 
     if cfg.init_from:
+        if overwrite and _inside(resolve(cfg.init_from), run_dir):
+            raise SmolctlError(f"--init-from {cfg.init_from} lies inside --run-dir {run_dir}, which --overwrite "
+                               f"empties first", hint="Export or copy it elsewhere first, or train into another --run-dir")
         cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     cfg.model_config()
@@ -194,6 +197,11 @@ def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
 
 def _mixed_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision != "auto":
@@ -217,9 +225,11 @@ def _open_sinks(emit_to: list, run_dir: Path, log_file: Path, step: int, sinks: 
                 tracker_accelerator, cfg: TrainConfig) -> None:
     """metrics.jsonl, the log file, the caller's sinks and the tracker, on the main process."""
     # Drop what an earlier attempt logged after this point (all of it for a fresh start, e.g. a
-    # run killed before its first checkpoint and started again): each step is logged once.
+    # run killed before its first checkpoint and started again): each step is logged once. Only in
+    # the run's own files: a --log-file elsewhere may be shared with other runs, and is only appended to.
     truncate_after(run_dir / "metrics.jsonl", step)
-    truncate_after(log_file, step)
+    if run_dir.absolute() in log_file.absolute().parents:
+        truncate_after(log_file, step)
     try:
         emit_to.append(JsonlSink(run_dir / "metrics.jsonl"))
         emit_to.append(LogFileSink(log_file))

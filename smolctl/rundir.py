@@ -43,7 +43,7 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     N processes."""
     cfg = cfg.resolved()
     if resume is None:
-        if ckpt_io.checkpoints(run_dir) and not overwrite:
+        if ckpt_io.saved(run_dir) and not overwrite:  # damaged ones count: they may be all there is
             raise SmolctlError(f"run directory {run_dir} already has checkpoints",
                                hint=f"Continue it with: smolctl resume --run-dir {run_dir} --from latest "
                                     "(to start over instead: smolctl train ... --overwrite)")
@@ -93,6 +93,8 @@ def claim(run_dir: Path, log_file: Path, held: ExitStack) -> Callable[[], None]:
     """Lock the run directory for the life of `held` (creating it if needed). Returns the undo of
     a failed fresh start: remove the directory if this call created it, else its new entries, and
     the log file if this call created it."""
+    if run_dir.absolute() not in log_file.absolute().parents:  # a log elsewhere has a lock of its own
+        held.enter_context(fsutil.hold(log_file, f"the log file {log_file}", hint="Pick another --log-file"))
     before = set(os.listdir(run_dir)) if run_dir.is_dir() else set()
     new_log = not log_file.exists()
     created = held.enter_context(fsutil.run_lock(run_dir))
@@ -115,13 +117,11 @@ def prepare(run_dir: Path, fresh: bool) -> None:
     """Make the checkpoints folder and prove the directory writable; `fresh` (--overwrite names
     this run): its checkpoints and metrics go first."""
     try:
-        if fresh:
+        if fresh:  # a run of ours (fsutil.check_run_dir refused any other with checkpoints)
             fsutil.remove(run_dir / "checkpoints")
             fsutil.remove(run_dir / "metrics.jsonl")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        fsutil.check_writable(run_dir)
     except OSError as e:
         raise SmolctlError(f"cannot write to run directory {run_dir}: {e.strerror}",
                            hint="Pick another --run-dir") from None
@@ -138,7 +138,7 @@ def supersede_later_checkpoints(run_dir: Path, source: Path, step: int, say) -> 
             aside, n = path.parent / f"superseded-{stamp}-{path.name}", 1
             while aside.exists():  # two resumes within one second
                 aside, n = path.parent / f"superseded-{stamp}.{n}-{path.name}", n + 1
-            os.replace(path, aside)
+            fsutil.move(path, aside)
             say(f"Set aside {path.name} (after step {step}) as {aside.name}")
 
 

@@ -5,7 +5,7 @@ and safetensors files written straight from the tensors' memory.
     write_json(path, obj) / write_file(path, data)    # any other file
     file_sha256(path)                                 # for the manifest: remembered, not reread
 
-Every file is written with open(), so it gets the umask's mode like any other file
+Every file is written with fsutil.open_file, so it gets the umask's mode like any other file
 (safetensors' own save_file makes its file 0600).
 """
 
@@ -38,7 +38,7 @@ def write_file(path: Path, data: bytes | list) -> None:
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     with ThreadPoolExecutor(1) as pool:
         digest = pool.submit(fsutil.sha256, chunks)
-        with open(path, "wb") as f:
+        with fsutil.open_file(path, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()

