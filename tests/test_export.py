@@ -287,15 +287,18 @@ def test_cli_hf_refuses_non_empty_dir_and_force_replaces_only_an_export(cli, tin
     r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out)
     assert r.exit_code == 2 and "already exists. Pass --force" in r.output
     r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out, "--force")  # not something export wrote
-    assert r.exit_code == 2 and "refusing to replace" in r.output and "not a Hugging Face model directory" in r.output
+    assert r.exit_code == 2 and "refusing to replace" in r.output and "not a Hugging Face export written by smolctl" in r.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     (out / "notes.txt").unlink()
     r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out)  # an empty directory is fine
     assert r.exit_code == 0, r.output
-    (out / "notes.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine")  # an earlier export holding a file of the user's: theirs now
+    r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out, "--force")
+    assert r.exit_code == 2 and "not a Hugging Face export written by smolctl" in r.output
+    (out / "notes.txt").unlink()
     r = cli("export", "--model", tiny[0], "--format", "hf", "--out", out, "--force")  # an earlier export: replaced
     assert r.exit_code == 0, r.output
-    assert "notes.txt" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     assert "from_pretrained" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
