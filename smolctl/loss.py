@@ -149,7 +149,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 @torch.no_grad()
 def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size: int, tokens: int, device,
-             tokenizer=None, autocast=nullcontext) -> tuple[float, int]:
+             tokenizer=None, autocast=nullcontext, progress=None) -> tuple[float, int]:
     """Mean loss over the first `tokens` next-token predictions of `spec`'s token stream (documents
     tokenized with `tokenizer`, the model's own or None for the bundled one, and joined by its
     document separator; read once, in order), or over all of them when the data is shorter.
@@ -157,7 +157,8 @@ def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size
     Returns (loss, tokens scored): exactly min(tokens, the stream's length - 1). Windows of up to
     seq_len + 1 tokens overlap by one (a window's last token is the next one's first input), so
     every token after the first is predicted once, with no padding; the last window and the last
-    batch may be short.
+    batch may be short. `progress`, when given, is called with the tokens scored so far after each
+    batch.
     """
     was_training = loss_module.training
     loss_module.eval()
@@ -168,6 +169,8 @@ def evaluate(loss_module: nn.Module, spec: DataSpec, *, seq_len: int, batch_size
             loss = loss_module(batch[:, :-1], batch[:, 1:])  # the mean over the batch's predictions
         total += loss.double().cpu() * batch[:, 1:].numel()
         n += batch[:, 1:].numel()
+        if progress is not None:
+            progress(n)
     loss_module.train(was_training)
     if n == 0:
         raise SmolctlError(f"the eval data ({spec.describe()}) has fewer than 2 tokens: nothing to predict",

@@ -2,7 +2,12 @@
 
 An event is a flat dict with an "event" key: "start", "train" (step, loss, lr, grad_norm,
 tokens_seen, tokens_per_s, elapsed_s, ...), "eval", "sample", "checkpoint", "skip", "message",
-"end". The loop never knows who listens; these sinks (and the CLI's Rich dashboard) do.
+"end", and "phase". The loop never knows who listens; these sinks (and the CLI's Rich dashboard) do.
+
+Evals, samples and saves are timed on their own (their events carry `seconds`); a train row's
+tokens_per_s and mfu count its steps' time only, and its `aside_s` is the time it left out. A
+"phase" event's text says what the loop is doing until the next event of another kind
+("evaluating 12,288/32,768 tokens…"): it is for live displays, not for the files.
 
     sinks = [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(run_dir / "train.log")]
     for sink in sinks: sink(event)
@@ -35,9 +40,10 @@ def format_event(e: Event) -> str | None:
             parts.insert(5, f"mfu {100 * e['mfu']:.1f}%")
         return " | ".join(parts)
     if kind == "eval":
-        return f"step {e['step']:>6} | eval loss {e['loss']:.4f} | ppl {e['perplexity']:.2f} | {e['tokens']:,} tokens"
+        return (f"step {e['step']:>6} | eval loss {e['loss']:.4f} | ppl {e['perplexity']:.2f} | {e['tokens']:,} tokens"
+                f" ({e['seconds']:.1f}s)")
     if kind == "sample":
-        return f"step {e['step']:>6} | sample: {e['prompt']!r} -> {e['text']!r}"
+        return f"step {e['step']:>6} | sample: {e['prompt']!r} -> {e['text']!r} ({e['seconds']:.1f}s)"
     if kind == "checkpoint":
         return f"step {e['step']:>6} | saved {e['path']} ({e['seconds']:.1f}s)"
     if kind == "skip":
@@ -61,6 +67,8 @@ class JsonlSink:
         self.f = fsutil.open_file(path, "a", encoding="utf-8")
 
     def __call__(self, e: Event) -> None:
+        if e["event"] == "phase":
+            return
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in e.items()}
         self.f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
         self.f.flush()

@@ -85,6 +85,7 @@ class TrainState:
     window_steps: int = 0  # good (finite) steps in the window
     window_loss: torch.Tensor | None = None  # their float32 loss sum, on the device
     window_t: float = 0.0
+    window_aside: float = 0.0  # seconds of the window's evals, samples and saves (not steps: see train.aside)
     grad_norm: torch.Tensor | None = None  # the last step's, on the device
     unseen: list[torch.Tensor] = field(default_factory=list)  # finite or not, each step since the last look
 

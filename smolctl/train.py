@@ -111,23 +111,25 @@ def fit(run: Run, state: TrainState) -> TrainResult:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 log_row(run, state, lr)
             if cfg.eval_every and step % cfg.eval_every == 0:
-                run_eval(run, step)
+                run_eval(run, state, step)
             if cfg.sample_every and step % cfg.sample_every == 0 and run.main:
-                run_sample(run, step)
+                run_sample(run, state, step)
             if (step % cfg.save_every == 0 and step < cfg.max_steps) or stopping:
                 state.last_checkpoint = save(run, state)
     if stopping:
         signame = stop.signal or "SIGTERM"  # a rank stopped by another rank's signal
-        run.emit("end", step=state.step, text=f"Stopped by {signame} at step {state.step}; saved {state.last_checkpoint}")
+        run.emit("end", step=state.step, text=f"Stopped by {signame} at step {state.step}; saved {state.last_checkpoint}",
+                 stopped_by=signame)
         close_sinks(run.sinks)
         return TrainResult(state.step, signame, state.last_checkpoint, run.run_dir)
     if not cfg.eval_every or state.step % cfg.eval_every:
-        run_eval(run, state.step)
+        run_eval(run, state, state.step)
     state.last_checkpoint = save(run, state, final=True)
     if run.main:
         png = plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
         run.emit("end", step=state.step, text=f"Done: step {state.step}, {state.tokens_seen:,} tokens; final "
-                                              f"checkpoint {state.last_checkpoint}" + (f"; loss curve {png}" if png else ""))
+                                              f"checkpoint {state.last_checkpoint}" + (f"; loss curve {png}" if png else ""),
+                 stopped_by=None)
     close_sinks(run.sinks)
     return TrainResult(state.step, None, state.last_checkpoint, run.run_dir)
 
@@ -199,19 +201,21 @@ def look(run: Run, state: TrainState, stop: stop_on_signals) -> tuple[bool, bool
 
 
 def log_row(run: Run, state: TrainState, lr: float) -> None:
-    """The `train` event: the window's mean loss over all ranks, throughput, MFU; then a new window."""
+    """The `train` event: the window's mean loss over all ranks, throughput, MFU; then a new window.
+    Throughput counts the steps' time only: the window's evals, samples and saves (`aside_s`) are
+    left out."""
     cfg, device = run.cfg, run.device
     loss_sum, grad_norm = torch.stack([run.accelerator.reduce(state.window_loss, reduction="mean"),
                                        state.grad_norm.float()]).tolist()
     now = time.perf_counter()
-    tps = state.window_steps * run.tokens_per_step / (now - state.window_t)
+    tps = state.window_steps * run.tokens_per_step / (now - state.window_t - state.window_aside)
     peak = run.peak_tflops
     run.emit("train", step=state.step, max_steps=cfg.max_steps, loss=loss_sum / max(1, state.window_steps), lr=lr,
              grad_norm=grad_norm, tokens_seen=state.tokens_seen, tokens_per_s=tps,
              mfu=run.flops_per_token * tps / (peak * 1e12 * run.world) if peak else None,
-             elapsed_s=state.elapsed(), memory_gb=memory_gb(device))
+             elapsed_s=state.elapsed(), memory_gb=memory_gb(device), aside_s=state.window_aside)
     state.window_loss.zero_()
-    state.window_steps, state.window_t = 0, time.perf_counter()
+    state.window_steps, state.window_t, state.window_aside = 0, time.perf_counter(), 0.0
 
 
 def save(run: Run, state: TrainState, final: bool = False) -> Path:
@@ -220,6 +224,8 @@ def save(run: Run, state: TrainState, final: bool = False) -> Path:
     cfg, acc, main, step = run.cfg, run.accelerator, run.main, state.step
     t = time.perf_counter()
     path = run.run_dir / "checkpoints" / "final" if final else ckpt_io.step_dir(run.run_dir, step)
+    if main:
+        run.emit("phase", step=step, text="saving checkpoint…")
     tmp = ckpt_io.staging_path(path)
     with fsutil.temporary(tmp) if main else nullcontext(), _save_errors(path, state.last_checkpoint, run.run_dir):
         ckpt_io.staging_dir(path, main)
@@ -249,29 +255,46 @@ def save(run: Run, state: TrainState, final: bool = False) -> Path:
             ckpt_io.finalize(tmp, path)
     if main:
         ckpt_io.prune(run.run_dir, cfg.keep_last)
-        run.emit("checkpoint", step=step, path=str(path), seconds=time.perf_counter() - t)
+    seconds = aside(state, t)
+    if main:
+        run.emit("checkpoint", step=step, path=str(path), seconds=seconds)
     acc.wait_for_everyone()
     return path
 
 
-def run_eval(run: Run, step: int) -> None:
+def run_eval(run: Run, state: TrainState, step: int) -> None:
     if run.eval_spec is None:
         return
-    cfg = run.cfg
+    cfg, t = run.cfg, time.perf_counter()
+
+    def progress(scored: int) -> None:
+        run.emit("phase", step=step, text=f"evaluating {scored:,}/{cfg.eval_tokens:,} tokens…")
+
+    progress(0)
     loss, n = evaluate(run.loss_module, run.eval_spec, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                        tokens=cfg.eval_tokens, device=run.device, tokenizer=run.tokenizer,
-                       autocast=run.accelerator.autocast)
-    run.emit("eval", step=step, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=n)
+                       autocast=run.accelerator.autocast, progress=progress)
+    run.emit("eval", step=step, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=n, seconds=aside(state, t))
 
 
-def run_sample(run: Run, step: int) -> None:
+def run_sample(run: Run, state: TrainState, step: int) -> None:
     from smolctl.generation import complete
 
+    t = time.perf_counter()
+    run.emit("phase", step=step, text=f"sampling {run.cfg.sample_tokens} tokens…")
     run.model.eval()
     with run.accelerator.autocast():
         text = complete(run.model, run.tokenizer, run.cfg.sample_prompt, max_new_tokens=run.cfg.sample_tokens)
     run.model.train()
-    run.emit("sample", step=step, prompt=run.cfg.sample_prompt, text=text)
+    run.emit("sample", step=step, prompt=run.cfg.sample_prompt, text=text, seconds=aside(state, t))
+
+
+def aside(state: TrainState, since: float) -> float:
+    """The seconds since `since`, spent on an eval, a sample or a save rather than on steps: the
+    log window's throughput leaves them out."""
+    seconds = time.perf_counter() - since
+    state.window_aside += seconds
+    return seconds
 
 
 # -- errors and endings ---------------------------------------------------------------------------

@@ -162,4 +162,4 @@ def test_a_signal_between_log_steps_stops_after_that_step(micro_cfg, tmp_path, m
     assert (result.step, result.stopped_by) == (2, "SIGINT")
     assert result.last_checkpoint == ckpt_io.step_dir(tmp_path / "run", 2)
     ckpt_io.verify(result.last_checkpoint)
-    assert [e["event"] for e in events if e["event"] != "start"] == ["checkpoint", "end"]
+    assert [e["event"] for e in events if e["event"] != "start"] == ["phase", "checkpoint", "end"]  # saving, saved

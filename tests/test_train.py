@@ -215,6 +215,41 @@ def test_eval_and_sample_events(micro_cfg, tmp_path, corpus):
     assert samples[0]["text"] == tok.decode(new, skip_special_tokens=True) and len(new) == 8
 
 
+def test_throughput_leaves_out_evals_samples_and_saves(micro_cfg, tmp_path, corpus):
+    """A train row's tokens/s counts its steps' time only. Each eval here is held up by half a
+    second (a sink slow to show its progress, as a terminal can be): the rows' `aside_s` is the sum
+    of the `seconds` of the evals, samples and saves since the row before, and what is left of the
+    time between two rows after taking it out is at least the steps' time that tokens/s implies."""
+    slept = []
+
+    def slow_display(e):
+        if e["event"] == "phase" and e["text"].startswith("evaluating 0/"):
+            t = time.perf_counter()
+            time.sleep(0.5)
+            slept.append(time.perf_counter() - t)
+
+    cfg = micro_cfg(max_steps=8, log_every=4, eval_every=2, sample_every=2, save_every=2, eval_data=str(corpus),
+                    eval_tokens=64, sample_tokens=4)
+    train(cfg, tmp_path / "r", sinks=[slow_display])
+    events = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["event"] == "phase"]  # progress is for live displays only
+    assert "evaluating" not in (tmp_path / "r" / "train.log").read_text()
+    rows = [e for e in events if e["event"] == "train"]
+    assert [r["step"] for r in rows] == [4, 8] and len(slept) == 4
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4, 6, 8] and all(e["seconds"] >= s for e, s in zip(evals, slept))
+    aside, previous = 0.0, 0.0
+    for e in events:
+        if e["event"] in ("eval", "sample", "checkpoint"):
+            aside += e["seconds"]
+        elif e["event"] == "train":
+            assert e["aside_s"] == pytest.approx(aside, rel=1e-9, abs=1e-9)
+            assert e["aside_s"] >= 0.5  # this window's evals (at steps 2 and 4, or 6)
+            steps_s = 4 * cfg.batch_size * cfg.seq_len / e["tokens_per_s"]
+            assert steps_s <= e["elapsed_s"] - previous - e["aside_s"]
+            aside, previous = 0.0, e["elapsed_s"]
+
+
 MICRO_YAML = ("model: {{preset: tiny, num_layers: 1, hidden_size: 32, num_heads: 2, num_kv_heads: 1, "
               "intermediate_size: 64}}\ndata: {corpus}\nbatch_size: 2\nseq_len: 16\nmixed_precision: 'no'\n"
               "device: cpu\nlog_every: 1\n")
