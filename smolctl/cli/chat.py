@@ -110,9 +110,14 @@ class Repl:
                 note(f"Error: {e}")
 
     def next_line(self, continued: bool) -> str:
+        from smolctl.artifacts import UTF8_HINT, damaged, read_stdin_line
+
         if self.interactive:
-            return input("... " if continued else ">>> ")
-        line = sys.stdin.readline()
+            try:
+                return input("... " if continued else ">>> ")
+            except UnicodeDecodeError as e:  # EOFError (Ctrl-D) passes: it ends the chat
+                raise damaged("stdin", "UTF-8 text", e, hint=UTF8_HINT) from None
+        line = read_stdin_line()  # not UTF-8: one line, exit 2
         if not line:
             raise EOFError
         return line.rstrip("\r\n")
