@@ -20,7 +20,7 @@ from typing import Any
 
 from smolctl import fsutil
 from smolctl.errors import SmolctlError
-from smolctl.schema import check_fields, setting, validate
+from smolctl.schema import check, check_fields, setting, specs, validate
 
 # Bounds on sizes, so that an absurd config is refused at once rather than after minutes of work
 # (count-params builds the model, train allocates it): far above any model smolctl trains.
@@ -123,19 +123,17 @@ class ModelConfig:
         if missing:
             raise SmolctlError(f"{where}no {', '.join(missing)} in it: not a complete model config",
                                hint="Pass the model's own config.json")
-        values = {ours: d[theirs] for theirs, ours in HF_NAMES.items() if d.get(theirs) is not None}
-        values.setdefault("num_kv_heads", d["num_attention_heads"])
-        theta = rope.get("rope_theta", d.get("rope_theta"))
-        if theta is not None:
-            values["rope_theta"] = theta
-        for role in ("bos", "eos"):  # a list of ids (several EOS tokens): the first
-            v = values.get(f"{role}_token_id")
-            if isinstance(v, list):
-                values[f"{role}_token_id"] = v[0] if v else None
-        values = {k: v for k, v in values.items() if v is not None}
-        checked = validate(cls, values, "model config", where, strict=True)
+        given = {theirs: d.get(theirs) for theirs in HF_NAMES}
+        given["rope_theta"] = rope.get("rope_theta", d.get("rope_theta"))
+        for key in ("bos_token_id", "eos_token_id"):  # a list of ids (several EOS tokens): the first
+            if isinstance(given[key], list):
+                given[key] = given[key][0] if given[key] else None
+        fields = specs(cls)
+        values = {HF_NAMES[k]: check(fields[HF_NAMES[k]], v, strict=True, label=f"{where}{k}")
+                  for k, v in given.items() if v is not None}
+        values.setdefault("num_kv_heads", values["num_heads"])
         return cls(name=name, **{"max_seq_len": 2048, "rope_theta": 10000.0, "bos_token_id": 0,
-                                 "eos_token_id": 0, **checked})
+                                 "eos_token_id": 0, **values})
 
     # -- files -----------------------------------------------------------------------------
 
@@ -203,7 +201,7 @@ HF_NAMES = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermedi
             "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
             "max_position_embeddings": "max_seq_len", "rms_norm_eps": "rms_norm_eps",
             "tie_word_embeddings": "tie_embeddings", "bos_token_id": "bos_token_id",
-            "eos_token_id": "eos_token_id", "initializer_range": "init_std"}
+            "eos_token_id": "eos_token_id", "initializer_range": "init_std", "rope_theta": "rope_theta"}
 HF_REQUIRED = list(HF_NAMES)[:5]
 MAX_CONFIG_BYTES = 16 << 20  # a config file is a few KB; a bigger one is not a config
 MAX_YAML_VALUES = 100_000  # values a YAML config may expand to: a config holds dozens

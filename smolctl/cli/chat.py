@@ -34,7 +34,7 @@ from smolctl.cli.options import (
     TopPOpt,
     VerboseOpt,
 )
-from smolctl.cli.registry import command
+from smolctl.cli.registry import command, error_line
 from smolctl.errors import SmolctlError
 
 
@@ -107,7 +107,7 @@ class Repl:
                 if self.command(text) == "exit":
                     return
             except SmolctlError as e:
-                note(f"Error: {e}")
+                note(f"Error: {error_line(e)}")
 
     def next_line(self, continued: bool) -> str:
         from smolctl.artifacts import UTF8_HINT, damaged, read_stdin_line

@@ -85,18 +85,26 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
 
 
 def fail(e: SmolctlError):
-    print(f"Error: {one_line(str(e))}", file=sys.stderr)
+    print(f"Error: {error_line(e)}", file=sys.stderr)
     raise typer.Exit(e.exit_code)
 
 
 MAX_LINE = 300  # characters of an error line: what a damaged file or a YAML alias bomb puts in one is cut
 
 
-def one_line(text: str) -> str:
-    """`text` on one line, at most MAX_LINE characters, and printable whatever it holds (the
+def error_line(e: SmolctlError) -> str:
+    """`message. hint` in about MAX_LINE characters: the hint (ours, what to do) is kept, at most
+    200 characters of it, and the message (which may quote a file) is cut to what is left."""
+    hint = one_line(e.hint, 200) if e.hint else ""
+    message = one_line(e.message.rstrip("."), max(MAX_LINE - len(hint) - 2, 100))
+    return f"{message}{' ' if message.endswith('...') else '. '}{hint}" if hint else message
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line, at most `limit` characters, and printable whatever it holds (the
     surrogates of non-UTF-8 bytes are shown as \\xNN)."""
     text = " ".join(text.split())
-    text = text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
