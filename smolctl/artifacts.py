@@ -115,14 +115,14 @@ def check_weights(state: dict, source: str | Path) -> None:
 
 
 def check_chat_template(template: str | None, source: str | Path) -> None:
-    """A chat template that parses (jinja syntax), checked when the tokenizer is loaded rather
-    than when the first message is rendered."""
+    """A chat template that compiles (jinja syntax, in transformers' sandbox with its extensions),
+    checked when the tokenizer is loaded rather than when the first message is rendered."""
     if not template or not isinstance(template, str):
         return
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     with reading(source, "chat template"):
-        ImmutableSandboxedEnvironment().parse(template)
+        _compile_jinja_template(template)
 
 
 def check_vocabulary(tokenizer, vocab_size: int, source: str | Path) -> None:

@@ -89,15 +89,18 @@ def fail(e: SmolctlError):
     raise typer.Exit(e.exit_code)
 
 
-MAX_LINE = 300  # characters of an error line: what a damaged file or a YAML alias bomb puts in one is cut
+# An error line is cut, whatever a damaged file or a YAML alias bomb puts in it: the message (which
+# may quote a file) to 200 characters, the hint (ours: what to do) to 170 -- about 300 in all.
+MAX_MESSAGE, MAX_HINT = 200, 170
+MAX_LINE = 300  # a line with no hint (internal errors, usage errors)
 
 
 def error_line(e: SmolctlError) -> str:
-    """`message. hint` in about MAX_LINE characters: the hint (ours, what to do) is kept, at most
-    200 characters of it, and the message (which may quote a file) is cut to what is left."""
-    hint = one_line(e.hint, 200) if e.hint else ""
-    message = one_line(e.message.rstrip("."), max(MAX_LINE - len(hint) - 2, 100))
-    return f"{message}{' ' if message.endswith('...') else '. '}{hint}" if hint else message
+    """`message. hint` on one line, each cut to its bound (a message with no hint: to MAX_LINE)."""
+    message = one_line(e.message.rstrip("."), MAX_MESSAGE if e.hint else MAX_LINE)
+    if not e.hint:
+        return message
+    return f"{message}{' ' if message.endswith('...') else '. '}{one_line(e.hint, MAX_HINT)}"
 
 
 def one_line(text: str, limit: int = MAX_LINE) -> str:
