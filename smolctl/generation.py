@@ -58,7 +58,8 @@ class Sampling:
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (1 = off), got {self.top_p}"),
             (0 <= self.min_p <= 1, f"--min-p must be in [0, 1] (0 = off), got {self.min_p}"),
             (self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
-            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED,
+             f"--seed must be between 0 and {MAX_SEED:,}, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

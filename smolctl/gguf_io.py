@@ -143,6 +143,7 @@ def read_gguf_header(path: str | Path):
 
 
 def _read_header(path: Path, reader):
+    """read_gguf_header's work once the file has opened as a GGUF."""
 
     def get(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)

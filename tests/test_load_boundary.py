@@ -172,7 +172,8 @@ CASES = [
     # -- config files
     ("yaml-alias-bomb", lambda d, g: _write(d, "bomb.yaml", BOMB), ["inspect", "--config", "{m}"], None,
      ["malformed config file", "expands to more than 100,000 values through YAML aliases"]),
-    ("corpus-only-whitespace", lambda d, g: (micro(d), _write(d, "blank.jsonl", '{"text": "  "}\n{"text": "\\n\\t"}\n' * 5))[1],
+    ("corpus-only-whitespace",
+     lambda d, g: (micro(d), _write(d, "blank.jsonl", '{"text": "  "}\n{"text": "\\n\\t"}\n' * 5))[1],
      ["train", "--config", "micro.yaml", "--data", "{m}", "--max-steps", "1"], None,
      ["the corpus has no text to train on: its 10 document(s)", "hold only whitespace"]),
 ]
