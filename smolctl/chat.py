@@ -80,7 +80,10 @@ class Conversation:
         """The prompt text for the next reply."""
         if not self.chat:
             return "".join(t.user + t.assistant for t in self.turns)
-        return self.tokenizer.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)
+        from smolctl.artifacts import reading
+
+        with reading("the model's chat template", "working chat template"):  # one that raises on these messages
+            return self.tokenizer.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)
 
     def prompt_ids(self) -> list[int]:
         """The tokenized prompt, after dropping the oldest turns until it fits beside the reply."""

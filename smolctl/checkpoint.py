@@ -231,6 +231,12 @@ def saved(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
 
 
+def is_number(text: str) -> bool:
+    """A step number as written in a directory name or --from: ASCII digits ('²' is a digit to
+    str.isdigit, and not a number to int)."""
+    return text.isascii() and text.isdigit()
+
+
 def checkpoints(run_dir: Path, say=lambda message: None) -> list[tuple[int, Path]]:
     """(step, path) of a run's finished checkpoints, oldest first (final/ counted at the step its
     metadata says: one whose metadata is damaged is left out, and `say` is told why)."""
@@ -238,7 +244,7 @@ def checkpoints(run_dir: Path, say=lambda message: None) -> list[tuple[int, Path
     for p in (Path(run_dir) / "checkpoints").glob("*"):
         if not (p / MANIFEST).is_file():
             continue
-        if p.name.startswith("step-") and p.name[5:].isdigit():
+        if p.name.startswith("step-") and is_number(p.name[5:]):
             out.append((int(p.name[5:]), p))
         elif p.name == "final":
             try:
@@ -251,7 +257,7 @@ def checkpoints(run_dir: Path, say=lambda message: None) -> list[tuple[int, Path
 def find_checkpoint(run_dir: Path, which: str, say=print, hint: str = DAMAGED) -> Path:
     """`which`: "latest" (the newest checkpoint that verifies, files and metadata; damaged ones are
     skipped, saying so), a step number, or a checkpoint path. `hint`: what to do about a damaged one."""
-    if which != "latest" and not which.isdigit():
+    if which != "latest" and not is_number(which):
         path = Path(which)
         if not (path / MANIFEST).is_file() and not (path / META).is_file():
             raise SmolctlError(f"--from {which}: not a checkpoint directory",

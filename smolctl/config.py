@@ -20,7 +20,7 @@ from typing import Any
 
 from smolctl import fsutil
 from smolctl.errors import SmolctlError
-from smolctl.schema import check_fields, setting, validate
+from smolctl.schema import check, check_fields, setting, specs, validate
 
 # Bounds on sizes, so that an absurd config is refused at once rather than after minutes of work
 # (count-params builds the model, train allocates it): far above any model smolctl trains.
@@ -47,7 +47,7 @@ class ModelConfig:
     bos_token_id: int = setting(0, "<|endoftext|> starts and ends documents in pretraining.", ge=0)
     eos_token_id: int = setting(0, "The token that ends a document.", ge=0)
     init_std: float | None = setting(None, "Init std of the weights; null: 1/sqrt(hidden_size), SmolLM2's 0.0417.",
-                                     gt=0)
+                                     gt=0, le=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "model config")
@@ -105,40 +105,35 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf(cls, hf: Any, name: str = "custom") -> ModelConfig:
-        """From a LlamaConfig or its dict (config.json)."""
+    def from_hf(cls, hf: Any, name: str = "custom", where: str = "") -> ModelConfig:
+        """From a LlamaConfig or its dict (config.json). Every field used is checked by the same
+        schema as our own config files (types and ranges), named as config.json names it."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
         if d.get("model_type", "llama") != "llama":
-            raise SmolctlError(f"unsupported model_type {d.get('model_type')!r}: smolctl handles Llama-architecture models")
+            raise SmolctlError(f"{where}unsupported model_type {d.get('model_type')!r}: smolctl handles "
+                               "Llama-architecture models")
         if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
-            raise SmolctlError("unsupported Llama variant: smolctl models use SiLU and no biases")
+            raise SmolctlError(f"{where}unsupported Llama variant: smolctl models use SiLU and no biases")
         rope = d.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if not isinstance(rope, dict):
+            raise SmolctlError(f"{where}rope_parameters must be a mapping of keys to values, got {rope!r}")
         if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
-            raise SmolctlError("unsupported RoPE scaling: smolctl models use plain RoPE")
-
-        def token_id(key: str) -> int:
-            v = d.get(key)
-            v = v[0] if isinstance(v, list) else v
-            return 0 if v is None else int(v)
-
-        return cls(
-            name=name,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim"),
-            max_seq_len=d.get("max_position_embeddings", 2048),
-            rope_theta=float(theta),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            tie_embeddings=d.get("tie_word_embeddings", True),
-            bos_token_id=token_id("bos_token_id"),
-            eos_token_id=token_id("eos_token_id"),
-            init_std=d.get("initializer_range"),
-        )
+            raise SmolctlError(f"{where}unsupported RoPE scaling: smolctl models use plain RoPE")
+        missing = [k for k in HF_REQUIRED if d.get(k) is None]
+        if missing:
+            raise SmolctlError(f"{where}no {', '.join(missing)} in it: not a complete model config",
+                               hint="Pass the model's own config.json")
+        given = {theirs: d.get(theirs) for theirs in HF_NAMES}
+        given["rope_theta"] = rope.get("rope_theta", d.get("rope_theta"))
+        for key in ("bos_token_id", "eos_token_id"):  # a list of ids (several EOS tokens): the first
+            if isinstance(given[key], list):
+                given[key] = given[key][0] if given[key] else None
+        fields = specs(cls)
+        values = {HF_NAMES[k]: check(fields[HF_NAMES[k]], v, strict=True, label=f"{where}{k}")
+                  for k, v in given.items() if v is not None}
+        values.setdefault("num_kv_heads", values["num_heads"])
+        return cls(name=name, **{"max_seq_len": 2048, "rope_theta": 10000.0, "bos_token_id": 0,
+                                 "eos_token_id": 0, **values})
 
     # -- files -----------------------------------------------------------------------------
 
@@ -167,7 +162,7 @@ class ModelConfig:
             if isinstance(d, str):
                 return cls.from_preset(d)
         if "model_type" in d or "num_hidden_layers" in d:
-            return cls.from_hf(d, name=Path(path).stem)
+            return cls.from_hf(d, name=Path(path).stem, where=f"{path}: ")
         return cls.from_dict(d, where=f"{path}: ")
 
     @classmethod
@@ -200,20 +195,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# config.json (transformers' LlamaConfig) names -> ours; the first five have no default.
+HF_NAMES = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+            "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+            "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+            "max_position_embeddings": "max_seq_len", "rms_norm_eps": "rms_norm_eps",
+            "tie_word_embeddings": "tie_embeddings", "bos_token_id": "bos_token_id",
+            "eos_token_id": "eos_token_id", "initializer_range": "init_std", "rope_theta": "rope_theta"}
+HF_REQUIRED = list(HF_NAMES)[:5]
+MAX_CONFIG_BYTES = 16 << 20  # a config file is a few KB; a bigger one is not a config
+MAX_YAML_VALUES = 100_000  # values a YAML config may expand to: a config holds dozens
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """Read a JSON, YAML or TOML file into a dict, with one-line errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise SmolctlError(fsutil.no_file("config file", path), hint="Check the path")
     suffix = path.suffix.lower()
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SmolctlError(f"config file {path} is {path.stat().st_size:,} bytes: too large for a config",
+                           hint="Pass a config file of a few KB")
     try:
         text = path.read_text(encoding="utf-8")
         if suffix == ".json":
             data = json.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
         elif suffix == ".toml":
             import tomllib
 
@@ -224,13 +232,47 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     except SmolctlError:
         raise
     except Exception as e:  # parse errors of three libraries, one message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise SmolctlError(f"malformed config file {path}: {first}", hint="Fix the syntax") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SmolctlError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
     return data
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a document that expands (through aliases, *name) to more than
+    MAX_YAML_VALUES values: 448 bytes of nested anchors ("billion laughs") are millions of them,
+    and an error quoting the value would be a line of 80 MB."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded(node, {}) > MAX_YAML_VALUES:
+            raise ValueError(f"it expands to more than {MAX_YAML_VALUES:,} values through YAML aliases (*name)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded(node, memo: dict) -> int:
+    """Values in the YAML node graph `node` once every alias is replaced by what it names."""
+    import yaml
+
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a node that contains itself counts once
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        memo[id(node)] = 1 + sum(_expanded(child, memo) for child in children)
+    return memo[id(node)]
 
 
 def write_mapping(path: str | Path, data: dict[str, Any]) -> None:

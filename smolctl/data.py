@@ -49,6 +49,8 @@ HUB_DEFAULT = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 TOKENIZE_DOCS = 64  # documents tokenized per call (the Rust tokenizer batches them)
 PIECE_CHARS = 1 << 14  # a longer document is tokenized in pieces of about this many characters
+CHECK_DOCS = 1000  # documents the pre-check (first_document) looks at, at most, for one with text
+CHECK_CHARS = 1 << 16  # characters of it the pre-check tokenizes
 
 
 @dataclass(frozen=True)
@@ -146,16 +148,28 @@ class DataSpec:
 
 
 def first_document(spec: DataSpec, tokenizer: str | None = None) -> list[int]:
-    """Open the data and tokenize its first document: a corpus that cannot be read fails here, in
-    one line, before a run creates anything."""
+    """Open the data and tokenize the start of its first document with text: a corpus that cannot
+    be read fails here, in one line, before a run creates anything. Bounded, whatever the corpus:
+    at most CHECK_DOCS documents are looked at and CHECK_CHARS characters tokenized (a 200 MB
+    one-line document is not tokenized whole). A corpus with no text in those documents (empty,
+    or only whitespace) is refused: training on it would learn document separators."""
     from smolctl.tokenizer import load_tokenizer
 
+    seen, text = 0, None
     with _reading(spec):
-        row = next(iter(spec.open()), None)
-    if row is None:
+        for row in itertools.islice(iter(spec.open()), CHECK_DOCS):
+            seen += 1
+            if _text(row, spec).strip():
+                text = _text(row, spec)
+                break
+    if seen == 0:
         raise SmolctlError(f"the corpus is empty: {spec.describe()} has no documents",
                            hint=f"Point {spec.flags[0]} at files with text in them")
-    return load_tokenizer(tokenizer)(_text(row, spec), add_special_tokens=False)["input_ids"]
+    if text is None:
+        which = f"its {seen:,} document(s)" if seen < CHECK_DOCS else f"its first {seen:,} documents"
+        raise SmolctlError(f"the corpus has no text to train on: {which} in {spec.describe()} hold only whitespace",
+                           hint=f"Point {spec.flags[0]} at files with text in them")
+    return load_tokenizer(tokenizer)(text[:CHECK_CHARS], add_special_tokens=False)["input_ids"]
 
 
 @contextlib.contextmanager

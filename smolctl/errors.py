@@ -6,6 +6,16 @@ do` on stderr and exits with `exit_code` (2: bad input). Anything else is a bug 
 traceback.
 """
 
+import errno
+
+# OSErrors that mean the machine, not smolctl or its input, is in the way (one line, exit 1, no
+# traceback), with what to do about them. Readers of files (artifacts.py) let these through.
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "Free some disk space", errno.EDQUOT: "Free some space within your quota",
+    errno.EROFS: "Pick a writable location", errno.EACCES: "Fix the permissions or pick another path",
+    errno.EPERM: "Fix the permissions or pick another path", errno.EIO: "Check the disk",
+}
+
 
 class SmolctlError(Exception):
     def __init__(self, message: str, hint: str | None = None, exit_code: int = 2):

@@ -28,7 +28,9 @@ dtype, as llama.cpp's own converter does.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from smolctl import fsutil
-from smolctl.errors import SmolctlError
+from smolctl.errors import ENVIRONMENT_ERRORS, SmolctlError
 
 Progress = Callable[[str, int, "int | None"], None]  # (what, bytes done, bytes total or None: unknown)
 
@@ -148,8 +150,12 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
             with (fsutil.atomic_dir if fmt == "hf" else fsutil.atomic_file)(out) as tmp:
                 write(loaded, tmp, dtype, progress, label=out.name)
         except OSError as e:  # permissions, a full disk, a vanished directory: the user's to fix
-            raise SmolctlError(f"cannot write {out}: {e.strerror or e}", hint="Check the --out location",
-                               exit_code=1) from None
+            if e.errno is None and "requested and" in str(e):
+                # numpy's tofile (the GGUF writer's) reports a short write without an errno: the disk is full
+                e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+            if e.errno in ENVIRONMENT_ERRORS:
+                raise e from None  # the CLI names it (disk full, read-only, permissions): exit 1
+            raise SmolctlError(f"cannot write {out}: {e.strerror or e}", hint="Check the --out location") from None
     files = sorted(p for p in out.iterdir() if p.is_file()) if out.is_dir() else [out]
     return ExportResult(fmt, dtype, out, [(p, p.stat().st_size) for p in files])
 

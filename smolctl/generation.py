@@ -34,6 +34,9 @@ from smolctl.errors import SmolctlError
 from smolctl.tokenizer import eot_id
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator takes 64-bit seeds
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to pick each next token. The defaults decode greedily."""
@@ -55,6 +58,8 @@ class Sampling:
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (1 = off), got {self.top_p}"),
             (0 <= self.min_p <= 1, f"--min-p must be in [0, 1] (0 = off), got {self.min_p}"),
             (self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED,
+             f"--seed must be between 0 and {MAX_SEED:,}, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,7 +110,12 @@ def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = 
     """(batch, vocab) processed logits -> (batch,) next token ids."""
     if s.greedy:
         return logits.argmax(-1)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all():  # NaN weights, or a temperature so small the scores overflow
+        raise SmolctlError(f"the model's next-token probabilities are not finite (NaN or inf) at --temperature "
+                           f"{s.temperature:g}", hint="Raise --temperature (or use 0, greedy); if that does not "
+                           "help, the model's weights are damaged (NaN)")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # -- incremental detokenization with stop strings --------------------------------------------

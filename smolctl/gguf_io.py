@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from smolctl.artifacts import reading
 from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
 
@@ -102,11 +103,16 @@ def read_gguf(path: str | Path, header=None) -> tuple[ModelConfig, dict[str, tor
     135M model); attn_q / attn_k rows are permuted back to transformers' layout. `header`: what
     read_gguf_header(path) returned, when the caller has it already.
     """
+    path = Path(path)
+    reader, cfg, tok = header or read_gguf_header(path)
+    with reading(path, "GGUF file", hint="Check that it is a complete .gguf file"):
+        return cfg, _tensors(path, reader, cfg), tok
+
+
+def _tensors(path: Path, reader, cfg: ModelConfig) -> dict:
     import torch
     from gguf.quants import dequantize
 
-    path = Path(path)
-    reader, cfg, tok = header or read_gguf_header(path)
     state = {}
     for t in reader.tensors:
         try:
@@ -124,7 +130,7 @@ def read_gguf(path: str | Path, header=None) -> tuple[ModelConfig, dict[str, tor
         if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
             w = w.copy()
         state[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
-    return cfg, state, tok
+    return state
 
 
 def read_gguf_header(path: str | Path):
@@ -132,11 +138,12 @@ def read_gguf_header(path: str | Path):
     from gguf import GGUFReader
 
     path = Path(path)
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # a truncated or foreign file: numpy/struct errors of many kinds
-        raise SmolctlError(f"cannot read GGUF file {path}: {e}",
-                           hint="Check that it is a complete .gguf file") from None
+    with reading(path, "GGUF file", hint="Check that it is a complete .gguf file"):
+        return _read_header(path, GGUFReader(str(path)))  # numpy/struct/type errors of many kinds
+
+
+def _read_header(path: Path, reader):
+    """read_gguf_header's work once the file has opened as a GGUF."""
 
     def get(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)

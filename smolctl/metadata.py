@@ -70,7 +70,8 @@ def read_meta(ckpt: str | Path, training: bool = False) -> CheckpointMeta:
         raise SmolctlError(f"{where}not a training checkpoint (no {', '.join(missing)})",
                            hint="Resume from a checkpoint under a run's checkpoints/")
     named = Path(ckpt).name
-    if meta.step is not None and named.startswith("step-") and named[5:].isdigit() and int(named[5:]) != meta.step:
+    number = named[5:] if named.startswith("step-") and named[5:].isascii() and named[5:].isdigit() else None
+    if meta.step is not None and number is not None and int(number) != meta.step:
         raise SmolctlError(f"{where}it says step {meta.step} in a directory named {named}", hint=HINT)
     if meta.log_steps and len(meta.log_loss_sums) != meta.world_size:
         raise SmolctlError(f"{where}log_loss_sums holds {len(meta.log_loss_sums)} values for "

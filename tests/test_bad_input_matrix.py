@@ -216,7 +216,7 @@ CASES = [
     ("eval-pickle-weights-only", "binonly", ["eval", "--model", "hf", "--data", "{corpus}"], U,
      ["no model.safetensors in hf"]),
     ("eval-garbage-weights", "garbageweights", ["eval", "--model", "hf", "--data", "{corpus}"], U,
-     ["hf/model.safetensors is not a valid safetensors file"]),
+     ["hf/model.safetensors is damaged or is not a safetensors file"]),
     ("eval-weights-mismatch", "wrongweights", ["eval", "--model", "hf", "--data", "{corpus}"], U,
      ["does not match its config"]),
     # -- export

@@ -104,7 +104,7 @@ def test_other_architectures_are_refused(tmp_path):
 
 def test_not_a_gguf(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
-    with pytest.raises(SmolctlError, match="cannot read GGUF file"):
+    with pytest.raises(SmolctlError, match="bad.gguf is damaged or is not a GGUF file"):
         read_gguf(tmp_path / "bad.gguf")
 
 

@@ -108,7 +108,7 @@ def test_planted_pickles_are_never_executed(run, tmp_path, cli, no_unpickling):
     shutil.copy(final / "config.json", tmp_path / "hf" / "config.json")
     (tmp_path / "hf" / "model.safetensors").write_bytes(evil)
     r = cli("eval", "--model", tmp_path / "hf", "--data", "corpus2.jsonl")
-    assert r.exit_code == 2 and "is not a valid safetensors file" in r.output, r.output
+    assert r.exit_code == 2 and "is damaged or is not a safetensors file" in r.output, r.output
     (tmp_path / "hf" / "model.safetensors").unlink()
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(evil)  # an HF dir with pickle weights only
     r = cli("eval", "--model", tmp_path / "hf", "--data", "corpus2.jsonl")

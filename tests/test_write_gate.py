@@ -7,9 +7,15 @@ are not calls of this kind; what they write is published by fsutil.
 """
 
 import ast
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import MICRO, write_corpus
+
+from smolctl import fsutil
 
 PKG = Path(__file__).resolve().parent.parent / "smolctl"
 GATE = PKG / "fsutil.py"
@@ -80,16 +86,6 @@ def test_only_fsutil_writes_renames_or_deletes():
 
 # -- the gate at work: the examples of issue 20, each a category --------------------------------
 # Every case: one `Error:` line, and every file that was there has the same bytes afterwards.
-
-import json
-import os
-import shutil
-import threading
-
-from conftest import MICRO, write_corpus
-
-from smolctl import fsutil
-
 
 def snapshot(root: Path) -> dict[str, bytes | str | None]:
     """Every path under `root` (links not followed): a file's bytes, a link's target, None for a directory."""

@@ -34,7 +34,7 @@ from smolctl.cli.options import (
     TopPOpt,
     VerboseOpt,
 )
-from smolctl.cli.registry import command
+from smolctl.cli.registry import command, error_line
 from smolctl.errors import SmolctlError
 
 
@@ -107,12 +107,17 @@ class Repl:
                 if self.command(text) == "exit":
                     return
             except SmolctlError as e:
-                note(f"Error: {e}")
+                note(f"Error: {error_line(e)}")
 
     def next_line(self, continued: bool) -> str:
+        from smolctl.artifacts import UTF8_HINT, damaged, read_stdin_line
+
         if self.interactive:
-            return input("... " if continued else ">>> ")
-        line = sys.stdin.readline()
+            try:
+                return input("... " if continued else ">>> ")
+            except UnicodeDecodeError as e:  # EOFError (Ctrl-D) passes: it ends the chat
+                raise damaged("stdin", "UTF-8 text", e, hint=UTF8_HINT) from None
+        line = read_stdin_line()  # not UTF-8: one line, exit 2
         if not line:
             raise EOFError
         return line.rstrip("\r\n")

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         text = read_prompt(prompt, prompt_file)
         if num_samples < 1:
             raise SmolctlError(f"--num-samples must be at least 1, got {num_samples}")
-        from smolctl.generation import Generation, Sampling
+        from smolctl.generation import MAX_SEED, Generation, Sampling
         from smolctl.loading import load_for_generation
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         samples = []
         for i in range(num_samples):
             # sample i uses seed + i: each sample differs, and the whole run is reproducible
-            s = sampling if seed is None else dataclasses.replace(sampling, seed=seed + i)
+            s = sampling if seed is None else dataclasses.replace(sampling, seed=(seed + i) % (MAX_SEED + 1))
             gen = Generation(loaded.model, loaded.tokenizer, [text], s)
             if not as_json and num_samples > 1:
                 print(f"{'' if i == 0 else chr(10)}--- sample {i + 1}/{num_samples} ---", flush=True)
@@ -93,15 +93,23 @@ def register(app: typer.Typer) -> None:
                               "samples": samples}, indent=2, ensure_ascii=False))
 
 
+MAX_PROMPT_BYTES = 64 << 20  # far beyond any model's context; a bigger --prompt-file is a mistake
+
+
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt: the argument, or --prompt-file's text (- for stdin), strictly UTF-8 (bytes that
+    are not are refused in one line, not guessed at)."""
     if prompt is not None and prompt_file is not None:
         raise SmolctlError("give the prompt either as an argument or with --prompt-file, not both")
     if prompt_file is not None:
+        from smolctl.artifacts import read_stdin, read_text
+
         if str(prompt_file) == "-":
-            return sys.stdin.read()
-        if not prompt_file.is_file():
+            prompt = read_stdin("UTF-8 prompt")
+        elif not prompt_file.is_file():
             raise SmolctlError(no_file("prompt file", prompt_file), hint="Check the path")
-        prompt = prompt_file.read_text(encoding="utf-8")
+        else:
+            prompt = read_text(prompt_file, "UTF-8 prompt file", limit=MAX_PROMPT_BYTES)
     if not prompt:
         raise SmolctlError("the prompt is empty",
                            hint='Give some text to continue: smolctl generate "Once upon a time"')

@@ -17,7 +17,6 @@ the command has one, else the user's cache directory). SMOLCTL_DEBUG=1 lets it t
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import sys
@@ -30,18 +29,11 @@ from typing import Callable
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from smolctl.errors import SmolctlError
+from smolctl.errors import ENVIRONMENT_ERRORS, SmolctlError
 from smolctl.fsutil import Terminated, cleanup_on_exit
 from smolctl.launch import LAUNCHED_BY_SMOLCTL
 
 GROUP = "smolctl.commands"
-# OSErrors that mean the machine, not smolctl, is in the way (one line, exit 1, no traceback),
-# with what to do about them.
-ENVIRONMENT_ERRORS = {
-    errno.ENOSPC: "Free some disk space", errno.EDQUOT: "Free some space within your quota",
-    errno.EROFS: "Pick a writable location", errno.EACCES: "Fix the permissions or pick another path",
-    errno.EPERM: "Fix the permissions or pick another path", errno.EIO: "Check the disk",
-}
 
 
 def load_commands(app: typer.Typer) -> list[str]:
@@ -93,8 +85,30 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
 
 
 def fail(e: SmolctlError):
-    print(f"Error: {e}", file=sys.stderr)
+    print(f"Error: {error_line(e)}", file=sys.stderr)
     raise typer.Exit(e.exit_code)
+
+
+# An error line is cut, whatever a damaged file or a YAML alias bomb puts in it: the message (which
+# may quote a file) to 200 characters, the hint (ours: what to do) to 170 -- about 300 in all.
+MAX_MESSAGE, MAX_HINT = 200, 170
+MAX_LINE = 300  # a line with no hint (internal errors, usage errors)
+
+
+def error_line(e: SmolctlError) -> str:
+    """`message. hint` on one line, each cut to its bound (a message with no hint: to MAX_LINE)."""
+    message = one_line(e.message.rstrip("."), MAX_MESSAGE if e.hint else MAX_LINE)
+    if not e.hint:
+        return message
+    return f"{message}{' ' if message.endswith('...') else '. '}{one_line(e.hint, MAX_HINT)}"
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line, at most `limit` characters, and printable whatever it holds (the
+    surrogates of non-UTF-8 bytes are shown as \\xNN)."""
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class NoBlankValues(TyperCommand):
@@ -139,31 +153,59 @@ def crash_reports_in(run_dir: Path | None) -> None:
 
 def crash_log(exc: BaseException) -> Path | None:
     """Save `exc`'s full traceback as crash-<time>-<pid>.log in the run directory (if it exists),
-    else $XDG_CACHE_HOME/smolctl/crash (~/.cache), else the temp directory. None if nowhere works."""
+    else $XDG_CACHE_HOME/smolctl/crash (~/.cache), else the temp directory. None if nowhere works.
+    Never raises: whatever the traceback holds (bytes of a non-UTF-8 argument) is written as
+    backslash escapes, and any failure to write means the next place, then None."""
     import tempfile
 
-    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl" / "crash"
-    text = f"smolctl {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))
-    for folder in ([_run_dir] if _run_dir is not None and _run_dir.is_dir() else []) + [
-            cache, Path(tempfile.gettempdir()) / "smolctl-crash"]:
+    from smolctl.fsutil import write_text
+
+    try:
+        name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl" / "crash"
+        text = f"smolctl {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        folders = ([_run_dir] if _run_dir is not None and _run_dir.is_dir() else []) + [
+            cache, Path(tempfile.gettempdir()) / "smolctl-crash"]
+    except Exception:
+        return None
+    for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text, encoding="utf-8")
+            write_text(folder / name, text)
             return folder / name
-        except OSError:
+        except Exception:
             continue
     return None
 
 
 def internal_error(exc: Exception) -> int:
-    """Report a bug in one line (the traceback goes to a file); the exit code, 1."""
-    message = " ".join(str(exc).split())
-    message = message if len(message) <= 300 else message[:297] + "..."
-    path = crash_log(exc)
-    where = f"full traceback in {path}" if path else "rerun with SMOLCTL_DEBUG=1 for the traceback"
-    print(f"Error: internal error: {type(exc).__name__}: {message} ({where})", file=sys.stderr)
+    """Report a bug in one line (the traceback goes to a file, else to stderr); the exit code, 1.
+    Never raises: the reporter of a bug must not be a second one."""
+    try:
+        path = crash_log(exc)
+        where = f"full traceback in {path}" if path else "rerun with SMOLCTL_DEBUG=1 for the traceback"
+        print(f"Error: {one_line(f'internal error: {type(exc).__name__}: {exc}')} ({where})", file=sys.stderr)
+    except Exception:
+        try:
+            traceback.print_exception(exc, file=sys.stderr)
+        except Exception:
+            pass
     return 1
+
+
+def undecodable_argument(args: list[str]) -> str | None:
+    """The first command-line argument that is not UTF-8 (Python keeps its bytes as surrogates),
+    as it was typed with \\xNN escapes; None when every one is text. smolctl's policy: such an
+    argument is refused in one line, whatever it was for (a prompt, a name, a path)."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except Exception:
+            continue
+    return None
 
 
 class OneLineErrors(TyperGroup):
@@ -177,6 +219,11 @@ class OneLineErrors(TyperGroup):
         from typer import rich_utils
         from typer.core import _click
 
+        bad = undecodable_argument(list(sys.argv[1:] if args is None else args))
+        if bad is not None:
+            print(f"Error: {one_line(f'the argument {bad} is not UTF-8 text')}. Pass arguments (prompts, "
+                  "names, paths) as UTF-8", file=sys.stderr)
+            sys.exit(2)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _click.exceptions.UsageError as e:
@@ -184,10 +231,10 @@ class OneLineErrors(TyperGroup):
                 rich_utils.rich_format_error(e)
                 sys.exit(e.exit_code)
             where = f" Try '{e.ctx.command_path if e.ctx else 'smolctl'} -h' for help."
-            print(f"Error: {' '.join(e.format_message().split()).rstrip('.')}.{where}", file=sys.stderr)
+            print(f"Error: {one_line(e.format_message()).rstrip('.')}.{where}", file=sys.stderr)
             sys.exit(e.exit_code)
         except _click.exceptions.ClickException as e:
-            print(f"Error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            print(f"Error: {one_line(e.format_message())}", file=sys.stderr)
             sys.exit(e.exit_code)
         except typer.Abort:
             print("Aborted.", file=sys.stderr)
