@@ -163,7 +163,7 @@ def _step_of(line: str) -> int | None:
     parts = line.split(" step ", 1)
     if len(parts) == 2:
         token = parts[1].strip().split(" ", 1)[0].split("/", 1)[0]
-        return int(token) if token.isdigit() else None
+        return int(token) if token.isascii() and token.isdigit() else None
     return None
 
 

@@ -158,7 +158,7 @@ def crash_log(exc: BaseException) -> Path | None:
     backslash escapes, and any failure to write means the next place, then None."""
     import tempfile
 
-    from smolctl.fsutil import write_text
+    from smolctl import fsutil
 
     try:
         name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -172,7 +172,7 @@ def crash_log(exc: BaseException) -> Path | None:
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            write_text(folder / name, text)
+            fsutil.write_text(folder / name, text)
             return folder / name
         except Exception:
             continue
