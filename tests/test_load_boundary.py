@@ -276,7 +276,9 @@ def test_step_numbers_are_ascii_digits(cli, tmp_path):
     (tmp_path / "run" / "checkpoints" / "step-²").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "step-²" / "manifest.json").write_text("{}")
     assert checkpoints(tmp_path / "run") == []
-    (tmp_path / "run" / "config.yaml").write_text("preset: tiny\n")
+    from smolctl.config import TrainConfig, write_mapping
+
+    write_mapping(tmp_path / "run" / "config.yaml", TrainConfig(preset="tiny").to_dict())  # a run's, as train writes it
     r = cli("resume", "--run-dir", tmp_path / "run", "--from", "²")
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "--from ²: not a checkpoint directory" in r.output, r.output
