@@ -215,7 +215,10 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
         elif suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: tomli, the same parser (a dependency there)
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:
