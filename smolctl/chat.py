@@ -68,9 +68,12 @@ class Conversation:
         if not self.chat:
             return None
         mark, user = "SYSTEM-PROMPT-MARK", [{"role": "user", "content": "hi"}]
-        pre, found, post = self.tokenizer.apply_chat_template(
-            [{"role": "system", "content": mark}, *user], tokenize=False).partition(mark)
-        plain = self.tokenizer.apply_chat_template(user, tokenize=False)
+        try:  # a template may refuse a system message altogether
+            pre, found, post = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": mark}, *user], tokenize=False).partition(mark)
+            plain = self.tokenizer.apply_chat_template(user, tokenize=False)
+        except Exception:
+            return None
         if found and plain.startswith(pre) and plain.endswith(post) and len(plain) > len(pre) + len(post):
             return plain[len(pre):len(plain) - len(post)]
         return None
