@@ -30,9 +30,10 @@ COMMANDS = {
     "/reset": "forget the conversation (the system prompt stays)",
     "/system TEXT": "set the system prompt (no TEXT: show it)",
     "/save FILE": "save the conversation as JSON",
-    "/exit": "leave (Ctrl-D works too)",
+    "/exit": "leave (so do /bye, /quit and Ctrl-D)",
     "/help": "this list",
 }
+EXIT = ("/exit", "/bye", "/quit")  # /bye: ollama's; /quit: many a REPL's
 MULTILINE_HELP = 'End a line with \\ to continue it, or put a message between lines holding only """.'
 
 
@@ -58,6 +59,24 @@ class Conversation:
         self.chat = is_chat_model(tokenizer)
         self.turns: list[Turn] = []
         self.trimmed = 0  # turns dropped to fit the context, over the whole conversation
+
+    @property
+    def default_system(self) -> str | None:
+        """The system prompt the chat template writes when it is given none (SmolLM2-Instruct's: "You
+        are a helpful AI assistant named SmolLM..."); None when it writes none. Found by rendering a
+        marked system prompt and reading what stands in the mark's place without one."""
+        if not self.chat:
+            return None
+        mark, user = "SYSTEM-PROMPT-MARK", [{"role": "user", "content": "hi"}]
+        try:  # a template may refuse a system message altogether
+            pre, found, post = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": mark}, *user], tokenize=False).partition(mark)
+            plain = self.tokenizer.apply_chat_template(user, tokenize=False)
+        except Exception:
+            return None
+        if found and plain.startswith(pre) and plain.endswith(post) and len(plain) > len(pre) + len(post):
+            return plain[len(pre):len(plain) - len(post)]
+        return None
 
     def reset(self) -> None:
         self.turns.clear()
@@ -161,7 +180,7 @@ def parse_command(text: str) -> tuple[str, str] | None:
     if not text.startswith("/"):
         return None
     name, _, arg = text.strip().partition(" ")
-    if name not in {c.split()[0] for c in COMMANDS} | {"/quit"}:
+    if name not in {c.split()[0] for c in COMMANDS} | set(EXIT):
         return None
     return name, arg.strip()
 

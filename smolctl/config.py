@@ -223,7 +223,10 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         elif suffix in (".yaml", ".yml"):
             data = _load_yaml(text)
         elif suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: tomli, the same parser (a dependency there)
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:

@@ -34,6 +34,7 @@ import os
 import random
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,11 +186,54 @@ def _reading(spec: DataSpec):
         raise SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
                            hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     except Exception as e:
-        reason = " ".join(str(e).split())[:200]
+        if hasattr(e, "table_column_names") and hasattr(e, "requested_column_names"):  # datasets' CastError
+            odd = _files_with_columns(spec, e.table_column_names)
+            which = _listed(odd, 3) + (" has" if len(odd) == 1 else " have") if odd else "a file has"
+            raise SmolctlError(f"cannot read {spec.describe()}: {which} the columns ({_listed(e.table_column_names)}), "
+                               f"not the dataset's ({_listed(e.requested_column_names)})",
+                               hint="Give every file the same columns, or point "
+                                    f"{spec.flags[0]} at the files that share them") from None
+        reason = textwrap.shorten(str(e), 300, placeholder=" ...")  # whole words, one line
         raise SmolctlError(f"cannot read {spec.describe()}: {type(e).__name__}: {reason}",
                            hint="Check that every file is what its suffix says (.jsonl: one JSON object per "
                                 "line; .parquet: a Parquet file; text: UTF-8) and that all have the same "
                                 "columns and types") from None
+
+
+def _listed(names, most: int = 8) -> str:
+    """'a, b, c' -- whole names, at most `most` of them, then how many more."""
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _files_with_columns(spec: DataSpec, columns) -> list[str]:
+    """The corpus files whose columns are `columns` (datasets' cast errors name none). Parquet
+    files by their schema, JSON lines by their first object's keys; a hub dataset's files only
+    when it is a local copy."""
+    import json
+
+    files = list(spec.files)
+    if spec.local_hub:
+        with contextlib.suppress(Exception):
+            import datasets
+
+            builder = datasets.load_dataset_builder(spec.path, spec.name)
+            files = [str(f) for split in builder.config.data_files.values() for f in split]
+    found = []
+    for f in files:
+        with contextlib.suppress(Exception):
+            if f.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                names = pq.read_schema(f).names
+            elif f.endswith((".jsonl", ".json")):
+                with open(f, encoding="utf-8") as lines:
+                    names = list(json.loads(next(line for line in lines if line.strip())))
+            else:
+                continue
+            if set(names) == set(columns):
+                found.append(f)
+    return found
 
 
 def _read(spec: DataSpec, items: Iterator) -> Iterator:

@@ -11,12 +11,14 @@ alone, as a world of one, on the same run directory.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
+from smolctl import device as devices
 from smolctl.errors import SmolctlError
 
 # How long a collective waits for the slowest rank before the job is declared dead. A rank that
@@ -63,28 +65,18 @@ def place() -> Place:
 
 
 def pick_device(requested: str | None, where: Place) -> torch.device:
-    """`requested` (--device), else a GPU if torch sees one, else the CPU. With N processes on
-    GPUs, each takes the GPU of its LOCAL_RANK."""
-    try:
-        device = torch.device(requested) if requested else torch.device(_best_device_type())
-    except RuntimeError:
-        raise SmolctlError(f"--device {requested!r} is not a device", hint="Use cpu, cuda, cuda:1 or mps") from None
+    """`requested` (--device; None or "auto": the best available), checked as every command checks
+    it (smolctl.device), then placed: with N processes on GPUs, each takes the GPU of its LOCAL_RANK."""
+    if where.world > 1 and re.fullmatch(r"cuda:\d+", requested or ""):
+        raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
+                           hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
+    device = torch.device(devices.pick_device(requested))
     if device.type == "cuda":  # always with its index: torch.cuda.set_device takes no other
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if where.world > 1 and device.index is not None:
-            raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
-                               hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
+        gpus = torch.cuda.device_count()
         device = torch.device("cuda", where.local_rank if where.world > 1 else device.index or 0)
-        if where.world > 1 and device.index >= gpus:
+        if where.world > 1 and device.index >= gpus:  # one process: smolctl.device checked it
             raise SmolctlError(f"{where.world} processes need a GPU each, but torch sees {gpus} on this machine",
                                hint=f"Run one process per GPU ({gpus}), or pass --device cpu")
-        if device.index >= gpus:
-            raise SmolctlError(f"--device {requested or 'cuda'}: torch sees {gpus} GPU(s) on this machine",
-                               hint="Pick one of them, or pass --device cpu")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise SmolctlError("--device mps: torch sees no Apple GPU here", hint="Use --device cpu")
-    elif device.type not in ("cpu", "mps"):
-        raise SmolctlError(f"--device {requested}: smolctl trains on cpu, cuda or mps", hint="Pick one of them")
     if where.world > 1 and device.type == "mps":
         raise SmolctlError(f"{where.world} processes on mps cannot form a process group",
                            hint="Use CUDA GPUs, or --device cpu")
@@ -133,12 +125,6 @@ def is_peer_failure(e: BaseException) -> bool:
     if not torch.distributed.is_initialized():
         return False
     return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/transport" in str(e))
-
-
-def _best_device_type() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def _env_int(name: str, default: int | None = None) -> int:

@@ -176,6 +176,9 @@ def with_init_model(cfg: TrainConfig) -> TrainConfig:
     """
     from smolctl.tokenizer import load_tokenizer
 
+    local = Path(cfg.init_from).expanduser()
+    if local.exists():  # a path, not a name: absolute, so that config.yaml means it from any directory
+        cfg = dataclasses.replace(cfg, init_from=str(local.resolve()))
     source = model_config(cfg.init_from)
     if cfg.preset is not None or cfg.model:
         mine = cfg.model_config()

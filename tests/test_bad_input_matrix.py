@@ -178,7 +178,7 @@ CASES = [
     ("data-a-device", "micro", ["train", "--config", "micro.yaml", "--data", "/dev/zero"], U,
      ["--data /dev/zero is not a regular file (it is a character device)"]),
     ("data-files-disagree", "micro", ["train", "--config", "micro.yaml", "--data", "{mixed}", "--max-steps", "9"], U,
-     ["cannot read 2 local json file(s): CastError", "same columns"]),
+     ["cannot read 2 local json file(s): ", "b.jsonl has the columns (text, id), not the dataset's (text)", "same columns"]),
     ("data-wrong-format", "micro", ["train", "--config", "micro.yaml", "--data", "{csv}"], U,
      [".jsonl/.json, .parquet or .txt"]),
     ("data-hub-offline", "micro", ["train", "--config", "micro.yaml", "--data", "cosmopedia-v2"], U,
@@ -235,7 +235,7 @@ CASES = [
      ["cannot write"]),
     ("export-model-missing", None, ["export", "--model", "nope", "--out", "m.gguf"], U, ["model not found: nope"]),
     ("eval-data-files-disagree", "corpus", ["eval", "--model", "{run}", "--data", "{mixed}"], U,
-     ["cannot read 2 local json file(s): CastError", "same columns"]),
+     ["cannot read 2 local json file(s): ", "b.jsonl has the columns (text, id), not the dataset's (text)", "same columns"]),
     ("eval-data-too-short", "corpus", ["eval", "--model", "{run}", "--data", "{short}", "--seq-len", "16"], U,
      ["nothing to predict"]),
 ]

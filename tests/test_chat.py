@@ -58,6 +58,12 @@ def test_a_message_longer_than_the_context_is_an_error(chat_tok):
     assert conv.turns == []
 
 
+def test_the_default_system_prompt_is_the_templates_text(chat_tok):
+    assert Conversation(chat_tok, context_length=8192).default_system == \
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert Conversation(load_tokenizer(), context_length=1024).default_system is None  # a base model
+
+
 def test_base_models_are_continued_as_text(chat_tok):
     base = load_tokenizer()  # bundled: ChatML template, but eos <|endoftext|>: a pretraining tokenizer
     assert is_chat_model(chat_tok) and not is_chat_model(base)
@@ -90,6 +96,7 @@ def test_read_message_multiline():
 def test_parse_command():
     assert parse_command("/system  Be brief. ") == ("/system", "Be brief.")
     assert parse_command("/exit") == ("/exit", "")
+    assert parse_command("/bye") == ("/bye", "") and parse_command("/quit") == ("/quit", "")
     assert parse_command("hello /there") is None
     # an unknown /word is a message, not an error: paths, typos, a URL path
     assert parse_command("/nope") is None and parse_command("/usr/bin is a folder, right?") is None
@@ -142,3 +149,30 @@ def test_piped_input_is_all_messages_unless_commands_is_given(cli, tiny_chat_ggu
     assert r.exit_code == 0, r.output
     assert seen == ["/reset", "/system Be brief.", "/exit", "last"]
     assert "(conversation cleared)" not in r.stderr
+
+
+def test_system_with_no_text_shows_the_default_and_bye_leaves(cli, tiny_chat_gguf):
+    r = cli("chat", "--model", tiny_chat_gguf[0], "-n", "4", "--commands", input="/system\n/bye\nnever sent\n")
+    assert r.exit_code == 0, r.output
+    assert "System prompt: You are a helpful AI assistant named SmolLM, trained by Hugging Face" in r.stderr
+    assert r.stdout == ""  # /bye left (ollama's word for it): nothing was sent to the model
+
+
+def test_a_reply_stopped_before_its_first_token_leaves_no_empty_turn(tiny_chat_gguf):
+    from smolctl.cli.chat import Repl
+    from smolctl.generation import Sampling
+    from smolctl.loading import load_for_generation
+
+    loaded, _ = load_for_generation(str(tiny_chat_gguf[0]), "fp32", "cpu")
+    conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=8)
+    repl = Repl(conv, loaded.model, Sampling(max_new_tokens=4, temperature=0), "tiny", False, True)
+
+    def ctrl_c(module, args):  # Ctrl-C while the prompt is being read, before any token
+        raise KeyboardInterrupt
+
+    hook = loaded.model.register_forward_pre_hook(ctrl_c)
+    repl.answer("Hello there")
+    hook.remove()
+    assert conv.turns == []
+    repl.answer("Again")
+    assert [m["role"] for m in conv.messages()] == ["user", "assistant"] and conv.messages()[1]["content"]

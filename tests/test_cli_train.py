@@ -71,3 +71,10 @@ def test_eval_command(cli, tmp_path, micro_yaml, corpus, monkeypatch):
     assert r.exit_code == 0, r.output
     result = json.loads(r.output[r.output.index("{"):])
     assert result["tokens"] >= 64 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"])
+
+
+def test_train_takes_device_auto(cli, tmp_path, micro_yaml):
+    """The README lists auto among --device's values; train used to refuse it ("not a device")."""
+    r = cli("train", "--config", micro_yaml, "--device", "auto", "--max-steps", 1, "--run-dir", tmp_path / "auto")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "auto/checkpoints/final").is_dir()

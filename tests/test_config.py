@@ -50,6 +50,18 @@ def test_round_trip_through_files(tmp_path, suffix):
     assert ModelConfig.from_file(path) == cfg
 
 
+def test_toml_is_read_on_python_3_10_with_tomli(tmp_path, monkeypatch):
+    """Python 3.10 (requires-python >= 3.10) has no tomllib; pyproject gives it tomli there, the
+    package tomllib was made from. Here: tomllib missing, and tomli is that same parser."""
+    import sys
+    import tomllib
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    path = tmp_path / "model.toml"
+    path.write_text('preset = "tiny"\nnum_layers = 2\n')
+    assert ModelConfig.from_file(path).num_layers == 2
+
 def test_file_with_model_section_and_preset_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  preset: tiny\n  num_layers: 2\n  hidden_size: 64\ntrain:\n  lr: 0.001\n")

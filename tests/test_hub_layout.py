@@ -158,3 +158,21 @@ def test_train_and_resume_from_the_local_copy(micro_cfg, corpus_repo, no_network
     train(cfg, tmp_path / "resumed")
     train(cfg, tmp_path / "resumed", resume="6")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 10
+
+
+def test_a_shard_with_other_columns_is_named_in_one_whole_line(corpus_repo, no_network):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from smolctl.errors import SmolctlError
+
+    odd = corpus_repo / "cosmopedia-v2" / "train-00004-of-00005.parquet"  # last: found after 400 documents
+    pq.write_table(pa.Table.from_pylist([{"text": "odd one out", "url": "https://example.com"}]), odd)
+    spec = DataSpec.parse(f"{corpus_repo}:cosmopedia-v2")
+    with pytest.raises(SmolctlError) as caught:
+        for _ in zip(range(10_000), BlockStream(spec, seq_len=64, batch_size=4)):
+            pass
+    message = str(caught.value)
+    assert f"{odd} has the columns (text, url), not the dataset's (prompt, text, token_length, audience, " \
+           "format, seed_data)" in message  # the file, and the expected columns whole (it was cut mid-word)
+    assert "\n" not in message and len(message) < 500

@@ -129,6 +129,23 @@ def test_the_cli_continues_a_run_and_refuses_a_conflicting_model(cli, tmp_path, 
     assert not (tmp_path / "runs" / "bad").exists()
 
 
+def test_a_relative_init_from_is_recorded_absolute_and_resumes_from_another_directory(cli, tmp_path, source_run,
+                                                                                      corpus, monkeypatch):
+    import os
+
+    relative = os.path.relpath(source_run, tmp_path)  # the test runs in tmp_path
+    r = cli("train", "--init-from", relative, "--data", corpus, "--batch-size", 2, "--seq-len", 16, "--max-steps", 2,
+            "--save-every", 1, "--device", "cpu", "--mixed-precision", "no", "--num-workers", 0, "--run-name", "c")
+    assert r.exit_code == 0, r.output
+    recorded = yaml.safe_load((tmp_path / "runs/c/config.yaml").read_text())
+    assert recorded["init_from"] == str(source_run.resolve())  # not the relative path: it meant tmp_path/...
+    assert recorded["tokenizer"] == str(source_run.resolve() / "checkpoints" / "final")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = cli("resume", "--run-dir", tmp_path / "runs/c", "--from", 1, "--max-steps", 3)
+    assert r.exit_code == 0, r.output
+    assert "step      3/3" in r.output
+
 @pytest.mark.parametrize("source, override, words", [
     ("small-vocab", {}, "the tokenizer has 49,152 tokens, more than the vocabulary of --init-from"),
     ("HuggingFaceTB/SmolLM2-135M", {}, "cannot reach the Hugging Face hub"),

@@ -228,6 +228,29 @@ def test_import_writes_a_clean_tokenizer_config(cli, tiny_chat_gguf, tmp_path):
     assert [line.split()[0] for line in r.stderr.splitlines()][:2] == ["Dequantizing", "Writing"]
 
 
+
+def test_import_prints_a_model_name_that_finds_that_very_directory(cli, tiny_chat_gguf, tmp_path, monkeypatch):
+    import shutil
+
+    from smolctl.sources import resolve
+
+    def imported(*args):
+        r = cli("import", *args)
+        assert r.exit_code == 0, r.output
+        return r.stderr.split("Use it with: smolctl chat --model ")[1].split("\n")[0]
+
+    gguf = shutil.copy(tiny_chat_gguf[0], tmp_path / "SmolLM2-135M-Instruct.Q8_0.gguf")
+    monkeypatch.setenv("SMOLCTL_MODELS_DIR", str(tmp_path / "models"))
+    assert imported(gguf) == "smollm2-instruct"  # the alias, which finds models/smollm2-135m-instruct
+    assert resolve("smollm2-instruct") == tmp_path / "models/smollm2-135m-instruct"
+    # a relative models dir: a name would find the import only from here, so its absolute path is printed
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setenv("SMOLCTL_MODELS_DIR", "models")
+    use = imported(gguf)
+    monkeypatch.chdir(tmp_path)
+    assert resolve(use) == tmp_path / "here/models/smollm2-135m-instruct"
+
 # -- 4. GGUF provenance ---------------------------------------------------------------------------
 
 

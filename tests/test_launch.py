@@ -65,12 +65,13 @@ def test_the_default_device_is_the_cpu_for_one_process_or_many():
     for where in (Place(0, 0, 1), Place(0, 0, 2), Place(3, 1, 4)):
         assert pick_device(None, where) == torch.device("cpu")
         assert pick_device("cpu", where) == torch.device("cpu")
+        assert pick_device("auto", where) == torch.device("cpu")  # README: --device takes auto
 
 
 @pytest.mark.parametrize("device, where, words", [
     ("cuda:1", Place(0, 0, 2), "would put all 2 processes on one GPU"),
     ("gpu", Place(0, 0, 1), "--device 'gpu' is not a device"),
-    ("meta", Place(0, 0, 1), "--device meta: smolctl trains on cpu, cuda or mps"),
+    ("meta", Place(0, 0, 1), "--device 'meta' is not a device"),
 ])
 def test_devices_a_job_cannot_use_are_refused(device, where, words):
     with pytest.raises(SmolctlError, match=words):
@@ -79,16 +80,15 @@ def test_devices_a_job_cannot_use_are_refused(device, where, words):
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks what a machine without MPS does")
 def test_mps_without_mps_is_refused():
-    with pytest.raises(SmolctlError, match="torch sees no Apple GPU"):
+    with pytest.raises(SmolctlError, match="--device mps: Apple's MPS is not available here"):
         pick_device("mps", Place(0, 0, 1))
 
 
 @no_gpu
 def test_cuda_without_a_gpu_is_refused():
-    with pytest.raises(SmolctlError, match="torch sees 0 GPU"):
-        pick_device("cuda", Place(0, 0, 1))
-    with pytest.raises(SmolctlError, match="2 processes need a GPU each, but torch sees 0"):
-        pick_device("cuda", Place(1, 1, 2))
+    for where in (Place(0, 0, 1), Place(1, 1, 2)):
+        with pytest.raises(SmolctlError, match="--device cuda: (this torch is built without CUDA|no CUDA GPU is visible)"):
+            pick_device("cuda", where)
 
 
 def test_the_launcher_reports_the_cause_not_the_consequences():

@@ -5,7 +5,7 @@
     echo "What is gravity?" | smolctl chat --model smollm2-instruct     # one user turn per line
     printf 'Hi\n/save chat.json\n' | smolctl chat --model smollm2-instruct --commands
 
-In the REPL: /reset, /system TEXT, /save FILE, /exit, /help; any other line is a message, also
+In the REPL: /reset, /system TEXT, /save FILE, /exit (or /bye, /quit), /help; any other line is a message, also
 one starting with an unknown /word ("/usr/bin is..."), and // sends a leading slash ("//reset").
 Piped input is all messages unless --commands. A trailing backslash continues a message on the
 next line; a line holding only \"\"\" opens (and another closes) a multiline block.
@@ -124,7 +124,7 @@ class Repl:
 
     def command(self, text: str) -> str | None:
         """A slash command (when commands are read), or a message to answer."""
-        from smolctl.chat import COMMANDS, parse_command, unescape
+        from smolctl.chat import COMMANDS, EXIT, parse_command, unescape
 
         if not self.commands:
             self.answer(text)
@@ -136,7 +136,7 @@ class Repl:
             self.answer(unescape(text))
             return None
         name, arg = parsed
-        if name in ("/exit", "/quit"):
+        if name in EXIT:
             return "exit"
         if name == "/help":
             rows = {**COMMANDS, "//TEXT": "send /TEXT as a message (other /words are sent as they are)"}
@@ -146,7 +146,9 @@ class Repl:
             note("(conversation cleared)")
         elif name == "/system":
             if not arg:
-                note(f"System prompt: {self.conv.system if self.conv.system is not None else '(the template default)'}")
+                shown = self.conv.system if self.conv.system is not None else self.conv.default_system
+                note(f"System prompt: {shown}" if shown is not None else
+                     "(no system prompt)" if self.conv.chat else "(a base model has no system prompt)")
             else:
                 self.conv.system = arg
                 note("(system prompt set)" if self.conv.chat else "(a base model has no system prompt: ignored)")
@@ -170,7 +172,11 @@ class Repl:
         except KeyboardInterrupt:
             steps.close()  # ends the decode loop; the reply keeps what was written
             note(" [stopped]")
-        self.conv.add_assistant(gen.results[0].text)
+        if gen.results[0].text:
+            self.conv.add_assistant(gen.results[0].text)
+        else:  # stopped before its first token: no empty reply in the history, nor its unanswered message
+            self.conv.turns.pop()
+            note("(no reply: the message is not kept in the conversation)")
         print(flush=True)
         if self.interactive:
             note(gen.stats_line())

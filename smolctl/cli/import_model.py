@@ -38,12 +38,26 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Replace an existing import of the same name "
                                             "(never anything else).")] = False,
     ) -> None:
-        from smolctl.sources import ALIASES, import_model
+        from smolctl.sources import import_model
 
         t = time.perf_counter()
         # one line per phase, terminal or not: a log shows where the ~15 s go
         dest = import_model(source, out, force=force, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"Imported to {dest} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        name = next((alias for alias, target in ALIASES.items() if target == dest.name), dest.name)
-        use = dest if out else name
-        print(f"Use it with: smolctl chat --model {use}", file=sys.stderr)
+        print(f"Use it with: smolctl chat --model {model_name(dest)}", file=sys.stderr)
+
+
+def model_name(dest: Path) -> str:
+    """What --model calls the import in `dest`: its shortest name that resolves to that very
+    directory from anywhere, else its absolute path (an --out elsewhere, a relative models dir)."""
+    from smolctl.errors import SmolctlError
+    from smolctl.sources import ALIASES, models_dir, resolve
+
+    if models_dir().is_absolute():
+        for name in sorted([a for a, target in ALIASES.items() if target == dest.name] + [dest.name], key=len):
+            try:  # a file or folder of that name here would shadow it, here only
+                if not Path(name).exists() and resolve(name).resolve() == dest.resolve():
+                    return name
+            except SmolctlError:
+                pass
+    return str(dest.resolve())

@@ -20,7 +20,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
                           "or the name of a model imported with `smolctl import`.",
     show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", help="cpu, cuda, cuda:1, mps... (default: the best available).", show_default=False)]
+    "--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, the best available).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 # -- generation (generate, chat) ---------------------------------------------------------------
