@@ -35,11 +35,16 @@ so an example takes a fraction of a second.
 
 Budgets
     CI (the default): derandomized -- the same examples every run -- and each test stops drawing
-    new examples after its share of a wall-clock budget; the file takes under 3 minutes on 2 cores.
-    SMOLCTL_FUZZ=long: fresh random examples, 20x as many, an hour's budget, failures kept in
-    .hypothesis/ and replayed first next time:
+    new examples after its share of a wall-clock budget (70 s and 35 s, after ~20 s building the
+    world): the file takes about 2.5 minutes on 2 cores, under 3 on a busy machine.
+    SMOLCTL_FUZZ=long: fresh random examples, 20x as many, an hour and a half's budget, failures
+    kept in .hypothesis/examples and replayed first next time:
 
         SMOLCTL_FUZZ=long python -m pytest -q tests/test_contract_fuzz.py
+
+    SMOLCTL_FUZZ_SURVEY=FILE: every example's command, exit code, error line and contract problems
+    are appended to FILE (JSON lines) and the tests pass: a list of the distinct failures, where a
+    normal run stops at the first and shrinks it. SMOLCTL_FUZZ_EXAMPLES=N: N examples per test.
 
 A failing example is shrunk and printed ("Falsifying example: ..."); each one found becomes a
 regular test in tests/test_fuzz_found.py.
@@ -64,19 +69,21 @@ from conftest import MICRO, write_corpus
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 LONG = os.environ.get("SMOLCTL_FUZZ", "") == "long"
 SURVEY = os.environ.get("SMOLCTL_FUZZ_SURVEY")  # a file: failures are appended there, and the test passes
 HANG_S = 20  # one example (a tiny training run included) takes well under 5 s, 10 on a busy machine
 # CI: a fixed budget for the whole file (the world is built in ~15 s of it), shared by the tests.
-BUDGET_S = {"options": 3600 if LONG else 80, "damage": 1800 if LONG else 40}
+BUDGET_S = {"options": 3600 if LONG else 70, "damage": 1800 if LONG else 35}
 EXAMPLES = {"options": 4000 if LONG else 200, "damage": 2000 if LONG else 100}
 if os.environ.get("SMOLCTL_FUZZ_EXAMPLES"):  # a quick look: SMOLCTL_FUZZ_EXAMPLES=20
     EXAMPLES = dict.fromkeys(EXAMPLES, int(os.environ["SMOLCTL_FUZZ_EXAMPLES"]))
 settings.register_profile("smolctl-ci", deadline=None, derandomize=True, database=None, print_blob=True,
                           suppress_health_check=list(HealthCheck))
-settings.register_profile("smolctl-long", deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))
+settings.register_profile("smolctl-long", deadline=None, print_blob=True, suppress_health_check=list(HealthCheck),
+                          database=DirectoryBasedExampleDatabase(Path(__file__).parent.parent / ".hypothesis" / "examples"))
 PROFILE = settings.get_profile("smolctl-long" if LONG else "smolctl-ci")
 
 EXIT_CODES = {0, 1, 2, 130, 143}
@@ -573,11 +580,19 @@ def readers_of(artifact: str) -> list[tuple[list[str], str]]:
     return [(r, m) for r in READERS["runs/micro"] for m in models if r[0] != "resume" or m == "runs/micro"]
 
 
-def damage(artifact: str, how: str, n: int, replacement, key: str | None = None):
+@dataclass
+class damage:
     """A `prepare` for check(): damage `artifact` in the world's copy; returns what it did. `n` picks
-    the length, byte, JSON key (unless `key` names it) or line."""
+    the length, byte, JSON key (unless `key` names it) or line. (A dataclass: hypothesis prints it.)"""
 
-    def prepare(root: Path) -> str:
+    artifact: str
+    how: str
+    n: int
+    replacement: object = None
+    key: str | None = None
+
+    def __call__(self, root: Path) -> str:
+        artifact, how, n, replacement, key = self.artifact, self.how, self.n, self.replacement, self.key
         p = root / artifact
         data = p.read_bytes()
         if how == "truncate":
@@ -597,10 +612,10 @@ def damage(artifact: str, how: str, n: int, replacement, key: str | None = None)
             except ValueError:
                 obj = None
             if isinstance(obj, dict) and obj:
-                field = key or sorted(obj)[n % len(obj)]
-                obj[field] = replacement
+                name = key or sorted(obj)[n % len(obj)]
+                obj[name] = replacement
                 p.write_text(json.dumps(obj))
-                return f"{artifact}: field {field!r} = {replacement!r}"
+                return f"{artifact}: field {name!r} = {replacement!r}"
             if artifact.endswith((".yaml", ".jsonl")):  # a YAML/JSONL field: the first line's value
                 lines = data.decode().splitlines()
                 i = n % len(lines)
@@ -613,8 +628,6 @@ def damage(artifact: str, how: str, n: int, replacement, key: str | None = None)
             p.write_bytes(data[: len(data) // 2])
             return f"{artifact}: not JSON, truncated to half"
         raise ValueError(how)
-
-    return prepare
 
 
 OTHER_TYPES = st.sampled_from([None, True, 0, -1, 1.5, 2**64, "x", "", [], [1, "a"], {}, {"a": None}, "caf\udce9"])

@@ -63,3 +63,17 @@ def test_train_with_a_non_utf8_run_name(template):  # noqa: F811
 def test_generate_with_a_non_utf8_prompt_file(template):  # noqa: F811
     # was: Error: internal error: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9 in position 3
     check(Case(["generate", "--prompt-file", "latin1.txt", "--model", "runs/micro", "-n", "2"]), template)
+
+
+LONG_NAME = "x" * 300  # longer than a file name may be (255 bytes)
+
+
+@pytest.mark.parametrize("argv", [
+    ["resume", "--run-dir", LONG_NAME],
+    ["resume", "--run-dir", "runs/micro", "--max-steps", "3", "--eval-tokens", "32", "--log-file", LONG_NAME],
+    ["inspect", "--config", LONG_NAME + ".yaml"],
+    ["export", "--model", "runs/micro", "--out", LONG_NAME],
+], ids=["resume-run-dir", "resume-log-file", "inspect-config", "export-out"])
+def test_a_path_too_long_to_be_one_is_bad_input(argv, template):  # noqa: F811
+    # was: Error: internal error: OSError: [Errno 36] File name too long (exit 1)
+    check(Case(argv, outputs=["runs/micro"] if argv[0] == "resume" else []), template)
