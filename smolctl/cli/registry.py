@@ -17,6 +17,7 @@ the command has one, else the user's cache directory). SMOLCTL_DEBUG=1 lets it t
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -34,6 +35,9 @@ from smolctl.fsutil import Terminated, cleanup_on_exit
 from smolctl.launch import LAUNCHED_BY_SMOLCTL
 
 GROUP = "smolctl.commands"
+# OSErrors that mean a path given on the command line cannot be one: bad input (exit 2), wherever
+# the command first touches it.
+PATH_ERRORS = {errno.ENAMETOOLONG: "Use a shorter path (each name in it at most 255 bytes)"}
 
 
 def load_commands(app: typer.Typer) -> list[str]:
@@ -52,9 +56,10 @@ def load_commands(app: typer.Typer) -> list[str]:
 def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
     """Like `app.command()`, plus smolctl's error contract: a SmolctlError prints one line
     (`Error: ...`) on stderr and exits with its code; so does an OSError from the environment (disk
-    full, read-only, permissions: exit 1); Ctrl-C exits 130 and SIGTERM 143 without a traceback; an
-    empty option value is refused before the command runs (see NoBlankValues). However the command
-    ends, the temporary files it still holds are removed (fsutil)."""
+    full, read-only, permissions: exit 1), and one that says a path cannot be one (too long: exit 2);
+    Ctrl-C exits 130 and SIGTERM 143 without a traceback; an empty option value is refused before
+    the command runs (see NoBlankValues). However the command ends, the temporary files it still
+    holds are removed (fsutil)."""
 
     def decorator(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -66,10 +71,13 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
             except SmolctlError as e:
                 fail(e)
             except OSError as e:
+                where = f": {e.filename}" if e.filename else ""
+                if e.errno in PATH_ERRORS:
+                    fail(SmolctlError(f"{e.strerror}{where}", hint=PATH_ERRORS[e.errno], exit_code=2))
                 if e.errno not in ENVIRONMENT_ERRORS:
                     raise  # anything else is a bug: the boundary (OneLineErrors) reports it
-                fail(SmolctlError(f"{e.strerror}" + (f": {e.filename}" if e.filename else ""),
-                                  hint=f"{ENVIRONMENT_ERRORS[e.errno]}, then run it again", exit_code=1))
+                fail(SmolctlError(f"{e.strerror}{where}", hint=f"{ENVIRONMENT_ERRORS[e.errno]}, then run it again",
+                                  exit_code=1))
             except KeyboardInterrupt:
                 print("\nInterrupted.", file=sys.stderr)
                 raise typer.Exit(130) from None
