@@ -80,13 +80,23 @@ def read_text(path: str | Path, kind: str, limit: int | None = None) -> str:
 def read_stdin(kind: str = "UTF-8 text") -> str:
     """All of stdin, strictly UTF-8."""
     with reading("stdin", kind, hint=UTF8_HINT):
-        return sys.stdin.read()
+        return _strict(sys.stdin.read())
 
 
 def read_stdin_line(kind: str = "UTF-8 text") -> str:
     """One line of stdin ('' at its end), strictly UTF-8."""
     with reading("stdin", kind, hint=UTF8_HINT):
-        return sys.stdin.readline()
+        return _strict(sys.stdin.readline())
+
+
+def _strict(text: str) -> str:
+    """`text`, if it came from UTF-8: Python's UTF-8 mode (and the C locale) reads stdin with
+    surrogateescape, which turns bytes that are not UTF-8 into lone surrogates instead of failing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text.encode("utf-8", "surrogateescape").decode("utf-8")  # the bytes as read: raises, naming the byte
+    return text
 
 
 def read_json(path: str | Path, kind: str) -> dict[str, Any]:
