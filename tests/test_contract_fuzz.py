@@ -352,10 +352,15 @@ def contract(case: Case, world: World, before: dict, result, before_children: se
         p = os.path.join(world.root, rel)
         return any(p == d or p.startswith(d.rstrip("/") + "/") for d in declared)
 
+    def holds_output(rel: str) -> bool:  # a folder made to hold a declared output (export -o new/x.gguf)
+        p = os.path.join(world.root, rel)
+        return os.path.isdir(p) and any(d.startswith(p.rstrip("/") + "/") and os.path.lexists(d) for d in declared)
+
     changed = [p for p, h in before.items() if after.get(p) != h and not is_output(p)]
     if changed:
         problems.append(f"changed or removed, not a declared output: {changed[:5]}")
-    new = [p for p in after if p not in before and not is_output(p) and not p.startswith(CRASH_LOGS + CACHES)]
+    new = [p for p in after if p not in before and not is_output(p) and not holds_output(p)
+           and not p.startswith(CRASH_LOGS + CACHES)]
     if new:
         problems.append(f"new files outside the declared outputs: {new[:5]}")
     hidden = [p for p in list(after) + [os.path.join("$TMPDIR", n) for n in os.listdir(world.tmp)]
