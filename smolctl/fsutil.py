@@ -435,6 +435,10 @@ def _locked(lock: Path, what: str, cannot: str, hint: str) -> Iterator[None]:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
             same = False
+        if same and not re.fullmatch(rb"\d*\n?", os.pread(fd, 64, 0)):  # a file of the user's by that name
+            os.close(fd)
+            raise SmolctlError(f"{lock} is in the way: it is not a lock file smolctl wrote",
+                               hint="Move it away, or pick another output path")
         if same:
             break
         os.close(fd)

@@ -294,3 +294,17 @@ def test_readers_of_a_live_run_never_lose_their_checkpoint_to_pruning(world):
         proc.kill()
         err = proc.communicate()[1]
     assert len(steps) >= 5, (steps, err)  # it did read while the run saved and pruned
+
+
+def test_a_users_file_named_like_a_lock_is_neither_used_nor_removed(tmp_path):
+    from smolctl.errors import SmolctlError
+
+    (tmp_path / ".x.gguf.lock").write_text("my notes")
+    with pytest.raises(SmolctlError, match="not a lock file smolctl wrote"):
+        with fsutil.hold(tmp_path / "x.gguf"):
+            pass
+    assert (tmp_path / ".x.gguf.lock").read_text() == "my notes"
+    (tmp_path / ".y.lock").write_text("4242\n")  # what a killed writer left: its PID
+    with fsutil.hold(tmp_path / "y"):
+        pass
+    assert not (tmp_path / ".y.lock").exists()
