@@ -82,7 +82,7 @@ def figures() -> list[tuple[str, str]]:
     steps = "/".join(str(s) for s in sorted(be))
     return [
         # README: the main job (logs/base_run_step_300.log) and the real model (logs/eval_smollm2_instruct.jsonl)
-        ("README.md", f"it took {round(base['wall_s'] / 60)} minutes: {last} steps of "
+        ("README.md", f"took {round(base['wall_s'] / 60)} minutes: {last} steps of "
                       f"{base['tokens_per_step']:,} tokens, {bt[last]['tokens']:,} tokens in all"),
         ("README.md", f"falls from {bt[min(bt)]['loss']:.2f} (step {min(bt)}) to {bt[last]['loss']:.2f} (step {last})"),
         ("README.md", f"({be[last]['tokens']:,} tokens of topics the training split never mentions) follows it: "
@@ -168,3 +168,21 @@ def test_the_readme_links_every_docs_page_and_stays_short():
     assert "(benchmarks/README.md)" in readme and "(logs/base_run_loss.png)" in readme
     for target in re.findall(r"\]\(((?:docs|logs|benchmarks)/[^)#]+)", readme):
         assert (ROOT / target).is_file(), target
+
+
+def test_the_model_figures_are_the_presets():
+    """The architecture and parameter counts the README and docs/training.md give, counted from the
+    presets (the tiny one is also the count the main job's log reports)."""
+    from smolctl.config import ModelConfig
+    from smolctl.model import param_breakdown, skeleton
+
+    def total(cfg):
+        return param_breakdown(skeleton(cfg), cfg.num_layers)["total"]
+
+    c = ModelConfig.from_preset("smollm2-135m")
+    assert c.tie_embeddings
+    assert (f"({c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / {c.num_kv_heads} KV heads, "
+            f"vocabulary {c.vocab_size:,}, tied embeddings, RoPE θ {c.rope_theta:.0e}: {total(c):,} parameters)"
+            .replace("e+0", "e")) in page("README.md")
+    assert f"# SmolLM2-135M: {total(c):,} (~135M)" in page("docs/training.md")
+    assert total(ModelConfig.from_preset("tiny")) == log("base_run_step_300.log")["params"]
