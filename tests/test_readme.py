@@ -1,9 +1,11 @@
-"""The README's commands, run as written, so that the README and the code cannot drift apart.
+"""The commands of the README and of docs/, run as written, so that the pages and the code cannot drift apart.
 
-Commands are read out of README.md's ```bash blocks. The only changes made to them are the ones
-the README itself announces (the main job's step counts divided by 50), and the program: `smolctl`
-and `accelerate` run as `python -m ...` of this interpreter. Multi-process commands that need GPUs
-and the hub are checked against smolctl's and accelerate's own option parsers instead.
+Commands are read out of the ```bash blocks of README.md and docs/*.md. The only changes made to
+them are the ones the pages themselves announce (the main job's step counts divided by 50), and the
+program: `smolctl` and `accelerate` run as `python -m ...` of this interpreter. Multi-process
+commands that need GPUs and the hub are checked against smolctl's and accelerate's own option
+parsers instead, and so is every other `smolctl` command shown (the ones other tests run, such as
+continued pretraining's in tests/test_init_from.py, and the ones that need the hub or a GPU).
 """
 
 import json
@@ -19,20 +21,33 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 STEP_FLAGS = ("--max-steps", "--warmup-steps", "--save-every", "--eval-every", "--sample-every", "--from")
 PROGRAMS = {"smolctl": [sys.executable, "-m", "smolctl"],
             "accelerate": [sys.executable, "-m", "accelerate.commands.accelerate_cli"]}
 
 
 def commands_by_section() -> dict[str, list[list[str]]]:
-    """{heading: [argv, ...]}: every command of the ```bash blocks under each heading (`a && b`
-    is two commands; comments and line continuations as a shell reads them)."""
+    """{heading: [argv, ...]}: every command of the ```bash blocks under each heading of the README
+    and the docs pages (`a && b` and `a | b` are two commands; comments and line continuations as a
+    shell reads them). A heading on two pages must show the same commands (the README repeats one
+    of a page's sections)."""
+    out: dict[str, list[list[str]]] = {}
+    for page in PAGES:
+        sections = _page_sections(page)
+        for heading, cmds in sections.items():
+            assert out.get(heading, cmds) == cmds, f"{page.name}: {heading!r} differs from another page's"
+            out[heading] = cmds
+    return out
+
+
+def _page_sections(page: Path) -> dict[str, list[list[str]]]:
     out, heading, block = {}, "", None
-    for line in README.read_text(encoding="utf-8").splitlines():
+    for line in page.read_text(encoding="utf-8").splitlines():
         if block is not None:
             if line.startswith("```"):
                 for logical in "\n".join(block).replace("\\\n", " ").splitlines():
-                    out.setdefault(heading, []).extend(_split_on(shlex.split(logical, comments=True), "&&"))
+                    out.setdefault(heading, []).extend(_split_on(shlex.split(logical, comments=True), ("&&", "|")))
                 block = None
             else:
                 block.append(line)
@@ -43,10 +58,10 @@ def commands_by_section() -> dict[str, list[list[str]]]:
     return out
 
 
-def _split_on(words: list[str], sep: str) -> list[list[str]]:
+def _split_on(words: list[str], seps: tuple[str, ...]) -> list[list[str]]:
     cmds: list[list[str]] = [[]]
     for w in words:
-        if w == sep:
+        if w in seps:
             cmds.append([])
         else:
             cmds[-1].append(w)
@@ -168,3 +183,25 @@ def test_the_layout_section_lists_every_module():
     listed = set(re.findall(r"^  (\S+\.py)\s", block, re.MULTILINE))
     modules = {p.name for p in (ROOT / "smolctl").glob("*.py")} - {"__init__.py", "__main__.py"}
     assert listed == modules
+
+
+SINGLE_PROCESS = [shlex.join(c) for cmds in commands_by_section().values() for c in cmds
+                  if c[0] == "smolctl" and not is_multi_process(c)]
+
+
+@pytest.mark.parametrize("line", SINGLE_PROCESS)
+def test_every_single_process_command_parses(line):
+    """Every `smolctl` command the pages show (the Quick start's and the CPU section's are also
+    run above): the command and each of its options exist, and its values parse."""
+    smolctl_parses(shlex.split(line)[1:])
+
+
+def test_every_command_shown_is_checked():
+    """Each command of a page's bash blocks is smolctl's (parsed or run), accelerate's (parsed or
+    run), pip's and pytest's (the two set-up commands; .ci/run runs the test one), or feeds one."""
+    cmds = [c for cmds in commands_by_section().values() for c in cmds]
+    assert {c[0] for c in cmds} <= {"smolctl", "accelerate", "pip", "python", "echo"}, {c[0] for c in cmds}
+    assert [c for c in cmds if c[0] == "python"] == [["python", "-m", "pytest", "-q"]]
+    assert [c for c in cmds if c[0] == "pip"] == [["pip", "install", "torch==2.13.0", "-e", "."],
+                                                  ["pip", "install", "torch==2.13.0", "-e", ".[test]"]]
+    assert len(SINGLE_PROCESS) >= 20
