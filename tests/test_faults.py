@@ -371,7 +371,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_survive
     assert r.exit_code == 1, r.output
     line = one_error_line(r)
     assert "could not save checkpoint" in line and "step-00000005: No space left on device" in line
-    assert "model.safetensors" in line and "smolctl resume --run-dir" in line and "--from latest" in line
+    assert "model.safetensors" in line and "smolctl resume --run-dir" in line and "--from latest" in line, line
     assert not list((run / "checkpoints").glob(".tmp-*"))
     monkeypatch.setattr(safetensors_io, "write_file", real)
     assert ckpt_io.find_checkpoint(run, "latest").name == "step-00000004"

@@ -98,8 +98,9 @@ def fail(e: SmolctlError):
 
 
 # An error line is cut, whatever a damaged file or a YAML alias bomb puts in it: the message (which
-# may quote a file) to 200 characters, the hint (ours: what to do) to 170 -- about 300 in all.
-MAX_MESSAGE, MAX_HINT = 200, 170
+# may quote a file) to 300 characters, the hint (ours: what to do, with the paths it names) to 300,
+# each by cutting out its middle -- the start says what, the end often why or how to go on.
+MAX_MESSAGE, MAX_HINT = 300, 300
 MAX_LINE = 300  # a line with no hint (internal errors, usage errors)
 
 
@@ -108,14 +109,16 @@ def error_line(e: SmolctlError) -> str:
     message = one_line(e.message.rstrip("."), MAX_MESSAGE if e.hint else MAX_LINE)
     if not e.hint:
         return message
-    return f"{message}{' ' if message.endswith('...') else '. '}{one_line(e.hint, MAX_HINT)}"
+    return f"{message}. {one_line(e.hint, MAX_HINT)}"
 
 
 def one_line(text: str, limit: int = MAX_LINE) -> str:
     """`text` on one line, at most `limit` characters, and printable whatever it holds (the
     surrogates of non-UTF-8 bytes are shown as \\xNN)."""
     text = " ".join(text.split())
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    if len(text) > limit:  # the middle goes: a message's start says what, its end often why ("... in use")
+        head = (limit - 5) * 2 // 3
+        text = f"{text[:head]} ... {text[-(limit - 5 - head):]}"
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
