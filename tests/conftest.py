@@ -49,6 +49,19 @@ def write_corpus(path, n_docs=24, seed=0, column="text", extra=None):
     return path
 
 
+def train_micro(root, **kw):
+    """A finished micro run in root/run (default: step-2, and final at step 4) on a corpus beside it."""
+    from smolctl.config import TrainConfig
+    from smolctl.train import train
+
+    corpus = write_corpus(root / "corpus.jsonl")
+    cfg = TrainConfig(**{**dict(preset="tiny", model=dict(MICRO), data=str(corpus), batch_size=2, seq_len=16,
+                                max_steps=4, save_every=2, log_every=1, mixed_precision="no", device="cpu",
+                                num_workers=0), **kw})
+    train(cfg, root / "run")
+    return root / "run"
+
+
 @pytest.fixture
 def corpus(tmp_path):
     return write_corpus(tmp_path / "corpus.jsonl")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, write_corpus
+from conftest import MICRO, train_micro, write_corpus
 
 from smolctl import fsutil
 from smolctl.errors import SmolctlError
@@ -43,15 +43,7 @@ def micro_yaml(path: Path, corpus: Path, **extra) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A micro run: step-2, step-4 and final (step 4)."""
-    from smolctl.config import TrainConfig
-    from smolctl.train import train
-
-    root = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(root / "corpus.jsonl")
-    cfg = TrainConfig(preset="tiny", model=dict(MICRO), data=str(corpus), batch_size=2, seq_len=16, max_steps=4,
-                      save_every=2, log_every=1, mixed_precision="no", device="cpu", num_workers=0)
-    train(cfg, root / "run")
-    return root / "run"
+    return train_micro(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, write_corpus
+from conftest import MICRO, train_micro, write_corpus
 
 from smolctl import fsutil
 
@@ -111,15 +111,7 @@ def refused(result, *words: str) -> str:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished micro run (step-2, final at 4)."""
-    from smolctl.config import TrainConfig
-    from smolctl.train import train
-
-    root = tmp_path_factory.mktemp("finished")
-    corpus = write_corpus(root / "corpus.jsonl")
-    cfg = TrainConfig(preset="tiny", model=dict(MICRO), data=str(corpus), batch_size=2, seq_len=16, max_steps=4,
-                      save_every=2, log_every=1, mixed_precision="no", device="cpu", num_workers=0)
-    train(cfg, root / "run")
-    return root
+    return train_micro(tmp_path_factory.mktemp("finished")).parent
 
 
 @pytest.fixture
