@@ -130,8 +130,8 @@ def check_log_file(path: Path, run_dir: Path) -> None:
     run, checkpoint or model but this run; never a link, FIFO or device, never a user's file."""
     fsutil.check_output(path, "--log-file", own=run_dir)
     if path.is_file() and path.stat().st_size and not is_log(path):
-        raise SmolctlError(f"--log-file {path} is not a smolctl log: a run would append to it and cut it "
-                           f"on resume", hint="Pass a new file (or a log an earlier run wrote)")
+        raise SmolctlError(f"--log-file {path} is not a smolctl log (smolctl writes only to a new file or "
+                           f"a log of its own)", hint="Pass a new file, or a log an earlier run wrote")
 
 
 def truncate_after(path: Path, step: int) -> None:
