@@ -91,9 +91,8 @@ def data_flags(run_dir: Path, resume: str | None, key: str) -> tuple[str, str]:
 
 def claim(run_dir: Path, log_file: Path, held: ExitStack) -> Callable[[], None]:
     """Lock the run directory, and a log file outside it, for the life of `held` (creating the
-    directory if needed). Returns the undo of
-    a failed fresh start: remove the directory if this call created it, else its new entries, and
-    the log file if this call created it."""
+    directory if needed). Returns the undo of a failed fresh start: remove the directory if this
+    call created it, else its new entries, and the log file if this call created it."""
     if run_dir.absolute() not in log_file.absolute().parents:  # a log elsewhere has a lock of its own
         held.enter_context(fsutil.hold(log_file, f"the log file {log_file}", hint="Pick another --log-file"))
     before = set(os.listdir(run_dir)) if run_dir.is_dir() else set()
