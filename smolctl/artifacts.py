@@ -2,12 +2,11 @@
 
     with reading(path, "tokenizer"):              # any exception in the block -> one line
         tok = AutoTokenizer.from_pretrained(path)
-    conf = read_json(path / "config.json", "model config")
     text = read_text(path, "prompt file")          # UTF-8, strictly
     line = read_stdin_line()                       # the same for stdin
     check_weights(state, source)                   # float tensors only (shapes: load_state_dict)
 
-config.json and generation_config.json, tokenizer files and chat templates, safetensors and
+config.json, tokenizer files and chat templates, safetensors and
 GGUF weights, wheels, corpora, prompt files and stdin are parsed by libraries that raise whatever
 they raise on a damaged file (KeyError, struct.error, a Rust exception, a jinja syntax error...).
 `reading` turns every one of them into the same line: `<path> is damaged or is not a <kind>:
@@ -21,11 +20,10 @@ No torch here: inspect and count-params read configs too.
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from smolctl.errors import ENVIRONMENT_ERRORS, SmolctlError
 
@@ -97,16 +95,6 @@ def _strict(text: str) -> str:
     except UnicodeEncodeError:
         text.encode("utf-8", "surrogateescape").decode("utf-8")  # the bytes as read: raises, naming the byte
     return text
-
-
-def read_json(path: str | Path, kind: str) -> dict[str, Any]:
-    """A JSON file holding an object (config.json, generation_config.json, tokenizer_config.json)."""
-    text = read_text(path, kind, limit=64 << 20)
-    with reading(path, kind):
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise damaged(path, kind, f"it holds a JSON {type(data).__name__}, not an object")
-    return data
 
 
 # -- what a reader checks before use ---------------------------------------------------------------

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from smolctl import fsutil
 from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
-from smolctl.metadata import META, CheckpointMeta, read_meta
+from smolctl.metadata import META, CheckpointMeta, is_number, read_meta
 from smolctl.model_io import WEIGHTS, write_config
 from smolctl.safetensors_io import file_sha256, write_file, write_json, write_tensors
 
@@ -229,12 +229,6 @@ def saved(run_dir: Path) -> list[Path]:
     leftovers of an interrupted save): what starting the run over would delete."""
     folder = Path(run_dir) / "checkpoints"
     return sorted(p for p in folder.glob("*") if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
-
-
-def is_number(text: str) -> bool:
-    """A step number as written in a directory name or --from: ASCII digits ('²' is a digit to
-    str.isdigit, and not a number to int)."""
-    return text.isascii() and text.isdigit()
 
 
 def checkpoints(run_dir: Path, say=lambda message: None) -> list[tuple[int, Path]]:

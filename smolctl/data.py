@@ -43,6 +43,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from smolctl.artifacts import UTF8_HINT
 from smolctl.errors import SmolctlError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "assets" / "sample"  # package data: {train,heldout}.parquet
@@ -160,8 +161,8 @@ def first_document(spec: DataSpec, tokenizer: str | None = None) -> list[int]:
     with _reading(spec):
         for row in itertools.islice(iter(spec.open()), CHECK_DOCS):
             seen += 1
-            if _text(row, spec).strip():
-                text = _text(row, spec)
+            if (candidate := _text(row, spec)).strip():
+                text = candidate
                 break
     if seen == 0:
         raise SmolctlError(f"the corpus is empty: {spec.describe()} has no documents",
@@ -184,7 +185,7 @@ def _reading(spec: DataSpec):
         raise
     except UnicodeDecodeError as e:
         raise SmolctlError(f"the corpus has bytes that are not UTF-8 ({e.reason} at byte {e.start})",
-                           hint="Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                           hint=UTF8_HINT) from None
     except Exception as e:
         if hasattr(e, "table_column_names") and hasattr(e, "requested_column_names"):  # datasets' CastError
             odd = _files_with_columns(spec, e.table_column_names)

@@ -83,10 +83,6 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
         if dst == src or dst in src.parents or src in dst.parents:
             raise SmolctlError(f"{out} is, holds or lies inside the model being exported ({source})",
                                hint="Choose an --out outside it")
-    found = fsutil.precious_above(dst)
-    if found:
-        raise SmolctlError(f"{out} lies inside {found[1]} ({found[0]})",
-                           hint="Choose an --out outside runs and checkpoints")
     if fmt == "hf":
         fsutil.check_replaceable(out, force, is_hf_export, "a Hugging Face export written by smolctl")
     else:
@@ -143,8 +139,7 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
             import torch
 
             progress(f"loading {model}", 0, None)
-            with fsutil.pinned(source):  # a live run's pruning leaves it alone while it loads
-                loaded = load(source, device="cpu", dtype=torch.float32)
+            loaded = load(source, device="cpu", dtype=torch.float32)  # pinned while it loads (sources.load)
         write = write_hf if fmt == "hf" else write_gguf
         try:
             with (fsutil.atomic_dir if fmt == "hf" else fsutil.atomic_file)(out) as tmp:

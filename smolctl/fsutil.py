@@ -11,7 +11,7 @@
     with open_file(path, "a") as f: ...                  # the one open() for writing: never through a link
     with pinned(ckpt): ...                               # a reader's claim: pruning leaves `ckpt` alone
 
-Only this module opens files for writing, renames or deletes (tests/test_layering.py checks the
+Only this module opens files for writing, renames or deletes (tests/test_write_gate.py checks the
 source). What it deletes, truncates or replaces is what smolctl made and recognises as its own
 (the `owns_*` / `is_*` predicates below, and what a command's `ours` says of its own output):
 never a user's file, whatever --force says.
@@ -569,11 +569,7 @@ def check_run_dir(run_dir: Path) -> None:
     a model, or that holds another run, checkpoint or model below it (other than its own
     checkpoints): training there would mix two things that are each deleted or replaced whole."""
     run_dir = Path(run_dir)
-    check_output(run_dir, "--run-dir", kind="directory")
-    found = precious_above(run_dir)
-    if found:
-        raise SmolctlError(f"--run-dir {run_dir} lies inside {found[1]} ({found[0]})",
-                           hint="Choose a run directory outside other runs and checkpoints, e.g. runs/NAME")
+    check_output(run_dir, "--run-dir", kind="directory")  # not a link, nor inside a run, checkpoint or model
     if not run_dir.is_dir():
         return
     if (run_dir / "config.json").is_file() or is_checkpoint(run_dir) or is_import(run_dir):

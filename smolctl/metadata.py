@@ -44,6 +44,12 @@ class CheckpointMeta:
                                       "(imports: the source file's; runs: name and license).")
 
 
+def is_number(text: str) -> bool:
+    """A step number as written in a directory name, --from or a log line: ASCII digits ('²' is a
+    digit to str.isdigit, and not a number to int)."""
+    return text.isascii() and text.isdigit()
+
+
 def read_meta(ckpt: str | Path, training: bool = False) -> CheckpointMeta:
     """`ckpt`/smolctl.json, checked; SmolctlError naming what is wrong. `training`: it must also
     hold what resuming needs (a step, the tokens seen and the training config)."""
@@ -70,7 +76,7 @@ def read_meta(ckpt: str | Path, training: bool = False) -> CheckpointMeta:
         raise SmolctlError(f"{where}not a training checkpoint (no {', '.join(missing)})",
                            hint="Resume from a checkpoint under a run's checkpoints/")
     named = Path(ckpt).name
-    number = named[5:] if named.startswith("step-") and named[5:].isascii() and named[5:].isdigit() else None
+    number = named[5:] if named.startswith("step-") and is_number(named[5:]) else None
     if meta.step is not None and number is not None and int(number) != meta.step:
         raise SmolctlError(f"{where}it says step {meta.step} in a directory named {named}", hint=HINT)
     if meta.log_steps and len(meta.log_loss_sums) != meta.world_size:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from smolctl import fsutil
 from smolctl.errors import SmolctlError
+from smolctl.metadata import is_number
 
 Event = dict[str, Any]
 Sink = Callable[[Event], None]
@@ -163,7 +164,7 @@ def _step_of(line: str) -> int | None:
     parts = line.split(" step ", 1)
     if len(parts) == 2:
         token = parts[1].strip().split(" ", 1)[0].split("/", 1)[0]
-        return int(token) if token.isascii() and token.isdigit() else None
+        return int(token) if is_number(token) else None
     return None
 
 

@@ -229,7 +229,7 @@ def _open_sinks(emit_to: list, run_dir: Path, log_file: Path, step: int, sinks: 
     # run killed before its first checkpoint and started again): each step is logged once. Only in
     # the run's own files: a --log-file elsewhere may be shared with other runs, and is only appended to.
     truncate_after(run_dir / "metrics.jsonl", step)
-    if run_dir.absolute() in log_file.absolute().parents:
+    if rundir.in_run(log_file, run_dir):
         truncate_after(log_file, step)
     try:
         emit_to.append(JsonlSink(run_dir / "metrics.jsonl"))

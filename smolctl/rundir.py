@@ -93,7 +93,7 @@ def claim(run_dir: Path, log_file: Path, held: ExitStack) -> Callable[[], None]:
     """Lock the run directory, and a log file outside it, for the life of `held` (creating the
     directory if needed). Returns the undo of a failed fresh start: remove the directory if this
     call created it, else its new entries, and the log file if this call created it."""
-    if run_dir.absolute() not in log_file.absolute().parents:  # a log elsewhere has a lock of its own
+    if not in_run(log_file, run_dir):  # a log elsewhere has a lock of its own
         held.enter_context(fsutil.hold(log_file, f"the log file {log_file}", hint="Pick another --log-file"))
     before = set(os.listdir(run_dir)) if run_dir.is_dir() else set()
     new_log = not log_file.exists()
@@ -105,6 +105,11 @@ def claim(run_dir: Path, log_file: Path, held: ExitStack) -> Callable[[], None]:
             fsutil.remove(path)
 
     return undo
+
+
+def in_run(path: Path, run_dir: Path) -> bool:
+    """Whether `path` (a log file) lies in the run directory, the run's own, or elsewhere."""
+    return Path(run_dir).absolute() in Path(path).absolute().parents
 
 
 def how_to_continue(run_dir: Path, world: int) -> str:

@@ -355,10 +355,7 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
 def _check_import_dest(dest: Path, force: bool) -> None:
     """Before any work: the destination may not lie inside a run or checkpoint, and an existing one
     is replaced only with --force, and only if it is an import (never a run, a file, anything else)."""
-    fsutil.check_output(dest, "--out", kind="directory")
-    found = fsutil.precious_above(dest)
-    if found:
-        raise SmolctlError(f"--out {dest} lies inside {found[1]} ({found[0]})", hint="Choose another --out")
+    fsutil.check_output(dest, "--out", kind="directory")  # not a link, nor inside a run, checkpoint or model
     fsutil.check_replaceable(dest, force, fsutil.is_import, "a model imported with `smolctl import`")
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -47,6 +48,22 @@ def write_corpus(path, n_docs=24, seed=0, column="text", extra=None):
             row = {column: f"Doc {seed}-{i}: " + " ".join(words) + ".", **(extra or {})}
             f.write(json.dumps(row) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """A real small filesystem mounted at `path` (made here) for the block, e.g. size "1m": a full
+    disk that is not simulated. Needs root to mount; the test is skipped otherwise."""
+    import subprocess
+
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
 
 
 def train_micro(root, **kw):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, kill_tree, write_corpus
+from conftest import MICRO, kill_tree, tmpfs, write_corpus
 
 from smolctl import checkpoint as ckpt_io
 from smolctl import safetensors_io
@@ -413,12 +413,7 @@ def test_a_tiny_filesystem(trained, tmp_path, cli):
     import shutil
     import subprocess
 
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "mnt", "24m") as mnt:
         corpus = shutil.copy(trained.parent / "corpus.jsonl", tmp_path / "corpus.jsonl")
         model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
         (tmp_path / "micro.yaml").write_text(f"model: {{preset: tiny, {model}}}\ndata: {corpus}\nbatch_size: 2\n"
@@ -434,8 +429,6 @@ def test_a_tiny_filesystem(trained, tmp_path, cli):
         r = cli("resume", "--run-dir", mnt / "run", "--log-file", tmp_path / "run.log", "--no-dashboard")
         assert r.exit_code == 0, r.output
         assert "Done: step 6" in r.output
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 # -- NaN / inf -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, write_corpus
+from conftest import MICRO, tmpfs, write_corpus
 
 TINY = dict(hidden_size=32, num_heads=2, num_kv_heads=1, num_layers=1, intermediate_size=64, vocab_size=49152,
             max_seq_len=64)
@@ -329,16 +329,9 @@ def test_the_crash_reporter_writes_what_it_can(tmp_path, monkeypatch, capsys):
 def test_a_full_disk_during_a_gguf_export_is_a_full_disk(good, tmp_path, cli):
     """A real full disk: a 1 MiB tmpfs cannot hold the GGUF (~7 MB). Exit 1, the line says so, and
     no partial file is left. Needs root to mount; skipped otherwise."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
         r = cli("export", "--model", good, "--format", "gguf", "--out", mnt / "m.gguf")
         assert r.exit_code == 1, r.output
         [line] = [x for x in r.output.splitlines() if x.startswith("Error: ")]
         assert "No space left on device" in line and "Free some disk space" in line, line
         assert list(mnt.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mnt)])
