@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import write_corpus
 
-from smolctl import data
+from smolctl import corpus, data
 from smolctl.data import BlockStream, DataSpec, auto_workers, batches
 from smolctl.errors import SmolctlError
 from smolctl.tokenizer import load_tokenizer
@@ -179,7 +179,7 @@ def test_sample_corpus_name(tmp_path, monkeypatch):
     spec = DataSpec.parse("sample")
     assert spec.kind == "parquet" and spec.files[0].endswith("smolctl/assets/sample/train.parquet")
     assert DataSpec.parse("sample", split="heldout").files[0].endswith("smolctl/assets/sample/heldout.parquet")
-    monkeypatch.setattr(data, "SAMPLE_DIR", tmp_path)  # an installation that lost its package data
+    monkeypatch.setattr(corpus, "SAMPLE_DIR", tmp_path)  # an installation that lost its package data
     with pytest.raises(SmolctlError, match="the bundled sample corpus is missing .*installation is broken") as e:
         DataSpec.parse("sample")
     assert e.value.exit_code == 1 and "Reinstall smolctl" in e.value.hint
