@@ -62,33 +62,73 @@ class BlockStream:
     takes the chunks back in order (see `batches`): the blocks, their order and the states are the
     same for any number of workers. `tokenizer` is a loaded tokenizer (the run's or the model's),
     None for the bundled one.
+
+    Streams: the documents are split into `streams` shares (default: one per process), each with
+    its own position, carry-over and shuffle buffer; process `rank` takes streams rank, rank +
+    world_size, ... and reads them a chunk at a time, in turn, the stream with the fewest epochs
+    behind it first. A state holds the positions of this process's streams; `state` may be one
+    process's state or every process's (a list), which a run with another world size deals out
+    anew: each stream goes on where it stopped, whichever process now reads it.
     """
 
     def __init__(self, spec: DataSpec, seq_len: int, batch_size: int, tokenizer=None,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, seed: int = 0,
-                 state: dict[str, Any] | None = None, max_epochs: int | None = None):
-        st = dict(state or {})
-        if st and (st.get("world_size", 1), st.get("rank", 0)) != (world_size, rank):
-            raise SmolctlError(f"this data state was saved by rank {st.get('rank')} of {st.get('world_size')} "
-                               f"processes, not rank {rank} of {world_size}",
-                               hint="Resume with the same number of processes as the run was saved with")
+                 state: dict[str, Any] | list[dict[str, Any]] | None = None, max_epochs: int | None = None,
+                 streams: int | None = None):
+        states = [] if not state else [state] if isinstance(state, dict) else list(state)
+        saved, self.positions = stream_states(states)
+        self.streams = saved or streams or world_size
+        if self.streams < world_size:
+            raise SmolctlError(f"the data is split into {self.streams} stream(s), fewer than the {world_size} "
+                               "processes: each process needs one of its own",
+                               hint="Set data_streams to at least the number of processes")
+        self.mine = list(range(rank, self.streams, world_size))  # this process's streams
+        if states and any(s not in self.positions for s in self.mine):
+            raise SmolctlError(f"this data state holds stream(s) {sorted(self.positions)}, not stream(s) "
+                               f"{self.mine} of rank {rank} of {world_size} processes",
+                               hint="Resume from the data states of every process of the run")
+        # whose turn it is among this process's streams: continued at the same world size, else from the first
+        own = [st for st in states if (st.get("rank", 0), st.get("world_size", 1)) == (rank, world_size)]
+        self.turn = own[0].get("turn", 0) if own else 0
         self.spec, self.seq_len, self.batch_size = spec, seq_len, batch_size
         self.tokenizer, self.rank, self.world_size = tokenizer, rank, world_size
-        self.shuffle_buffer, self.seed, self.state, self.max_epochs = shuffle_buffer, seed, st, max_epochs
+        self.shuffle_buffer, self.seed, self.max_epochs = shuffle_buffer, seed, max_epochs
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         return self.pack(self.chunks())
 
     def chunks(self, worker: int = 0, workers: int = 1) -> Iterator[Chunk]:
-        """Chunk i (the i-th TOKENIZE_DOCS documents from where the stream starts; an epoch's last
-        chunk may be shorter) tokenized, for each i with i % workers == worker. Every worker reads
-        every chunk, as an Arrow table -- a few percent of the cost -- and tokenizes its own."""
+        """Chunk i (the i-th TOKENIZE_DOCS documents of one stream, the streams taking turns from
+        where this stream of chunks starts; an epoch's last chunk may be shorter) tokenized, for
+        each i with i % workers == worker. Every worker reads every chunk, as an Arrow table -- a
+        few percent of the cost -- and tokenizes its own. The order is decided by what is read,
+        never by the tokens: the same for every worker."""
         from smolctl.tokenizer import document_separator, load_tokenizer
 
         tok = load_tokenizer() if self.tokenizer is None else self.tokenizer
         separator = document_separator(tok)
-        st = self.state
-        epoch, source_state, index = st.get("epoch", 0), st.get("source"), 0
+        readers = {s: self._tables(s) for s in self.mine}
+        heads = {s: next(readers[s], None) for s in self.mine}  # each stream's next table, read ahead
+        turn, index = self.turn, 0
+        while any(head is not None for head in heads.values()):
+            # the next stream in turn among those with the fewest epochs behind them: every document
+            # of this process's streams is read once before any is read again
+            low = min(head[0] for head in heads.values() if head is not None)
+            order = self.mine[turn:] + self.mine[:turn]
+            s = next(s for s in order if heads[s] is not None and heads[s][0] == low)
+            turn = (self.mine.index(s) + 1) % len(self.mine)
+            epoch, docs, source, seekable, read = heads[s]
+            if index % workers == worker:
+                ids = token_ids(tok, table_texts(docs, self.spec), separator).numpy()
+                yield Chunk(index, epoch, docs.num_rows, ids, source, seekable, read, s, turn)
+            index += 1
+            heads[s] = next(readers[s], None)
+
+    def _tables(self, stream: int) -> Iterator[tuple]:
+        """Stream `stream`'s documents from its saved position on, TOKENIZE_DOCS at a time: (epoch,
+        Arrow table, source position after it, seekable, rows per read)."""
+        st = self.positions.get(stream, {})
+        epoch, source_state = st.get("epoch", 0), st.get("source")
         seekable = st.get("seekable", not st)  # states saved before row-group seeking count rows per file
         # Documents per read: a source position is the dataset's state after a read of this many
         # rows, and means something else after reads of another size. States saved before
@@ -96,62 +136,122 @@ class BlockStream:
         read = st.get("read_rows", 1 if source_state is not None else TOKENIZE_DOCS)
         while self.max_epochs is None or epoch < self.max_epochs:
             with reading(self.spec):
-                ds = self.spec.open(self.rank, self.world_size, seekable).with_format("arrow")
+                ds = self.spec.open(stream, self.streams, seekable).with_format("arrow")
                 if source_state is not None:
                     ds.load_state_dict(source_state)
             epoch_docs = 0
             for docs in read_guarded(self.spec, _chunk_tables(ds, read)):
                 epoch_docs += docs.num_rows
-                if index % workers == worker:
-                    ids = token_ids(tok, table_texts(docs, self.spec), separator).numpy()
-                    yield Chunk(index, epoch, docs.num_rows, ids, ds.state_dict(), seekable, read)
-                index += 1
+                yield epoch, docs, ds.state_dict(), seekable, read
             if epoch_docs == 0 and source_state is None:
-                raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents",
-                                   hint=f"Point {self.spec.flags[0]} at files with text in them")
+                raise SmolctlError(f"the corpus is empty: {self.spec.describe()} has no documents"
+                                   + (f" for stream {stream} of {self.streams}" if self.streams > 1 else ""),
+                                   hint=f"Point {self.spec.flags[0]} at files with text in them"
+                                        + (", or use fewer data streams" if self.streams > 1 else ""))
             epoch, source_state, seekable, read = epoch + 1, None, True, TOKENIZE_DOCS
 
     def pack(self, chunks: Iterator[Chunk]) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-        """The chunks' tokens cut into blocks of seq_len + 1, through the optional shuffle buffer,
-        batch_size at a time, each batch with the state that resumes right after it."""
-        st = self.state
-        block = self.seq_len + 1
-        # Tokens not yet in a block: one int32 tensor, never changed in place (a state may hold a
-        # view of it), read from `pos` on. Cheap to keep, to pass to the trainer, and to save.
-        carry, pos = torch.as_tensor(st.get("carry", []), dtype=torch.int32), 0
-        buffer: list[torch.Tensor] = list(st["buffer"].unbind(0)) if "buffer" in st else []
-        rng = random.Random(self.seed * 1000 + self.rank)
-        if "rng" in st:
-            rng.setstate(tuples(st["rng"]))
-        docs, tokens = st.get("docs", 0), st.get("tokens", 0)
-        ready: list[torch.Tensor] = []  # blocks coming out of the (optional) shuffle buffer
-        for expected, chunk in enumerate(chunks):
-            if isinstance(chunk, Failed):
-                raise chunk.error()
-            if chunk.index != expected:  # the DataLoader hands out workers' items round-robin
-                raise RuntimeError(f"data chunk {chunk.index} arrived where chunk {expected} belongs")
-            docs += chunk.docs
-            carry = torch.cat([carry[pos:], torch.from_numpy(chunk.tokens)])
-            pos = len(carry) // block * block  # the whole blocks, cut in one go (int64: the model's ids)
-            for n, blk in enumerate(carry[:pos].view(-1, block).long().unbind(0), start=1):
-                tokens += block
-                if self.shuffle_buffer:
-                    buffer.append(blk)
-                    if len(buffer) < self.shuffle_buffer:
-                        continue
-                    i = rng.randrange(len(buffer))
-                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                    blk = buffer.pop()
+        """The chunks' tokens cut into blocks of seq_len + 1, each stream's through its optional
+        shuffle buffer, batch_size at a time, each batch with the state that resumes right after it."""
+        packers = {s: _Packer(self.positions.get(s), self.seq_len + 1, self.shuffle_buffer, self.seed * 1000 + s)
+                   for s in self.mine}
+        turn = self.turn
+        ready: list[torch.Tensor] = []  # blocks coming out of the (optional) shuffle buffers
+        # First the whole blocks a resumed state still carries (a stream dealt to this process may
+        # read nothing more for a while), then each chunk's, as they arrive.
+        carried = ((s, None) for s in self.mine)
+        for s, chunk in itertools.chain(carried, ((c.stream, c) for c in _in_order(chunks))):
+            turn = turn if chunk is None else chunk.turn
+            for blk in packers[s].add(chunk):
                 ready.append(blk)
                 if len(ready) == self.batch_size:
-                    state = {"epoch": chunk.epoch, "source": chunk.source, "seekable": chunk.seekable,
-                             "read_rows": chunk.read_rows,
-                             "carry": carry[n * block:], "rng": rng.getstate(), "docs": docs, "tokens": tokens,
-                             "rank": self.rank, "world_size": self.world_size}
-                    if buffer:  # one tensor, not a list of them: what the checkpoint saves
-                        state["buffer"] = torch.stack(buffer)
-                    yield torch.stack(ready), state
+                    yield torch.stack(ready), self._state(packers, turn)
                     ready = []
+
+    def _state(self, packers: dict[int, _Packer], turn: int) -> dict[str, Any]:
+        """This process's state: with one stream per process, that stream's (the layout from before
+        streams); else each stream's keys prefixed with its number ("3.carry"), and whose turn it is."""
+        where = {"rank": self.rank, "world_size": self.world_size}
+        if self.streams == self.world_size:
+            return {**packers[self.rank].state(), **where}
+        state = {**where, "streams": self.streams, "turn": turn}
+        for s, packer in packers.items():
+            state.update({f"{s}.{k}": v for k, v in packer.state().items()})
+        return state
+
+
+class _Packer:
+    """One stream's packing: its tokens not yet in a block, its shuffle buffer and RNG, its counters,
+    and the source position of the last chunk it took."""
+
+    def __init__(self, st: dict | None, block: int, shuffle_buffer: int, seed: int):
+        st = st or {}
+        self.block, self.shuffle_buffer = block, shuffle_buffer
+        # Tokens not yet in a block: one int32 tensor, never changed in place (a state may hold a
+        # view of it), read from `used` on. Cheap to keep, to pass to the trainer, and to save.
+        self.carry, self.used = torch.as_tensor(st.get("carry", []), dtype=torch.int32), 0
+        self.buffer: list[torch.Tensor] = list(st["buffer"].unbind(0)) if "buffer" in st else []
+        self.rng = random.Random(seed)
+        if "rng" in st:
+            self.rng.setstate(tuples(st["rng"]))
+        self.docs, self.tokens = st.get("docs", 0), st.get("tokens", 0)
+        fresh = {"epoch": 0, "source": None, "seekable": True, "read_rows": TOKENIZE_DOCS}
+        self.where = {k: st[k] for k in fresh if k in st} if st else fresh
+
+    def add(self, chunk: Chunk | None) -> Iterator[torch.Tensor]:
+        """The blocks that come out once `chunk`'s tokens are in (None: the whole blocks carried
+        already): each yielded block is counted in `state()` already."""
+        self.carry, self.used = self.carry[self.used:], 0
+        if chunk is not None:
+            self.docs += chunk.docs
+            self.where = {"epoch": chunk.epoch, "source": chunk.source, "seekable": chunk.seekable,
+                          "read_rows": chunk.read_rows}
+            self.carry = torch.cat([self.carry, torch.from_numpy(chunk.tokens)])
+        whole = len(self.carry) // self.block * self.block  # the whole blocks, cut in one go (int64: the model's ids)
+        for blk in self.carry[:whole].view(-1, self.block).long().unbind(0):
+            self.used += self.block
+            self.tokens += self.block
+            if self.shuffle_buffer:
+                self.buffer.append(blk)
+                if len(self.buffer) < self.shuffle_buffer:
+                    continue
+                i = self.rng.randrange(len(self.buffer))
+                self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+                blk = self.buffer.pop()
+            yield blk
+
+    def state(self) -> dict[str, Any]:
+        state = {**self.where, "carry": self.carry[self.used:], "rng": self.rng.getstate(), "docs": self.docs,
+                 "tokens": self.tokens}
+        if self.buffer:  # one tensor, not a list of them: what the checkpoint saves
+            state["buffer"] = torch.stack(self.buffer)
+        return state
+
+
+def _in_order(chunks: Iterator) -> Iterator[Chunk]:
+    """The chunks, checked: a worker's one-line error raised here, in the trainer."""
+    for expected, chunk in enumerate(chunks):
+        if isinstance(chunk, Failed):
+            raise chunk.error()
+        if chunk.index != expected:  # the DataLoader hands out workers' items round-robin
+            raise RuntimeError(f"data chunk {chunk.index} arrived where chunk {expected} belongs")
+        yield chunk
+
+
+def stream_states(states: list[dict[str, Any]]) -> tuple[int | None, dict[int, dict[str, Any]]]:
+    """(the number of streams, each stream's own state) out of processes' states, either layout (a
+    state saved before streams is stream `rank` of `world_size`); (None, {}) for none."""
+    count, streams = None, {}
+    for st in states:
+        count = st.get("streams", st.get("world_size", 1))
+        if "turn" not in st:  # one stream per process
+            streams[st.get("rank", 0)] = {k: v for k, v in st.items() if k not in ("rank", "world_size")}
+            continue
+        for key, value in st.items():
+            s, dot, k = key.partition(".")
+            if dot and s.isdigit():
+                streams.setdefault(int(s), {})[k] = value
+    return count, streams
 
 
 @dataclass
@@ -169,6 +269,8 @@ class Chunk:
     source: dict | None = None
     seekable: bool = True
     read_rows: int = TOKENIZE_DOCS
+    stream: int = 0  # whose documents these are
+    turn: int = 0  # whose turn it is after this chunk (an index into the process's streams)
 
 
 def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:

@@ -151,11 +151,14 @@ def test_ranks_see_disjoint_data(tmp_path):
     assert any(tuple(doc0[:8]) == row[:8] for row in seen[0])  # rank 0 got part0 (whole-file sharding)
 
 
-def test_world_size_change_is_refused(corpus):
+def test_more_processes_than_streams_is_refused(corpus):
+    """One stream (a one-process run's default) cannot be shared by two processes (see
+    test_resume_world_size.py for what streams allow)."""
     spec = DataSpec.parse(str(corpus))
     state = take(BlockStream(spec, seq_len=15, batch_size=1), 2)[-1][1]
-    with pytest.raises(SmolctlError, match="same number of processes"):
+    with pytest.raises(SmolctlError, match="split into 1 stream.*fewer than the 2 processes") as e:
         take(BlockStream(spec, seq_len=15, batch_size=1, rank=0, world_size=2, state=state), 1)
+    assert "data_streams" in e.value.hint
 
 
 def test_local_formats_go_through_datasets_streaming(tmp_path):
