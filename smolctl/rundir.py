@@ -37,8 +37,9 @@ class RunComplete(SmolctlError):
 def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world_size: int,
                  say: Callable = print, allow_config_change: bool = False) -> Path | None:
     """The checks a run can make before any process group exists: the checkpoint to resume from
-    (verified, same model, same world size, same trajectory unless `allow_config_change`), or None
-    for a fresh run in a directory that may take one. Raises RunComplete when that checkpoint is
+    (verified, same model, a world size its data streams allow -- saying so when it differs --,
+    same trajectory unless `allow_config_change`), or None for a fresh run in a directory that
+    may take one. Raises RunComplete when that checkpoint is
     the final one at cfg.max_steps. train() calls it on every rank; the CLI once, before launching
     N processes."""
     cfg = cfg.resolved()
@@ -50,6 +51,8 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
         return None
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
+    if meta.world_size != world_size:
+        say(f"World size {meta.world_size} -> {world_size}: data positions re-dealt; not bit-exact")
     mcfg = cfg.model_config()
     # bos/eos are the run's tokenizer's (train.run_tokenizer), not the preset's
     same = dict(name=mcfg.name, bos_token_id=mcfg.bos_token_id, eos_token_id=mcfg.eos_token_id)

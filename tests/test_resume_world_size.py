@@ -15,9 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import MICRO
-from test_distributed import SEQ, env, exact_docs, train_losses, write_jsonl
+from test_distributed import SEQ, env, exact_docs, write_jsonl
 
 from smolctl.data import BlockStream, DataSpec, batches
 
@@ -78,3 +77,97 @@ def test_a_state_keeps_its_layout_with_one_stream_per_process(corpus):
     assert {"0.source", "1.source", "turn"} <= two.keys() and two["streams"] == 2
     with pytest.raises(Exception, match="split into 2 stream"):
         BlockStream(spec, SEQ, 2, rank=0, world_size=3, state=[state])
+
+
+# -- a run saved by one number of processes, resumed on another ----------------------------------
+
+B, STEPS = 2, 9  # batch per process; the run's steps, saved every 3
+
+# Records every batch a trainer takes (its token ids, a line per batch: a step), one file per
+# process: a sitecustomize for the processes a launcher starts; the same function, in-process.
+HOOK = """
+import json, os
+
+from smolctl import loader
+
+
+def recording(inner):
+    def batches(stream, num_workers=None):
+        it, path = inner(stream, num_workers), os.path.join(os.environ["IDS_DIR"], f"rank{stream.rank}.jsonl")
+        try:
+            for batch, state in it:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(batch.tolist()) + "\\n")
+                yield batch, state
+        finally:
+            it.close()
+    return batches
+
+
+if __name__ == "sitecustomize":
+    loader.batches = recording(loader.batches)
+"""
+
+
+def test_one_process_resumed_on_two_and_back_on_one(tmp_path, corpus, cli, monkeypatch):
+    """One process with data_streams: 2 (its default, one stream, could not be shared by two) trains
+    to step 9; resumed from step 3 on two processes, then from step 6 on one again. Across the three,
+    each stream's documents come in its own order, none skipped or repeated within an epoch; steps,
+    tokens, the optimizer and the schedule continue, and each resume says what changed, once."""
+    import smolctl.run
+    from smolctl.checkpoint import read_optimizer
+
+    path, ids = corpus
+    hook = {}
+    exec(HOOK, hook)
+    monkeypatch.setattr(smolctl.run, "batches", hook["recording"](smolctl.run.batches))
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(HOOK)
+    model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
+    (tmp_path / "micro.yaml").write_text(
+        f"model: {{preset: tiny, {model}}}\ndata: {path}\nbatch_size: {B}\nseq_len: {SEQ}\nmixed_precision: 'no'\n"
+        f"log_every: 1\nsave_every: 3\nlr: 0.01\nnum_workers: 0\ndevice: cpu\nmax_steps: {STEPS}\n")
+
+    def recorded(phase: str) -> Path:
+        (tmp_path / phase).mkdir()
+        monkeypatch.setenv("IDS_DIR", str(tmp_path / phase))
+        return tmp_path / phase
+
+    def losses() -> dict[int, dict]:
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in rows if r["event"] == "train"}
+
+    one = recorded("one")
+    r = cli("train", "--config", tmp_path / "micro.yaml", "--data-streams", 2, "--run-dir", tmp_path / "run",
+            "--no-dashboard")
+    assert r.exit_code == 0, r.output
+    straight = losses()
+    two = recorded("two")
+    r = subprocess.run([sys.executable, "-m", "smolctl", "resume", "--num-processes", "2", "--run-dir", "run",
+                        "--from", "3", "--no-dashboard"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**env(tmp_path), "IDS_DIR": str(two), "PYTHONPATH": os.pathsep.join(
+                           [str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("World size 1 -> 2: data positions re-dealt; not bit-exact") == 1, r.stdout
+    back = recorded("back")
+    r = cli("resume", "--run-dir", tmp_path / "run", "--from", "6", "--no-dashboard")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("World size 2 -> 1: data positions re-dealt; not bit-exact") == 1, r.output
+
+    def steps(folder: Path, rank: int, n: int | None = None) -> list[int]:
+        lines = (folder / f"rank{rank}.jsonl").read_text().splitlines()[:n]
+        return [ids[tuple(row)] for line in lines for row in json.loads(line)]
+
+    read = steps(one, 0, 3) + steps(two, 0, 3) + steps(two, 1, 3) + steps(back, 0)
+    assert len(read) == B * (3 + 3 * 2 + 3)
+    for s in (0, 1):  # stream s: documents s, s + 2, ...; each process reads its streams in their order
+        mine = [i for i in read if i % 2 == s]
+        assert mine == (list(range(s, DOCS, 2)) * 2)[:len(mine)], (s, mine)
+    train = losses()
+    assert sorted(train) == list(range(1, STEPS + 1))  # each step once
+    assert all(train[s]["lr"] == straight[s]["lr"] for s in train)  # the schedule continued
+    assert train[4]["loss"] < train[1]["loss"] - 0.1 and train[4]["loss"] != straight[4]["loss"]  # its weights, other data
+    final = tmp_path / "run" / "checkpoints" / "final"
+    meta = json.loads((final / "smolctl.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["tokens_seen"]) == (STEPS, 1, len(read) * SEQ)
+    assert {float(v["step"]) for v in read_optimizer(final)["state"].values()} == {float(STEPS)}  # AdamW's too
