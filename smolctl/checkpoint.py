@@ -310,11 +310,11 @@ def check_world_size(ckpt: Path, world_size: int) -> CheckpointMeta:
     meta = read_meta(ckpt, training=True)
     saved, streams = meta.world_size, data_streams(ckpt, meta.world_size)
     if world_size > streams:
-        how = f"smolctl resume --num-processes {streams}" if streams > 1 else "one process (plain smolctl resume)"
+        how = f"smolctl resume --num-processes {streams}" if streams > 1 else "plain smolctl resume"
         raise SmolctlError(f"{ckpt} was saved by {saved} process(es); this run has {world_size}, more than its "
                            f"{streams} data stream(s)",
-                           hint=f"Resume with at most {streams} process(es), e.g. {how} (a run started with "
-                                "data_streams: N resumes on up to N)")
+                           hint=f"Resume with at most {streams} process(es) ({how}); a run started with "
+                                "--data-streams N resumes on up to N")
     return meta
 
 

@@ -16,7 +16,11 @@ in exactly one block, tails of documents carrying over into the next block (and 
 
 The resumable state is ours, not `datasets`' shuffle (which doesn't save its buffer): the
 source position (`IterableDataset.state_dict()`, taken from a fresh dataset per epoch), the
-carry-over tokens, the optional block shuffle buffer and its RNG, the epoch and counters.
+carry-over tokens, the optional block shuffle buffer and its RNG, the epoch and counters -- one
+set per data stream. The documents are split into streams (one per process by default), dealt out
+to the processes; a run saved by N processes resumes on M <= streams, each stream going on from
+its own position (not bit for bit: the batches mix other streams), every document read once per
+epoch of its stream.
 
 Tokenizing is ~90% of the pipeline's CPU time, so that is what runs in parallel: N worker processes
 each read every group of TOKENIZE_DOCS documents as an Arrow table (its text becomes Python only in
