@@ -314,7 +314,7 @@ def check_world_size(ckpt: Path, world_size: int) -> CheckpointMeta:
         raise SmolctlError(f"{ckpt} was saved by {saved} process(es); this run has {world_size}, more than its "
                            f"{streams} data stream(s)",
                            hint=f"Resume with at most {streams} process(es) ({how}); a run started with "
-                                "--data-streams N resumes on up to N")
+                                "smolctl train --data-streams N resumes on up to N")
     return meta
 
 
