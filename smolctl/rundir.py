@@ -39,9 +39,8 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     """The checks a run can make before any process group exists: the checkpoint to resume from
     (verified, same model, a world size its data streams allow -- saying so when it differs --,
     same trajectory unless `allow_config_change`), or None for a fresh run in a directory that
-    may take one. Raises RunComplete when that checkpoint is
-    the final one at cfg.max_steps. train() calls it on every rank; the CLI once, before launching
-    N processes."""
+    may take one. Raises RunComplete when that checkpoint is the final one at cfg.max_steps.
+    train() calls it on every rank; the CLI once, before launching N processes."""
     cfg = cfg.resolved()
     if resume is None:
         if ckpt_io.saved(run_dir) and not overwrite:  # damaged ones count: they may be all there is
@@ -51,8 +50,6 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
         return None
     path = ckpt_io.find_checkpoint(run_dir, resume, say=say)
     meta = ckpt_io.check_world_size(path, world_size)
-    if meta.world_size != world_size:
-        say(f"World size {meta.world_size} -> {world_size}: data positions re-dealt; not bit-exact")
     mcfg = cfg.model_config()
     # bos/eos are the run's tokenizer's (train.run_tokenizer), not the preset's
     same = dict(name=mcfg.name, bos_token_id=mcfg.bos_token_id, eos_token_id=mcfg.eos_token_id)
@@ -70,6 +67,8 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
         raise SmolctlError(f"{run_dir / 'config.yaml'} differs from the config {path.name} was trained with "
                            f"({'; '.join(changed)}): resuming would not continue the run exactly",
                            hint="Undo the edit, or pass --allow-config-change to resume with it")
+    if meta.world_size != world_size:  # allowed by check_world_size: it only costs bit-exactness
+        say(f"World size {meta.world_size} -> {world_size}: data positions re-dealt; not bit-exact")
     return path
 
 
