@@ -312,6 +312,9 @@ class TrainConfig:
                                   resumable=True)
     shuffle_buffer: int = setting(0, "Shuffle blocks through a buffer of N; 0 keeps the stream order.", ge=0,
                                   le=2**20)
+    data_streams: int | None = setting(None, "Split the data into N streams, each with its own position, dealt "
+                                       "out to the processes: a checkpoint resumes on up to N processes "
+                                       "(default: one per process).", gt=0, le=4096)
     num_workers: int | None = setting(None, "Background processes that tokenize the data (0: the training "
                                       "process does); default: one per spare CPU core, 1 to 4. Any number "
                                       "gives the same blocks in the same order.", ge=0, le=64, resumable=True)

@@ -155,7 +155,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     # -- data, and where events go ------------------------------------------------------------
     spec = DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
     stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, tok, rank, world,
-                         cfg.shuffle_buffer, cfg.seed, state.data_state)
+                         cfg.shuffle_buffer, cfg.seed, state.data_state, streams=cfg.data_streams)
     data = batches(stream, cfg.num_workers)
     # Shut the worker down on every way out: left to the interpreter's exit, it is sent a SIGTERM
     # that it ignores (see data.py), and joined forever.

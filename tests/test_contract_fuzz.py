@@ -391,7 +391,7 @@ def commands() -> dict:
 # large, so that an accepted value costs little. Keyed by the option's name, for every command.
 CHEAP_INTS = {"max_steps": 3, "batch_size": 3, "seq_len": 32, "grad_accum": 2, "eval_tokens": 64, "tokens": 64,
               "max_new_tokens": 6, "num_samples": 2, "num_processes": 1, "num_workers": 1, "sample_tokens": 4,
-              "shuffle_buffer": 64}
+              "shuffle_buffer": 64, "data_streams": 4}
 # Options whose other values would make an example slow: what they may be.
 CHEAP_VALUES = {"compile": [False], "preset@train": ["tiny"]}
 # Used where the draw leaves an option out, so that a command does little work by default
