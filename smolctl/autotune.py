@@ -37,6 +37,9 @@ BUDGET_S = 0.3  # the whole measurement, all dtypes together (plus one pass each
 MAX_ROWS = 256  # rows timed for a training/eval step: GEMM throughput per FLOP settles by then
 HEAD_COLS = 8192  # the LM head is timed on this many vocabulary rows and scaled up (at >1 row)
 CACHE_VERSION = 1
+# Figures measured while torch's threads got less than this share of the CPU (other jobs running)
+# are used for the command at hand but not cached: the next command measures again.
+BUSY_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ def choose(device: str, work: str, rows: int = 1, shape: Shape = Shape()) -> Cho
     cached figures or a fresh measurement (which is then cached)."""
     rows = 1 if work == "decode" else max(1, min(rows, MAX_ROWS))
     figures, where, cached, took = measured(device, rows, shape)
-    speeds = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
+    speeds = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and k != "cpu_share"}
     name = "fp32"
     for candidate in ("bf16", "fp16"):
         if candidate == "fp16" and work == "train" and not device.startswith("cuda"):
@@ -107,10 +110,12 @@ def train_precision(device: str, tokens: int, shape: Shape = Shape()) -> tuple[s
 
 def describe(choice: Choice) -> str:
     """The figures behind a Choice, one line (what --verbose prints)."""
-    parts = []
-    for k, v in choice.figures.items():
-        parts.append(f"{k} {v:,.0f} tok/s" if isinstance(v, (int, float)) else f"{k} {v}")
+    parts = [f"{k} {v:,.{0 if v >= 100 else 1}f} tok/s" if isinstance(v, (int, float)) else f"{k} {v}"
+             for k, v in choice.figures.items() if k != "cpu_share"]
     how = "cached" if choice.cached else f"measured in {choice.measure_s:.2f} s"
+    share = choice.figures.get("cpu_share", 1)
+    if not choice.cached and share < BUSY_SHARE:
+        how += f", with {share:.0%} of the CPU: a busy machine, so not cached"
     return (f"Precision: {choice.why}. Model matmuls at {choice.rows} row(s) on {choice.where}: "
             f"{', '.join(parts)} ({how}; {cache_file()})")
 
@@ -144,6 +149,8 @@ def cached(device: str, key: str, measure_fn: Callable[[], dict]) -> tuple[dict,
     t = time.perf_counter()
     figures = measure_fn()
     took = time.perf_counter() - t
+    if figures.get("cpu_share", 1) < BUSY_SHARE:  # taken while other jobs had the cores: used once, not kept
+        return figures, where, False, took
     entries = _read_cache()  # another process may have added its own entries meanwhile
     entries.setdefault(where, {})[key] = figures
     _write_cache(entries)
@@ -241,18 +248,34 @@ def _write_cache(entries: dict) -> None:
 
 def measure(device: str, rows: int, shape: Shape, budget_s: float = BUDGET_S) -> dict:
     """dtype -> tokens/s of the model's matmuls at `rows` rows (forward; backward's are the same
-    shapes transposed), best pass within each dtype's share of `budget_s`; or why it was skipped."""
+    shapes transposed), or why it was skipped. Each distinct shape is timed once per pass, the
+    dtypes in turn (round-robin, so that a neighbour's load falls on all of them alike), until the
+    budget is spent; the best time of each (dtype, shape) counts, weighted by its count per token."""
     import torch
+    import torch.nn.functional as F
 
+    start, cpu_start = time.perf_counter(), time.process_time()
+    end = start + budget_s
+    sync = _sync(device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    out: dict = {}
-    for name, dtype in dtypes.items():
-        skip = _unsupported(device, dtype)
-        if skip:
-            out[name] = f"skipped: {skip}"
-            continue
-        seconds = _time_pass(device, dtype, rows, shape, budget_s / len(dtypes))
-        out[name] = round(rows / seconds, 1)
+    out: dict = {name: f"skipped: {why}" for name, dt in dtypes.items() if (why := _unsupported(device, dt))}
+    counts = [count for _, _, count in shape.matmuls(rows)]
+    # filled, not random: randn of the head's 28M values would cost more than timing it
+    calls = {name: [partial(F.linear, torch.full((rows, k), 0.01, dtype=dt, device=device),
+                            torch.full((n, k), 0.01, dtype=dt, device=device)) for k, n, _ in shape.matmuls(rows)]
+             for name, dt in dtypes.items() if name not in out}
+    best = {name: [_timed(call, sync) for call in fns] for name, fns in calls.items()}  # warm-up: kernels built
+    while True:  # at least one timed pass, then as many as fit the budget
+        for name, fns in calls.items():
+            best[name] = [min(b, _timed(call, sync)) for b, call in zip(best[name], fns)]
+        if time.perf_counter() >= end:
+            break
+    for name, times in best.items():
+        out[name] = round(rows / sum(t * c for t, c in zip(times, counts)), 1)
+    out = {name: out[name] for name in dtypes}
+    if device == "cpu":  # the CPU time torch's threads got, of the wall time they ran: low on a busy machine
+        out["cpu_share"] = round((time.process_time() - cpu_start) / (time.perf_counter() - start)
+                                 / torch.get_num_threads(), 2)
     return out
 
 
@@ -272,24 +295,3 @@ def _unsupported(device: str, dtype) -> str | None:
         ok = mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported()
         return None if ok else "no native CPU kernels"
     return None if device == "mps" else f"not timed on {device}"
-
-
-def _time_pass(device: str, dtype, rows: int, shape: Shape, budget_s: float) -> float:
-    """Seconds per token-row batch for all the model's matmuls: each distinct shape timed (best of
-    the repeats that fit the budget, after one warm-up call), weighted by its count per token."""
-    import torch
-    import torch.nn.functional as F
-
-    end = time.perf_counter() + budget_s
-    sync = _sync(device)
-    # filled, not random: randn of the head's 28M values would cost more than timing it
-    calls = [(partial(F.linear, torch.full((rows, k), 0.01, dtype=dtype, device=device),
-                      torch.full((n, k), 0.01, dtype=dtype, device=device)), count)
-             for k, n, count in shape.matmuls(rows)]
-    best = [_timed(call, sync) for call, _ in calls]  # warm-up: oneDNN/cuBLAS pick and build their kernels
-    while True:  # at least one timed pass, then as many as fit the budget
-        for i, (call, _) in enumerate(calls):
-            best[i] = min(best[i], _timed(call, sync))
-        if time.perf_counter() >= end:
-            break
-    return sum(b * count for b, (_, count) in zip(best, calls))

@@ -61,8 +61,12 @@ def tiny_shape():
 
 
 def cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    """A fresh cache directory; figures are kept however busy the machine is (as on a quiet one)."""
+    from smolctl import autotune
     from smolctl.autotune import cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "BUSY_SHARE", 0.0)
 
     assert cache_file() == tmp_path / "cache" / "smolctl" / "autotune.json"
     return cache_file()
@@ -87,6 +91,17 @@ def test_autotune_measures_once_per_machine_and_torch_version(monkeypatch, tmp_p
         f"torch {torch.__version__}", "torch 0.0.1")])
     # decoding is timed at one row: another entry, measured
     assert not choose("cpu", "decode", rows=4096, shape=tiny_shape()).cached
+
+
+def test_figures_measured_on_a_busy_machine_are_used_but_not_kept(monkeypatch, tmp_path):
+    from smolctl import autotune
+
+    path = cache(monkeypatch, tmp_path)
+    monkeypatch.setattr(autotune, "BUSY_SHARE", 100.0)  # every measurement counts as taken on a busy machine
+    first = autotune.choose("cpu", "train", rows=8, shape=tiny_shape())
+    assert 0 < first.figures["cpu_share"] < 100 and not path.exists()
+    assert "a busy machine, so not cached" in autotune.describe(first)
+    assert not autotune.choose("cpu", "train", rows=8, shape=tiny_shape()).cached
 
 
 @pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"version": 1, "machines": {"x": 3}}', ""])
