@@ -339,7 +339,7 @@ class TrainConfig:
                                    choices=("auto", "no", "bf16", "fp16"))
     compile: bool = setting(False, "torch.compile the model.")
     seed: int = setting(42, "Random seed.", ge=0, le=2**32 - 1)
-    device: str | None = setting(None, "cpu, cuda, cuda:1, mps... (default: the best available).")
+    device: str | None = setting(None, "cpu, cuda, cuda:N, mps or auto (default: auto, the best available).")
     save_every: int = setting(500, "Checkpoint every N steps.", gt=0, resumable=True)
     keep_last: int | None = setting(None, "Keep only the newest N step checkpoints (default: all).", gt=0,
                                     resumable=True)

@@ -184,3 +184,23 @@ def test_fastest_times_real_calls_once_then_reads_the_cache(monkeypatch, tmp_pat
         raise AssertionError("measured again")
 
     assert fastest("cpu", "test kernels", {"slow": never, "quick": never}) == (name, figures)
+
+
+def test_eval_computes_in_the_measured_dtype_on_device_auto(monkeypatch, tmp_path, cli, tiny_base_dir):
+    """eval's --dtype auto follows the (injected) figures for its own rows (batch x seq len), and
+    says so with --verbose; --device auto is accepted like everywhere else."""
+    from smolctl.autotune import Shape
+    from smolctl.model_io import model_config_of
+
+    inject(cache(monkeypatch, tmp_path), Shape.of(model_config_of(tiny_base_dir)), {"fp32": 100.0, "bf16": 400.0},
+           rows=[2 * 16])
+    runs, said = {}, {}
+    for dtype in ("auto", "fp32"):
+        r = cli("eval", "--model", tiny_base_dir, "--device", "auto", "--dtype", dtype, "--batch-size", 2,
+                "--seq-len", 16, "--tokens", 64, "--json", "--verbose")
+        assert r.exit_code == 0, r.output
+        runs[dtype], said[dtype] = json.loads(r.stdout), r.stderr
+    assert (runs["auto"]["dtype"], runs["fp32"]["dtype"]) == ("bfloat16", "float32")
+    assert runs["auto"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.02)  # autocast: near, not equal
+    assert "Precision: auto: bf16, its matmuls ran 4.0x" in said["auto"] and "(auto: bf16, " in said["auto"]
+    assert "Evaluating" in said["fp32"] and "Precision:" not in said["fp32"]  # fp32 was asked for: no figures
