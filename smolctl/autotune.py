@@ -271,7 +271,7 @@ def measure(device: str, rows: int, shape: Shape, budget_s: float = BUDGET_S) ->
         if time.perf_counter() >= end:
             break
     for name, times in best.items():
-        out[name] = round(rows / sum(t * c for t, c in zip(times, counts)), 1)
+        out[name] = float(f"{rows / sum(t * c for t, c in zip(times, counts)):.4g}")  # never rounded to 0
     out = {name: out[name] for name in dtypes}
     if device == "cpu":  # the CPU time torch's threads got, of the wall time they ran: low on a busy machine
         out["cpu_share"] = round((time.process_time() - cpu_start) / (time.perf_counter() - start)
