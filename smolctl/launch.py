@@ -25,14 +25,17 @@ def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: in
     from smolctl import checkpoint as ckpt_io
     from smolctl import fsutil
     from smolctl.data import DataSpec
-    from smolctl.distributed import Place, pick_device
+    from smolctl.device import for_process
+    from smolctl.distributed import Place
     from smolctl.rundir import data_flags, resume_point
+    from smolctl.run import mixed_precision
     from smolctl.sources import with_init_model
 
     if cfg.init_from and resume is None:
         cfg = with_init_model(cfg)
     cfg = cfg.resolved()
-    pick_device(cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
+    for_process(cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
+    mixed_precision(cfg)  # measured once here (if auto), so that the N processes read the same cached figures
     DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
     if resume is not None:  # under the run's lock, released before the launch: rank 0 takes it then
         with fsutil.run_lock(run_dir):

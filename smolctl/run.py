@@ -104,7 +104,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
         cfg = with_init_model(cfg)
     cfg = cfg.resolved()
-    mixed = _mixed_precision(cfg)
+    mixed = mixed_precision(cfg)
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
     if trackers:
         _require_tracker(cfg.report_to)
@@ -204,12 +204,22 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _mixed_precision(cfg: TrainConfig) -> str:
+def mixed_precision(cfg: TrainConfig, say: Callable[[str], None] | None = None) -> str:
+    """Accelerate's mixed_precision for this run (cfg resolved: seq_len set); `say` gets the
+    figures behind an auto choice (--verbose)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    # what accelerate launch was told (config file or flag), else bf16 where supported
-    return os.environ.get("ACCELERATE_MIXED_PRECISION") or (
-        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    # what accelerate launch was told (config file or flag), else what measured fastest here
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    from smolctl.autotune import Shape, describe, train_precision
+    from smolctl.device import pick_device
+
+    shape = Shape.of(cfg.model_config())  # the model's own matmuls
+    mixed, choice = train_precision(pick_device(cfg.device), cfg.batch_size * cfg.seq_len, shape)
+    if say:
+        say(describe(choice))
+    return mixed
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
