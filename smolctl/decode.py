@@ -148,12 +148,32 @@ class Int4Matmul:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_zero)
 
 
-class Bf16Matmul:
+class Bf16Head:
+    """The lm_head in bf16: x (1, hidden) bf16 -> (1, vocab) fp32 logits."""
+
     def __init__(self, w: torch.Tensor):
-        self.weight = w
+        self.weight = w.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) if x.shape[0] > 1 else torch.mv(self.weight, x[0])[None]
+        return torch.mv(self.weight, x[0]).float()[None]
+
+
+class Int4Head(Bf16Head):
+    """The lm_head in 4 bits, with the RESCORE highest logits recomputed from the bf16 rows: 2.5x
+    faster than bf16, and the tokens that decide greedy and sampled picks get bf16's logits.
+    (Plain int4 moved the next-token distribution 65x more than bf16: KL 0.055 vs 0.0008.)"""
+
+    RESCORE = 64
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__(w)
+        self.int4 = Int4Matmul(Q4.quantize(w))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.int4(x).float()  # (1, vocab)
+        top = logits[0].topk(self.RESCORE).indices
+        logits[0, top] = (self.weight[top] @ x[0]).float()
+        return logits
 
 
 # -- the decoder -----------------------------------------------------------------------------------
@@ -172,12 +192,12 @@ class Decoder:
     """Batch-1 Llama decoding on CPU with int4 layer weights (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: torch.Tensor, norm: torch.Tensor,
-                 head: torch.Tensor, head_kind: str = "bf16"):
+                 head: torch.Tensor, head_kind: str = "int4"):
         if head_kind not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, not {head_kind!r}")
         self.cfg, self.layers, self.norm = cfg, layers, norm
         self.embed = embed.float()  # (vocab, hidden): one row read per token
-        self.head = Int4Matmul(Q4.quantize(head)) if head_kind == "int4" else Bf16Matmul(head.to(torch.bfloat16))
+        self.head = Int4Head(head) if head_kind == "int4" else Bf16Head(head)
         self.head_kind = head_kind
         # what Generation and stop_token_ids read from a model
         self.config = SimpleNamespace(max_position_embeddings=cfg.max_seq_len, eos_token_id=cfg.eos_token_id)
@@ -196,7 +216,7 @@ class Decoder:
     # -- building ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_parts(cls, cfg: ModelConfig, tensors, head_kind: str = "bf16") -> Decoder:
+    def from_parts(cls, cfg: ModelConfig, tensors, head_kind: str = "int4") -> Decoder:
         """`tensors(name)`: a transformers-named weight as Q4 (the layers' linears, q and k rows in GGUF's
         interleaved order) or a float tensor (norms, embedding, lm_head)."""
         if not int4_supported():
@@ -219,7 +239,7 @@ class Decoder:
         return cls(cfg, layers, embed, tensors("model.norm.weight").float(), head, head_kind)
 
     @classmethod
-    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], head_kind: str = "bf16") -> Decoder:
+    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], head_kind: str = "int4") -> Decoder:
         """From a transformers-named state dict (best fp32): the layers' linears quantized to Q4."""
         from smolctl.gguf_io import to_gguf_rows
 
@@ -235,7 +255,7 @@ class Decoder:
         return cls.from_parts(cfg, tensors, head_kind)
 
     @classmethod
-    def from_gguf(cls, path, header=None, head_kind: str = "bf16"):
+    def from_gguf(cls, path, header=None, head_kind: str = "int4"):
         """(Decoder, GGUFInfo) from a llama GGUF (`header`: what scan_gguf(path) returned). Q4_0 and Q4_1
         tensors are taken as they are (no rounding); others are dequantized, and the layers' linears
         among them quantized to Q4."""
@@ -297,6 +317,6 @@ class Decoder:
                 gate, up = layer.gate_up(F.rms_norm(x, hidden, layer.mlp_norm, eps).to(torch.bfloat16)).chunk(2, -1)
                 x = x + layer.down(F.silu(gate) * up)
             last = F.rms_norm(x[-1:], hidden, self.norm, eps).to(torch.bfloat16)
-            return self.head(last).float()  # (1, vocab)
+            return self.head(last)  # (1, vocab) fp32
 
         return step
