@@ -66,6 +66,8 @@ def read_bandwidth(nbytes: int) -> float:
 def weight_bytes(model) -> int:
     """Bytes one decode step reads: every parameter and buffer except the embedding table (one row
     of it is read), but the tied lm_head that is that table counts."""
+    if hasattr(model, "nbytes"):  # decode.Decoder
+        return model.nbytes()
     embed = model.model.embed_tokens.weight
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]
                if t is not embed or getattr(model.lm_head, "weight", None) is embed}
@@ -286,6 +288,7 @@ def main(argv=None) -> None:
     args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
 
+    from smolctl.decode import Decoder
     from smolctl.fastpath import fast_cpu_decoding
     from smolctl.sources import import_model, imported_models, load
 
@@ -311,7 +314,8 @@ def main(argv=None) -> None:
         ("smolctl", "fp32", ours, fp32),
         ("smolctl", "bf16, F.linear", ours, bf16),
         ("smolctl", "bf16, torch.mv", ours, fast_cpu_decoding(copy.deepcopy(bf16))),
-        ("smolctl", "int4 + bf16 head", ours, fast_cpu_decoding(copy.deepcopy(fp32), int4=True)),
+        ("smolctl", "4-bit decoder", ours, Decoder.from_gguf(gguf)[0] if gguf else
+         Decoder.from_state(loaded.cfg, fp32.state_dict())),
         ("transformers generate", "fp32", hf_generate, fp32),
         ("transformers generate", "bf16", hf_generate, bf16),
     ]
@@ -376,7 +380,7 @@ def comparisons(table: list[dict], args) -> list[Row]:
     section = f"Decode · batch 1, {args.new_tokens} tokens, {args.threads} thread(s)"
     pairs = [(("smolctl", "fp32"), ("transformers generate", "fp32"), "smolctl generate, fp32"),
              (("smolctl", "bf16, torch.mv"), ("transformers generate", "bf16"), "smolctl generate --dtype bf16"),
-             (("smolctl", "int4 + bf16 head"), ("llama.cpp", "Q4_1 (GGUF)"), "smolctl generate --quantize int4")]
+             (("smolctl", "4-bit decoder"), ("llama.cpp", "Q4_1 (GGUF)"), "smolctl generate, Q4_1 GGUF")]
     rows = []
     for ours, base, name in pairs:
         if ours in by and base in by:

@@ -6,7 +6,7 @@
     step = dec.start(max_len)               # a fresh KV cache for max_len positions
     logits = step(ids, pos)                 # (1, T) ids at positions pos.. -> (1, vocab) fp32, last position
 
-Why not the transformers model with int4 linears (fastpath.Int4Linear): at batch 1 a decode step
+Why not the transformers model with int4 linears (what smolctl ran before): at batch 1 a decode step
 of the 135M model is ~60 small matmuls, and transformers wraps each layer in mask, cache and
 dispatch machinery that costs as much as the kernels. Here a layer is ~20 tensor ops:
 - q, k and v are one int4 matrix, gate and up another (fewer, larger kernel calls);
@@ -15,8 +15,9 @@ dispatch machinery that costs as much as the kernels. Here a layer is ~20 tensor
 - the KV cache is preallocated (layers, kv_heads, max_len, head_dim) in fp32; attention of one
   query is two small matmuls and a softmax; grouped-query heads share their kv head by a view;
 - the residual stream and norms are fp32, the matmul inputs bf16 (the kernel's fast dtype).
-The lm_head (the tied embedding: 49,152 x 576, as many bytes as the rest in bf16) is int8 with a
-scale per row (`_weight_int8pack_mm`), or bf16 with head="bf16".
+The lm_head (the tied embedding: 49,152 x 576, as many bytes as all the layers in bf16) is int4 with
+its top 64 logits recomputed in bf16 (Int4Head), or bf16 with head_kind="bf16". Tried: int8 per row
+(`_weight_int8pack_mm`, `torch._int_mm`): no faster than bf16's torch.mv here.
 Checked against the transformers model's logits in tests/test_fastpath.py.
 """
 
@@ -205,6 +206,13 @@ class Decoder:
         self.training = False
         half = cfg.head_dim // 2
         self.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half)
+
+    def nbytes(self) -> int:
+        """Bytes one decode step reads: every layer's weights and the lm_head (one embedding row)."""
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+        head = [self.head.int4] if isinstance(self.head, Int4Head) else []
+        return (sum(m.packed.nbytes + m.scale_zero.nbytes for m in mats + head) + (0 if head else self.head.weight.nbytes)
+                + sum(layer.attn_norm.nbytes + layer.mlp_norm.nbytes for layer in self.layers))
 
     # the nn.Module surface Generation touches
     def eval(self) -> Decoder:
