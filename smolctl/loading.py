@@ -68,9 +68,22 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
 
 
 def _load_gguf_4bit(path, header):
-    """sources.Loaded for a GGUF decoded in 4 bits: no transformers model is built."""
+    """sources.Loaded for a GGUF decoded in 4 bits. Neither a transformers model nor (for SmolLM2's
+    vocabulary) its tokenizer is built: transformers is not imported (lean_tokenizer.py)."""
+    import json
+
     from smolctl.decode import Decoder
-    from smolctl.sources import Loaded, gguf_tokenizer
+    from smolctl.lean_tokenizer import LeanTokenizer
+    from smolctl.sources import Loaded, _bundled_vocab_matches, gguf_tokenizer
+    from smolctl.tokenizer import BUNDLED
 
     model, info = Decoder.from_gguf(path, header)
-    return Loaded(model, model.cfg, gguf_tokenizer(path, info), path, general=info.general)
+    tokenizer = gguf_tokenizer(path, info) if not _bundled_vocab_matches(info) else None
+    if tokenizer is None:  # the GGUF's special tokens where it names them, else the bundled config's
+        config = json.loads((BUNDLED / "tokenizer_config.json").read_text(encoding="utf-8"))
+        vocab = {t: i for i, t in enumerate(info.tokens)}
+        special = {role: getattr(info, f"{role}_token_id") if getattr(info, f"{role}_token_id") is not None
+                   else vocab.get(config.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
+        tokenizer = LeanTokenizer(BUNDLED / "tokenizer.json", special, info.chat_template,
+                                  full=lambda: gguf_tokenizer(path, info))
+    return Loaded(model, model.cfg, tokenizer, path, general=info.general)

@@ -119,9 +119,10 @@ def test_decoder_logits_are_transformers_on_the_same_weights(q4_gguf, head):
     dec, _ = Decoder.from_gguf(path, head_kind=head)
     step = dec.start(64)
     got = torch.cat([step(ids[:, :10], 0)] + [step(ids[:, i:i + 1], i) for i in range(10, ids.shape[1])])
-    # measured: mean |error| 0.03 (bf16) and 0.03 (int4 + rescoring), logits spanning about +-5
+    # measured, mean |error| / mean |logit|: 0.036 / 1.9 (bf16 head), 0.15 / 1.9 (int4 head: only its
+    # top 64 logits are recomputed in bf16; the rest are 4-bit)
     err = (got - want[9:]).abs().mean().item()
-    assert err < 0.1 * want.abs().mean().item()
+    assert err < {"bf16": 0.05, "int4": 0.12}[head] * want.abs().mean().item()
     assert (got.argmax(-1) == want[9:].argmax(-1)).float().mean() >= 0.9
 
 
@@ -161,3 +162,29 @@ def test_generate_cli_decodes_a_q4_gguf_in_4_bits(cli, q4_gguf):
     r = cli("generate", "The quick brown fox", "--model", path, "-n", "6", "--json", "--verbose")
     assert r.exit_code == 0, r.output
     assert "its 4-bit weights as stored" in r.output
+
+
+def test_lean_tokenizer_encodes_and_decodes_as_transformers_does(q4_gguf):
+    """A Q4 GGUF with SmolLM2's vocabulary is decoded without importing transformers: its tokenizer
+    must give the transformers tokenizer's ids, text and special tokens, and hand anything else
+    (the chat template) to it."""
+    from smolctl.gguf_io import scan_gguf
+    from smolctl.lean_tokenizer import LeanTokenizer
+    from smolctl.loading import _load_gguf_4bit
+    from smolctl.sources import gguf_tokenizer
+
+    path, _, _ = q4_gguf
+    header = scan_gguf(path)
+    lean, full = _load_gguf_4bit(path, header).tokenizer, gguf_tokenizer(path, header[1])
+    assert isinstance(lean, LeanTokenizer)
+    for text in ["Hello world", "<|im_start|>user\nWhat is  gravity?<|im_end|>\n", "  two\tspaces\n\n",
+                 "émoji 🤖 naïve", "def f(x):\n    return x**2"]:
+        ids = full(text).input_ids
+        assert lean(text).input_ids == ids
+        for skip in (True, False):
+            assert lean.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False) == \
+                full.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert [lean.bos_token_id, lean.eos_token_id, lean.pad_token_id] == \
+        [full.bos_token_id, full.eos_token_id, full.pad_token_id] == [1, 2, 2]
+    assert lean.convert_ids_to_tokens(0) == "<|endoftext|>" and lean.convert_tokens_to_ids("<|im_end|>") == 2
+    assert lean.get_vocab() == full.get_vocab()  # not lean's own: the transformers tokenizer's
