@@ -61,7 +61,7 @@ class Q4:
         groups = w.detach().float().reshape(rows, cols // GROUP, GROUP)
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-10)
-        q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+        q = (groups - lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)  # one temporary, not four
         return Q4(q.to(torch.uint8).reshape(rows, cols), scale, lo)
 
     @staticmethod
@@ -296,35 +296,53 @@ class Decoder:
         rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (max_len, hd/2)
         eps, hidden, qk = cfg.rms_norm_eps, (cfg.hidden_size,), (n_q + n_kv) * hd
 
+        caches = list(zip(keys, values))  # per layer (n_kv, max_len, hd): views made once, not per step
+        group, inter = n_q // n_kv, cfg.intermediate_size
+
+        def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # fp32 -> the kernels' bf16
+            return F.rms_norm(x, hidden, weight, eps).to(torch.bfloat16)
+
+        def one(x: torch.Tensor, pos: int) -> torch.Tensor:
+            """The decode step proper, x (1, hidden): the fewest tensor ops (each costs µs here)."""
+            end, rot = pos + 1, rotation[pos]
+            for layer, (k, v) in zip(self.layers, caches):
+                h = layer.qkv(norm(x, layer.attn_norm)).float()  # (1, (n_q + 2 n_kv) hd)
+                q_k = torch.view_as_real(torch.view_as_complex(h[0, :qk].view(n_q + n_kv, hd // 2, 2)) * rot)
+                k[:, pos] = q_k[n_q:].view(n_kv, hd)
+                v[:, pos] = h[0, qk:].view(n_kv, hd)
+                # (n_kv, group, hd): the q heads that share each kv head, against its keys (n_kv, end, hd)
+                scores = torch.bmm(q_k[:n_q].view(n_kv, group, hd), k[:, :end].transpose(1, 2))
+                a = torch.bmm(torch.softmax(scores, -1), v[:, :end]).view(1, -1)
+                x = x + layer.out(a.to(torch.bfloat16))
+                gate_up = layer.gate_up(norm(x, layer.mlp_norm))
+                x = x + layer.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            return x
+
+        def many(x: torch.Tensor, pos: int) -> torch.Tensor:
+            """T positions at once (the prompt), x (T, hidden): query t sees keys 0..pos+t."""
+            T = x.shape[0]
+            end, rot = pos + T, rotation[pos:pos + T, None]
+            mask = torch.arange(end)[None] <= torch.arange(pos, end)[:, None]
+            for layer, (k, v) in zip(self.layers, caches):
+                h = layer.qkv(norm(x, layer.attn_norm)).float()
+                q_k = torch.view_as_real(torch.view_as_complex(h[:, :qk].reshape(T, n_q + n_kv, hd // 2, 2)) * rot)
+                q_k = q_k.reshape(T, n_q + n_kv, hd)
+                k[:, pos:end] = q_k[:, n_q:].transpose(0, 1)
+                v[:, pos:end] = h[:, qk:].reshape(T, n_kv, hd).transpose(0, 1)
+                a = F.scaled_dot_product_attention(q_k[:, :n_q].transpose(0, 1), k[:, :end], v[:, :end],
+                                                   attn_mask=mask, scale=1.0, enable_gqa=True)
+                x = x + layer.out(a.transpose(0, 1).reshape(T, -1).to(torch.bfloat16))
+                gate_up = layer.gate_up(norm(x, layer.mlp_norm))
+                x = x + layer.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            return x
+
         @torch.inference_mode()
         def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
             T = ids.shape[-1]
-            end = pos + T
-            if end > max_len:
-                raise ValueError(f"position {end} is past the cache's {max_len}")
+            if pos + T > max_len:
+                raise ValueError(f"position {pos + T} is past the cache's {max_len}")
             x = self.embed[ids.reshape(-1)]  # (T, hidden) fp32: the residual stream
-            rot = rotation[pos:end, None]  # (T, 1, hd/2)
-            mask = None
-            if T > 1:  # prompt: query t sees keys 0..pos+t
-                mask = torch.arange(end)[None] <= torch.arange(pos, end)[:, None]
-            for i, layer in enumerate(self.layers):
-                h = layer.qkv(F.rms_norm(x, hidden, layer.attn_norm, eps).to(torch.bfloat16)).float()
-                q_k = torch.view_as_real(torch.view_as_complex(h[:, :qk].reshape(T, n_q + n_kv, hd // 2, 2)) * rot)
-                q_k = q_k.reshape(T, n_q + n_kv, hd)
-                keys[i, :, pos:end] = q_k[:, n_q:].transpose(0, 1)
-                values[i, :, pos:end] = h[:, qk:].reshape(T, n_kv, hd).transpose(0, 1)
-                k, v = keys[i, :, :end], values[i, :, :end]  # (n_kv, end, hd)
-                if T == 1:  # (n_kv, group, hd): the q heads that share each kv head
-                    a = torch.softmax(q_k[0, :n_q].reshape(n_kv, n_q // n_kv, hd) @ k.transpose(1, 2), -1) @ v
-                    a = a.reshape(1, -1)
-                else:
-                    a = F.scaled_dot_product_attention(q_k[:, :n_q].transpose(0, 1), k, v, attn_mask=mask,
-                                                       scale=1.0, enable_gqa=True)
-                    a = a.transpose(0, 1).reshape(T, -1)
-                x = x + layer.out(a.to(torch.bfloat16))
-                gate, up = layer.gate_up(F.rms_norm(x, hidden, layer.mlp_norm, eps).to(torch.bfloat16)).chunk(2, -1)
-                x = x + layer.down(F.silu(gate) * up)
-            last = F.rms_norm(x[-1:], hidden, self.norm, eps).to(torch.bfloat16)
-            return self.head(last)  # (1, vocab) fp32
+            x = one(x, pos) if T == 1 else many(x, pos)
+            return self.head(norm(x[-1:], self.norm))  # (1, vocab) fp32
 
         return step
