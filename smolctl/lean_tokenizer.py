@@ -30,8 +30,10 @@ class LeanTokenizer:
         self.pad_token_id = special.get("pad")
         self.chat_template = chat_template
 
-    def __call__(self, text: str) -> SimpleNamespace:
-        return SimpleNamespace(input_ids=self._tok.encode(text).ids)
+    def __call__(self, text, add_special_tokens: bool = True, **kwargs):
+        if not isinstance(text, str) or kwargs:  # batches, tensors, padding ...: transformers' own
+            return self.full(text, add_special_tokens=add_special_tokens, **kwargs)
+        return SimpleNamespace(input_ids=self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
                **kwargs) -> str:

