@@ -290,13 +290,11 @@ class Generation:
     def _decode(self, budget: int) -> Iterator[list[int]]:
         """The decode loop proper: yields each step's next token for every row (rows that have
         ended keep getting tokens; the caller ignores them). Left-pads a ragged batch."""
-        from transformers import DynamicCache
-
         model, s = self.model, self.sampling
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
         rows, width = len(self.prompt_ids), max(map(len, self.prompt_ids))
+        forward, device = self._forward(model, rows, width + budget)
         ids = torch.zeros(rows, width, dtype=torch.long, device=device)
         mask = torch.zeros(rows, width, dtype=torch.long, device=device)
         for i, p in enumerate(self.prompt_ids):
@@ -308,7 +306,7 @@ class Generation:
         context = ids.clone()
         for i, p in enumerate(self.prompt_ids):
             context[i, :width - len(p)] = p[0]
-        procs = logits_processors(s)
+        procs = logits_processors(s) if s.repetition_penalty != 1.0 or not s.greedy else None
         generator = None
         if not s.greedy:
             generator = torch.Generator(device)
@@ -316,15 +314,10 @@ class Generation:
                 generator.seed()
             else:
                 generator.manual_seed(s.seed)
-        cache = DynamicCache(config=model.config)
-        # transformers 5.x calls the cache argument `cache` (`past_key_values` is deprecated there)
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         try:
             for _ in range(budget):
-                # logits_to_keep=1: the prompt pass skips the (prompt_len x vocab) logits it never uses
-                logits = model(input_ids=ids, attention_mask=mask if ragged else None, position_ids=positions,
-                               use_cache=True, **{cache_arg: cache}, logits_to_keep=1).logits[:, -1].float()
-                ids = pick(procs(context, logits), s, generator)[:, None]  # (rows, 1)
+                logits = forward(ids, mask if ragged else None, positions)
+                ids = pick(logits if procs is None else procs(context, logits), s, generator)[:, None]  # (rows, 1)
                 context = torch.cat([context, ids], dim=1)
                 yield ids[:, 0].tolist()  # the one host sync per step: the caller needs the ids
                 positions = positions[:, -1:] + 1
@@ -332,6 +325,32 @@ class Generation:
                     mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         finally:
             model.train(was_training)
+
+
+    @staticmethod
+    def _forward(model, rows: int, max_len: int):
+        """(forward, device): forward(ids, mask, positions) -> (rows, vocab) fp32 logits of each row's
+        last position, keeping its own KV cache (fresh here) for up to `max_len` positions. A
+        decode.Decoder (CPU, batch 1) runs its own step; a transformers model gets a DynamicCache."""
+        from smolctl.decode import Decoder
+
+        if isinstance(model, Decoder):
+            if rows != 1:
+                raise SmolctlError(f"the 4-bit CPU decoder decodes one prompt at a time, not {rows}")
+            step = model.start(max_len)
+            return (lambda ids, mask, positions: step(ids, int(positions[0, 0]))), torch.device("cpu")
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        # transformers 5.x calls the cache argument `cache` (`past_key_values` is deprecated there)
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+        def forward(ids, mask, positions):
+            # logits_to_keep=1: the prompt pass skips the (prompt_len x vocab) logits it never uses
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{cache_arg: cache}, logits_to_keep=1).logits[:, -1].float()
+
+        return forward, next(model.parameters()).device
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, **sampling) -> str:

@@ -127,9 +127,10 @@ TINY_GEN = dict(hidden_size=64, num_heads=4, num_kv_heads=2, num_layers=2, inter
                 vocab_size=49152, max_seq_len=256, init_std=0.3)
 
 
-def write_gguf(path, model, cfg, arch="llama", tokenizer=None, bos=1, eos=2, chat_template=None):
+def write_gguf(path, model, cfg, arch="llama", tokenizer=None, bos=1, eos=2, chat_template=None, linears=None):
     """A GGUF as llama.cpp's converter writes one: f32 tensors, attn_q/attn_k rows in GGUF order, and
-    (with `tokenizer`) its vocabulary and merges."""
+    (with `tokenizer`) its vocabulary and merges. `linears`: a GGMLQuantizationType for the layers'
+    linear weights (as in a Q4_1 file), else f32."""
     import json
 
     import gguf
@@ -165,7 +166,10 @@ def write_gguf(path, model, cfg, arch="llama", tokenizer=None, bos=1, eos=2, cha
         a = t.float().numpy()
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             a = to_gguf_rows(a, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
-        w.add_tensor(hf_to_gguf_name(name), np.ascontiguousarray(a))
+        if linears is not None and name.endswith("proj.weight"):
+            w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(a, linears), raw_dtype=linears)
+        else:
+            w.add_tensor(hf_to_gguf_name(name), np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -47,7 +47,7 @@ def test_decode_rows_pair_each_smolctl_path_with_the_engine_reading_the_same_wei
                 "greedy_tokens_equal_to_fp32": "8/8"}
 
     table = [engine("smolctl", "fp32", 20.0), engine("smolctl", "bf16, torch.mv", 30.0),
-             engine("smolctl", "int4 + bf16 head", 40.0), engine("transformers generate", "fp32", 10.0),
+             engine("smolctl", "4-bit decoder", 40.0), engine("transformers generate", "fp32", 10.0),
              engine("transformers generate", "bf16", 15.0)]
     rows = bench_decode.comparisons(table, SimpleNamespace(new_tokens=8, threads=1))
     assert [(r.value, r.baseline_value) for r in rows] == [(20.0, 10.0), (30.0, 15.0)]  # no llama.cpp: no int4 row

@@ -65,6 +65,22 @@ def bench_rows() -> dict[str, dict]:
     return {r["name"]: r for r in rows}
 
 
+@cache
+def decode_vs_llama_cpp() -> dict:
+    """benchmarks/results/decode_vs_llama_cpp.json: `bench_decode.py --vs-llama-cpp`."""
+    return json.loads((ROOT / "benchmarks/results/decode_vs_llama_cpp.json").read_text())
+
+
+def decode_figures() -> str:
+    r = decode_vs_llama_cpp()
+    s, ll, meta = r["smolctl"], r["llama.cpp"], r["meta"]
+    return (f"{s['best_tokens_per_s']:.1f} tokens/s against llama.cpp's {ll['best_tokens_per_s']:.1f} "
+            f"({r['tokens_per_s_ratio']:.2f}x); the whole process took {s['best_process_s']:.1f} s against "
+            f"{ll['best_process_s']:.1f} s ({r['process_s_ratio']:.2f}x), {s['best_process_cpu_s']:.1f} against "
+            f"{ll['best_process_cpu_s']:.1f} CPU seconds ({r['process_cpu_s_ratio']:.2f}x), with {meta['threads']} "
+            f"thread(s) and a load average of {meta['loadavg_before']:.1f}")
+
+
 def page(name: str) -> str:
     return " ".join((ROOT / name).read_text(encoding="utf-8").split())  # line breaks read as spaces
 
@@ -111,6 +127,8 @@ def figures() -> list[tuple[str, str]]:
         ("docs/training.md", f"({last} steps; training loss {bt[min(bt)]['loss']:.2f} → {bt[last]['loss']:.2f}"),
         # docs/generate-and-chat.md: what eval scores of the whole held-out split
         ("docs/generate-and-chat.md", f"(the sample's held-out split: all {whole['tokens']:,}, after its first token)"),
+        # docs/generate-and-chat.md: decoding against llama.cpp (benchmarks/results/decode_vs_llama_cpp.json)
+        ("docs/generate-and-chat.md", decode_figures()),
     ]
 
 
