@@ -155,31 +155,6 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
     return ExportResult(fmt, dtype, out, [(p, p.stat().st_size) for p in files])
 
 
-# -- shared: special tokens --------------------------------------------------------------------
-
-
-def special_ids(tokenizer, cfg) -> dict[str, int]:
-    """bos/eos/unk/pad ids: the tokenizer's, else the model config's (pretraining: all <|endoftext|>)."""
-    def pick(name: str, default: int) -> int:
-        value = getattr(tokenizer, f"{name}_token_id", None)
-        return default if value is None else int(value)
-
-    bos, eos = pick("bos", cfg.bos_token_id), pick("eos", cfg.eos_token_id)
-    # No pad token in pretraining (blocks are packed); runtimes that want one get eos, the usual choice.
-    return {"bos": bos, "eos": eos, "unk": pick("unk", eos), "pad": pick("pad", eos)}
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token a ChatML chat template ends each turn with (<|im_end|>), if there is one.
-
-    Pretraining's eos is <|endoftext|>; a chat reply ends with <|im_end|> instead, so runtimes
-    must also stop there (generation_config's eos list, GGUF's eot id)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str) or "<|im_end|>" not in template:
-        return None
-    return tokenizer.get_vocab().get("<|im_end|>")
-
-
 # -- Hugging Face ------------------------------------------------------------------------------
 
 
@@ -189,7 +164,7 @@ def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "mo
 
     from smolctl.dtypes import torch_dtype as to_torch
     from smolctl.model_io import WEIGHTS, model_state, write_config
-    from smolctl.tokenizer import save_tokenizer
+    from smolctl.tokenizer import end_of_turn_id, save_tokenizer, special_ids
 
     cfg, tok = loaded.cfg, loaded.tokenizer
     torch_dtype = to_torch(dtype)
@@ -308,12 +283,14 @@ def _add_tokenizer(writer, tok, cfg) -> None:
     """The byte-level BPE tokenizer as llama.cpp reads it: tokens in id order, their types, merges."""
     import gguf
 
+    from smolctl.tokenizer import bpe_merges, check_vocabulary, end_of_turn_id, special_ids
+
     spec = json.loads(tok.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
         raise SmolctlError(f"GGUF export needs a byte-level BPE tokenizer (SmolLM2's), not {spec['model']['type']}")
+    check_vocabulary(tok, cfg.vocab_size, lambda top: SmolctlError(
+        f"the tokenizer has ids up to {top}, beyond the model's vocab_size {cfg.vocab_size}"))
     vocab = tok.get_vocab()
-    if max(vocab.values()) >= cfg.vocab_size:
-        raise SmolctlError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {cfg.vocab_size}")
     by_id = {i: t for t, i in vocab.items()}
     added = tok.added_tokens_decoder  # id -> AddedToken
     tokens, types = [], []
@@ -325,7 +302,7 @@ def _add_tokenizer(writer, tok, cfg) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    merges = bpe_merges(spec)
 
     ids = special_ids(tok, cfg)
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import torch
 
 from smolctl.errors import SmolctlError
-from smolctl.tokenizer import eot_id
+from smolctl.tokenizer import stop_ids as default_stop_ids
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator takes 64-bit seeds
@@ -196,15 +196,6 @@ class Stats:
                 "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
 
 
-def stop_token_ids(tokenizer, model=None) -> set[int]:
-    """Token ids that end a reply: the tokenizer's and the model's EOS, and <|endoftext|>."""
-    ids = {tokenizer.eos_token_id, eot_id(tokenizer)}
-    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
-        eos = getattr(config, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    return {i for i in ids if isinstance(i, int) and i >= 0}
-
-
 def unwrap(model):
     """The plain model inside DDP / accelerate (.module) and torch.compile (._orig_mod) wrappers: a
     compiled model would recompile for every new sequence length of the decode loop."""
@@ -225,7 +216,7 @@ class Generation:
                  stop_ids: set[int] | None = None, context_length: int | None = None):
         self.model = unwrap(model)
         self.tokenizer, self.sampling = tokenizer, sampling
-        self.stop_ids = stop_token_ids(tokenizer, self.model) if stop_ids is None else set(stop_ids)
+        self.stop_ids = default_stop_ids(tokenizer, self.model) if stop_ids is None else set(stop_ids)
         self.context_length = context_length or getattr(self.model.config, "max_position_embeddings", None)
         self.prompt_ids = [self._encode(p) for p in prompts]
         if not self.prompt_ids:

@@ -19,7 +19,6 @@ Imported models live in models_dir(): $SMOLCTL_MODELS_DIR, else ~/.cache/smolctl
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from smolctl import fsutil
-from smolctl.artifacts import check_vocabulary, reading
+from smolctl.artifacts import reading
 from smolctl.config import DEFAULT_PRESET, ModelConfig, TrainConfig
 from smolctl.errors import SmolctlError
 
@@ -174,7 +173,7 @@ def with_init_model(cfg: TrainConfig) -> TrainConfig:
     that differs from it anywhere but the name and the init std is refused, and so is a
     tokenizer with more tokens than the model's vocabulary.
     """
-    from smolctl.tokenizer import load_tokenizer
+    from smolctl.tokenizer import check_vocabulary, load_tokenizer
 
     local = Path(cfg.init_from).expanduser()
     if local.exists():  # a path, not a name: absolute, so that config.yaml means it from any directory
@@ -190,11 +189,9 @@ def with_init_model(cfg: TrainConfig) -> TrainConfig:
                                + ")", hint="Leave --preset and the config's model section out: "
                                            "the model config comes from --init-from")
     tokenizer = cfg.tokenizer if cfg.tokenizer is not None else tokenizer_of(cfg.init_from)
-    n_tokens = len(load_tokenizer(tokenizer))
-    if n_tokens > source.vocab_size:
-        raise SmolctlError(f"the tokenizer has {n_tokens:,} tokens, more than the "
-                           f"vocabulary of --init-from {cfg.init_from} ({source.vocab_size:,})",
-                           hint="Use the model's own tokenizer (leave --tokenizer out)")
+    check_vocabulary(load_tokenizer(tokenizer), source.vocab_size, lambda top: SmolctlError(
+        f"the tokenizer has ids up to {top:,}, beyond the vocabulary of --init-from {cfg.init_from} "
+        f"({source.vocab_size:,})", hint="Use the model's own tokenizer (leave --tokenizer out)"))
     model = dataclasses.replace(source, name=Path(cfg.init_from).stem)  # not config.json's "config"
     return dataclasses.replace(cfg, preset=None, model=model.to_dict(), tokenizer=tokenizer)
 
@@ -204,7 +201,7 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
     imports and HF directories carry them), else the bundled one without a chat template (a
     checkpoint written before checkpoints carried their tokenizer is a SmolLM2-vocabulary base model)."""
     from smolctl.model_io import load_model
-    from smolctl.tokenizer import base_tokenizer, load_tokenizer
+    from smolctl.tokenizer import base_tokenizer, check_vocabulary, load_tokenizer
 
     if spec is None:
         known = imported_models()
@@ -221,7 +218,9 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
                 continue  # pruned between resolving and pinning: the run has a newer one now
             model, cfg = load_model(path, device=device, dtype=dtype)
             tokenizer = load_tokenizer(str(path)) if (path / "tokenizer.json").is_file() else base_tokenizer()
-            check_vocabulary(tokenizer, cfg.vocab_size, path)
+            check_vocabulary(tokenizer, cfg.vocab_size, own=True, refuse=lambda top: SmolctlError(
+                f"{path}: its tokenizer has ids up to {top:,}, beyond the model's vocabulary ({cfg.vocab_size:,}): "
+                "those ids have no embedding", hint="Use the tokenizer the model was trained with"))
             return Loaded(model, cfg, tokenizer, path, general=provenance(path))
 
 
@@ -288,22 +287,19 @@ def gguf_tokenizer(path: Path, info):
 
 
 def _bundled_vocab_matches(info) -> bool:
-    from smolctl.tokenizer import BUNDLED
+    from smolctl.tokenizer import is_bundled_vocabulary
 
-    spec = json.loads((BUNDLED / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
-    by_id = sorted(vocab, key=vocab.get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return info.model == "gpt2" and info.tokens == by_id and info.merges == merges
+    return info.model == "gpt2" and is_bundled_vocabulary(info.tokens, info.merges)
 
 
 def generation_config(tokenizer):
     """Generation settings that follow the tokenizer (Instruct: bos <|im_start|>, eos = pad <|im_end|>)."""
     from transformers import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=pad)
+    from smolctl.tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    return GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
 
 
 # -- smolctl import --------------------------------------------------------------------------------
