@@ -139,7 +139,7 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
             import torch
 
             progress(f"loading {model}", 0, None)
-            loaded = load(source, device="cpu", dtype=torch.float32)  # pinned while it loads (sources.load)
+            loaded = load(model, device="cpu", dtype=torch.float32, resolved=source)  # pinned while it loads
         write = write_hf if fmt == "hf" else write_gguf
         try:
             with (fsutil.atomic_dir if fmt == "hf" else fsutil.atomic_file)(out) as tmp:

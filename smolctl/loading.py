@@ -38,7 +38,7 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
         print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
     t = time.perf_counter()
     # int4 is quantized from the stored (fp32) weights, not from a bf16 copy of them
-    loaded = load(path, device=device, dtype=None if quantize == "int4" else torch_dtype)
+    loaded = load(spec, device=device, dtype=None if quantize == "int4" else torch_dtype, resolved=path)
     if device == "cpu":
         from smolctl.fastpath import fast_cpu_decoding
 
