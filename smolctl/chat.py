@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from smolctl import fsutil
+from smolctl import fsutil, precious
 from smolctl.errors import SmolctlError
 from smolctl.generation import Generation, Sampling
 from smolctl.tokenizer import stop_ids
@@ -130,7 +130,7 @@ class Conversation:
         """Write the conversation as JSON to `path`: a new file, or one an earlier /save wrote
         (never a user's other file, nor anything inside a run, checkpoint or model)."""
         path = Path(path).expanduser()
-        fsutil.check_output(path, "/save")
+        precious.check_output(path, "/save")
         data = {"model": model_name, "chat_template": self.chat, "messages": self.messages()}
         try:
             with fsutil.hold(path, f"/save {path}"):

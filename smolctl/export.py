@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from smolctl import fsutil
+from smolctl import fsutil, precious
 from smolctl.errors import ENVIRONMENT_ERRORS, SmolctlError
 
 Progress = Callable[[str, int, "int | None"], None]  # (what, bytes done, bytes total or None: unknown)
@@ -76,7 +76,7 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
     """Refuse, before any slow work, what the export could not or should not write. Paths are
     compared resolved: `source` is what --model resolved to."""
     out = out.expanduser()
-    fsutil.check_output(out, "--out", kind="directory" if fmt == "hf" else "file")
+    precious.check_output(out, "--out", kind="directory" if fmt == "hf" else "file")
     dst = out.resolve()
     if source is not None:
         src = source.resolve()
@@ -84,9 +84,9 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
             raise SmolctlError(f"{out} is, holds or lies inside the model being exported ({source})",
                                hint="Choose an --out outside it")
     if fmt == "hf":
-        fsutil.check_replaceable(out, force, is_hf_export, "a Hugging Face export written by smolctl")
+        precious.check_replaceable(out, force, is_hf_export, "a Hugging Face export written by smolctl")
     else:
-        fsutil.check_replaceable(out, force, is_gguf_export, "a GGUF file written by smolctl export")
+        precious.check_replaceable(out, force, is_gguf_export, "a GGUF file written by smolctl export")
     parent = out.absolute().parent
     while not parent.exists():  # the nearest existing ancestor is where directories will be created
         parent = parent.parent

@@ -122,7 +122,7 @@ def prepare(run_dir: Path, fresh: bool) -> None:
     """Make the checkpoints folder and prove the directory writable; `fresh` (--overwrite names
     this run): its checkpoints and metrics go first."""
     try:
-        if fresh:  # a run of ours (fsutil.check_run_dir refused any other with checkpoints)
+        if fresh:  # a run of ours (precious.check_run_dir refused any other with checkpoints)
             fsutil.remove(run_dir / "checkpoints")
             fsutil.remove(run_dir / "metrics.jsonl")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from smolctl import fsutil
+from smolctl import fsutil, precious
 from smolctl.artifacts import reading
 from smolctl.config import DEFAULT_PRESET, ModelConfig, TrainConfig
 from smolctl.errors import SmolctlError
@@ -352,8 +352,8 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
 def _check_import_dest(dest: Path, force: bool) -> None:
     """Before any work: the destination may not lie inside a run or checkpoint, and an existing one
     is replaced only with --force, and only if it is an import (never a run, a file, anything else)."""
-    fsutil.check_output(dest, "--out", kind="directory")  # not a link, nor inside a run, checkpoint or model
-    fsutil.check_replaceable(dest, force, fsutil.is_import, "a model imported with `smolctl import`")
+    precious.check_output(dest, "--out", kind="directory")  # not a link, nor inside a run, checkpoint or model
+    precious.check_replaceable(dest, force, precious.is_import, "a model imported with `smolctl import`")
 
 
 @contextmanager

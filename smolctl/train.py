@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from smolctl import checkpoint as ckpt_io
-from smolctl import fsutil, rundir
+from smolctl import fsutil, precious, rundir
 from smolctl.config import TrainConfig
 from smolctl.distributed import PeerFailed, is_peer_failure, place
 from smolctl.errors import SmolctlError
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     log_file = Path(log_file) if log_file else run_dir / LOG
     where = place()  # a launch that cannot form its job fails here, before anything is created
     if where.rank == 0:
-        fsutil.check_run_dir(run_dir)
+        precious.check_run_dir(run_dir)
         check_log_file(log_file, run_dir)
         if resume is None:
             check_inputs(cfg, run_dir, overwrite)
