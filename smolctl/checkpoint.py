@@ -18,6 +18,13 @@ It is written into a temporary directory and renamed into place only when comple
 crash mid-save leaves the previous checkpoint as the latest. Nothing here unpickles: tensors
 come from safetensors, everything else is JSON. Every file is fsynced and hashed as it is
 written (safetensors_io.py), so the manifest never rereads them.
+
+    save(path, accelerator, module, optimizer, mcfg, meta, data_state, tokenizer, keep_last)  # every rank
+    restored = restore(ckpt, model, rank, world_size, strict)   # weights, RNG; .meta, .data_state
+    restored.load_optimizer(module, optimizer)                  # once the model is wrapped (prepare)
+
+The data stream's position (`data_state`) is one opaque element of both sequences: data.py
+makes it and reads it back; here it is only written and read (`save_rank_state`, `load_training_state`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,6 +62,65 @@ def resume_command(run_dir: Path, world: int, step: int | str = "latest") -> str
     """The command that continues `run_dir` from its checkpoint at `step`, with `world` processes."""
     again = f" --num-processes {world}" if world > 1 else ""
     return f"smolctl resume{again} --run-dir {run_dir} --from {step}"
+
+
+def save(final: Path, accelerator, module: torch.nn.Module, optimizer, cfg: ModelConfig, meta: Callable[[], dict],
+         data_state: dict, *, not_finite: Callable[[str | None], Exception], tokenizer=None,
+         keep_last: int | None = None) -> None:
+    """Checkpoint the training state into `final`, atomically; every rank calls it. In order:
+    a staging directory; the whole weights and optimizer state (a collective under FSDP); weights
+    holding NaN/inf on any rank raise `not_finite(name)` and nothing is saved (resume must find a
+    good one); the main process writes weights, configs, `tokenizer`, optimizer and `meta()`, every
+    rank its RNG states and `data_state`; the manifest, the rename into place; then pruning to the
+    newest `keep_last` step checkpoints."""
+    main = accelerator.is_main_process
+    tmp = staging_path(final)
+    with fsutil.temporary(tmp) if main else nullcontext():
+        staging_dir(final, main)
+        accelerator.wait_for_everyone()
+        weights, optim_state = training_state(module, optimizer, cfg)  # all ranks
+        bad = check_finite(weights) if main else None
+        if _on_any_rank(accelerator, bad is not None):  # all ranks take the same branch
+            raise not_finite(bad)
+        if main:
+            save_model_state(tmp, weights, cfg, optim_state, meta(), tokenizer=tokenizer)
+        del weights, optim_state
+        save_rank_state(tmp, accelerator.process_index, data_state)
+        accelerator.wait_for_everyone()
+        if main:
+            finalize(tmp, final)
+    if main:
+        prune(final.parent.parent, keep_last)
+
+
+def _on_any_rank(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (all ranks must take the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor(float(flag), device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item() > 0
+
+
+@dataclass
+class Restored:
+    """What `restore` read: the metadata, this rank's data stream position (opaque here), and the
+    optimizer state, applied by `load_optimizer` once the model is wrapped."""
+    meta: CheckpointMeta
+    data_state: dict
+    optimizer_state: dict
+
+    def load_optimizer(self, module: torch.nn.Module, optimizer) -> None:
+        load_optimizer(self.optimizer_state, module, optimizer)
+        self.optimizer_state = {}  # the optimizer holds it now: 2x the weights' size, freed
+
+
+def restore(ckpt: Path, model: torch.nn.Module, rank: int, world_size: int, strict: bool = True) -> Restored:
+    """Resume from `ckpt` (every rank, before the model is wrapped): its weights into `model`, this
+    rank's RNG states restored, the rest read for `Restored`. `strict=False` for tied embeddings
+    (lm_head is not stored)."""
+    model.load_state_dict(load_file(str(ckpt / WEIGHTS)), strict=strict)
+    meta, data_state = load_training_state(ckpt, rank, world_size)
+    return Restored(meta, data_state, read_optimizer(ckpt))
 
 
 def staging_path(final: Path) -> Path:
