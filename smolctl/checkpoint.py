@@ -48,10 +48,10 @@ from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
 from smolctl.metadata import META, CheckpointMeta, is_number, read_meta
 from smolctl.model_io import WEIGHTS, write_config
+from smolctl.optimizer_state import flatten_optimizer, load_optimizer, read_optimizer, training_state
 from smolctl.safetensors_io import file_sha256, write_file, write_json, write_tensors
 
 MANIFEST = "manifest.json"
-IN_SAFETENSORS = "<in optimizer.safetensors>"  # optimizer.json's stand-in for a tensor
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -142,51 +142,6 @@ def check_finite(weights: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
-def training_state(module: torch.nn.Module, optimizer, cfg: ModelConfig, prefix: str = "model.") -> tuple[dict, dict]:
-    """(weights with transformers' names, optimizer state keyed by parameter name), both whole.
-
-    One path for every way the module may be wrapped: torch's distributed-checkpoint state-dict
-    API gathers FSDP shards (FSDP1 and FSDP2), strips DDP's `module.` and torch.compile's
-    `_orig_mod.`, and hands plain tensors through untouched on one process. Under FSDP it is a
-    collective: every rank calls it; the full dicts land on rank 0 (others get empty ones).
-    `prefix` is the wrapper's own (CausalLMLoss holds the LlamaForCausalLM as `.model`).
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(module, options=full)
-    weights = {k[len(prefix):]: v.detach().contiguous() for k, v in weights.items() if k.startswith(prefix)}
-    if cfg.tie_embeddings:
-        weights.pop("lm_head.weight", None)  # it is the embedding
-    if not optimizer.state:
-        # Nothing to save before the first update (e.g. only skipped steps so far); asking the API
-        # would make it initialise the state with a fake step, which changes the run.
-        return weights, {"state": {}, "param_groups": []}
-    return weights, get_optimizer_state_dict(module, optimizer, options=full)
-
-
-def read_optimizer(ckpt: Path) -> dict:
-    """The optimizer state saved by `training_state` (parameter names as keys)."""
-    return _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")),
-                                json.loads((ckpt / "optimizer.json").read_text()))
-
-
-def load_optimizer(state: dict, module: torch.nn.Module, optimizer) -> None:
-    """Put `read_optimizer`'s state into `optimizer`, after accelerator.prepare (under FSDP each
-    rank keeps its own shard of the whole state)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
-
-    if state["state"]:  # empty: saved before the first update; a fresh optimizer is the same
-        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
 def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict,
                      tokenizer=None) -> None:
     """The main process's part: weights, configs, tokenizer files, optimizer (the dicts from
@@ -198,7 +153,7 @@ def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state
         for path in save_tokenizer(tokenizer, tmp, cfg.max_seq_len):  # small files: reread to fsync them
             write_file(path, path.read_bytes())
     write_json(tmp / META, {"model": cfg.to_dict(), **meta})
-    tensors, rest = _flatten_optimizer(optimizer_state)
+    tensors, rest = flatten_optimizer(optimizer_state)
     write_json(tmp / "optimizer.json", rest)
     # The two big files at once (135M: 538 MB and 1.08 GB): sha256 (~1.2 GB/s a core) is the
     # bottleneck, and this way each file's hashing gets a core.
@@ -409,36 +364,6 @@ def prune(run_dir: Path, keep_last: int | None) -> None:
     steps = [p for _, p in checkpoints(run_dir) if p.name.startswith("step-")]
     for p in steps[:-keep_last]:
         fsutil.remove_unpinned(p)  # one being read (eval, generate, export of this run) waits for the next save
-
-
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors for safetensors (`<param>.<name>`), the rest for JSON. Params are indices or names.
-
-    The JSON keeps each entry's key order, tensors standing in as IN_SAFETENSORS: torch's
-    set_optimizer_state_dict shards FSDP2 state in that order (measured: with safetensors' sorted
-    order, exp_avg_sq landed in exp_avg on rank 1 and the first step went NaN).
-    """
-    tensors, state = {}, {}
-    for idx, entry in sd["state"].items():
-        state[str(idx)] = {}
-        for k, v in entry.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.contiguous()
-                v = IN_SAFETENSORS
-            state[str(idx)][k] = v
-    return tensors, {"param_groups": sd["param_groups"], "state": state}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    def key(i: str):
-        return int(i) if i.isdigit() else i
-
-    state: dict = {key(i): dict(v) for i, v in rest["state"].items()}
-    for k, t in tensors.items():
-        idx, name = k.rsplit(".", 1)  # "model.model.layers.0.mlp.up_proj.weight" . "exp_avg"
-        state.setdefault(key(idx), {})[name] = t  # in its IN_SAFETENSORS place
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in rest["param_groups"]]
-    return {"state": state, "param_groups": groups}
 
 
 def _numpy_rng() -> list:
