@@ -121,15 +121,3 @@ def check_chat_template(template: str | None, source: str | Path) -> None:
 
     with reading(source, "chat template"):
         _compile_jinja_template(template)
-
-
-def check_vocabulary(tokenizer, vocab_size: int, source: str | Path) -> None:
-    """Every id of the tokenizer's vocabulary has an embedding row (special tokens that a GGUF
-    reader adds on top, never produced from text, are not counted)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.get_vocab(with_added_tokens=False) if backend is not None else tokenizer.get_vocab()
-    top = max(vocab.values(), default=-1)
-    if top >= vocab_size:
-        raise SmolctlError(f"{source}: its tokenizer has ids up to {top:,}, beyond the model's vocabulary "
-                           f"({vocab_size:,}): those ids have no embedding",
-                           hint="Use the tokenizer the model was trained with")

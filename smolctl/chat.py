@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from smolctl import fsutil
+from smolctl import fsutil, precious
 from smolctl.errors import SmolctlError
-from smolctl.generation import Generation, Sampling, stop_token_ids
+from smolctl.generation import Generation, Sampling
+from smolctl.tokenizer import stop_ids
 
 COMMANDS = {
     "/reset": "forget the conversation (the system prompt stays)",
@@ -121,10 +122,7 @@ class Conversation:
 
     def reply(self, model, sampling: Sampling) -> Generation:
         """A Generation of the assistant's next reply (iterate it to stream the text)."""
-        stop = stop_token_ids(self.tokenizer, model)
-        im_start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
-        if self.chat and "<|im_start|>" in self.tokenizer.chat_template and isinstance(im_start, int):
-            stop.add(im_start)  # a ChatML model opening a new turn has finished its reply
+        stop = stop_ids(self.tokenizer, model, chat=self.chat)
         return Generation(model, self.tokenizer, [self.prompt_ids()], sampling, stop_ids=stop,
                           context_length=self.context_length)
 
@@ -132,7 +130,7 @@ class Conversation:
         """Write the conversation as JSON to `path`: a new file, or one an earlier /save wrote
         (never a user's other file, nor anything inside a run, checkpoint or model)."""
         path = Path(path).expanduser()
-        fsutil.check_output(path, "/save")
+        precious.check_output(path, "/save")
         data = {"model": model_name, "chat_template": self.chat, "messages": self.messages()}
         try:
             with fsutil.hold(path, f"/save {path}"):

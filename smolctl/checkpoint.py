@@ -18,6 +18,13 @@ It is written into a temporary directory and renamed into place only when comple
 crash mid-save leaves the previous checkpoint as the latest. Nothing here unpickles: tensors
 come from safetensors, everything else is JSON. Every file is fsynced and hashed as it is
 written (safetensors_io.py), so the manifest never rereads them.
+
+    save(path, accelerator, module, optimizer, mcfg, meta, data_state, tokenizer, keep_last)  # every rank
+    restored = restore(ckpt, model, rank, world_size, strict)   # weights, RNG; .meta, .data_state
+    restored.load_optimizer(module, optimizer)                  # once the model is wrapped (prepare)
+
+The data stream's position (`data_state`) is one opaque element of both sequences: data.py
+makes it and reads it back; here it is only written and read (`save_rank_state`, `load_training_state`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,10 +49,10 @@ from smolctl.config import ModelConfig
 from smolctl.errors import SmolctlError
 from smolctl.metadata import META, CheckpointMeta, is_number, read_meta
 from smolctl.model_io import WEIGHTS, write_config
+from smolctl.optimizer_state import flatten_optimizer, load_optimizer, read_optimizer, training_state
 from smolctl.safetensors_io import file_sha256, write_file, write_json, write_tensors
 
 MANIFEST = "manifest.json"
-IN_SAFETENSORS = "<in optimizer.safetensors>"  # optimizer.json's stand-in for a tensor
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -53,6 +63,65 @@ def resume_command(run_dir: Path, world: int, step: int | str = "latest") -> str
     """The command that continues `run_dir` from its checkpoint at `step`, with `world` processes."""
     again = f" --num-processes {world}" if world > 1 else ""
     return f"smolctl resume{again} --run-dir {run_dir} --from {step}"
+
+
+def save(final: Path, accelerator, module: torch.nn.Module, optimizer, cfg: ModelConfig, meta: Callable[[], dict],
+         data_state: dict, *, not_finite: Callable[[str | None], Exception], tokenizer=None,
+         keep_last: int | None = None) -> None:
+    """Checkpoint the training state into `final`, atomically; every rank calls it. In order:
+    a staging directory; the whole weights and optimizer state (a collective under FSDP); weights
+    holding NaN/inf on any rank raise `not_finite(name)` and nothing is saved (resume must find a
+    good one); the main process writes weights, configs, `tokenizer`, optimizer and `meta()`, every
+    rank its RNG states and `data_state`; the manifest, the rename into place; then pruning to the
+    newest `keep_last` step checkpoints."""
+    main = accelerator.is_main_process
+    tmp = staging_path(final)
+    with fsutil.temporary(tmp) if main else nullcontext():
+        staging_dir(final, main)
+        accelerator.wait_for_everyone()
+        weights, optim_state = training_state(module, optimizer, cfg)  # all ranks
+        bad = check_finite(weights) if main else None
+        if _on_any_rank(accelerator, bad is not None):  # all ranks take the same branch
+            raise not_finite(bad)
+        if main:
+            save_model_state(tmp, weights, cfg, optim_state, meta(), tokenizer=tokenizer)
+        del weights, optim_state
+        save_rank_state(tmp, accelerator.process_index, data_state)
+        accelerator.wait_for_everyone()
+        if main:
+            finalize(tmp, final)
+    if main:
+        prune(final.parent.parent, keep_last)
+
+
+def _on_any_rank(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (all ranks must take the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor(float(flag), device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item() > 0
+
+
+@dataclass
+class Restored:
+    """What `restore` read: the metadata, this rank's data stream position (opaque here), and the
+    optimizer state, applied by `load_optimizer` once the model is wrapped."""
+    meta: CheckpointMeta
+    data_state: dict
+    optimizer_state: dict
+
+    def load_optimizer(self, module: torch.nn.Module, optimizer) -> None:
+        load_optimizer(self.optimizer_state, module, optimizer)
+        self.optimizer_state = {}  # the optimizer holds it now: 2x the weights' size, freed
+
+
+def restore(ckpt: Path, model: torch.nn.Module, rank: int, world_size: int, strict: bool = True) -> Restored:
+    """Resume from `ckpt` (every rank, before the model is wrapped): its weights into `model`, this
+    rank's RNG states restored, the rest read for `Restored`. `strict=False` for tied embeddings
+    (lm_head is not stored)."""
+    model.load_state_dict(load_file(str(ckpt / WEIGHTS)), strict=strict)
+    meta, data_state = load_training_state(ckpt, rank, world_size)
+    return Restored(meta, data_state, read_optimizer(ckpt))
 
 
 def staging_path(final: Path) -> Path:
@@ -74,51 +143,6 @@ def check_finite(weights: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
-def training_state(module: torch.nn.Module, optimizer, cfg: ModelConfig, prefix: str = "model.") -> tuple[dict, dict]:
-    """(weights with transformers' names, optimizer state keyed by parameter name), both whole.
-
-    One path for every way the module may be wrapped: torch's distributed-checkpoint state-dict
-    API gathers FSDP shards (FSDP1 and FSDP2), strips DDP's `module.` and torch.compile's
-    `_orig_mod.`, and hands plain tensors through untouched on one process. Under FSDP it is a
-    collective: every rank calls it; the full dicts land on rank 0 (others get empty ones).
-    `prefix` is the wrapper's own (CausalLMLoss holds the LlamaForCausalLM as `.model`).
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(module, options=full)
-    weights = {k[len(prefix):]: v.detach().contiguous() for k, v in weights.items() if k.startswith(prefix)}
-    if cfg.tie_embeddings:
-        weights.pop("lm_head.weight", None)  # it is the embedding
-    if not optimizer.state:
-        # Nothing to save before the first update (e.g. only skipped steps so far); asking the API
-        # would make it initialise the state with a fake step, which changes the run.
-        return weights, {"state": {}, "param_groups": []}
-    return weights, get_optimizer_state_dict(module, optimizer, options=full)
-
-
-def read_optimizer(ckpt: Path) -> dict:
-    """The optimizer state saved by `training_state` (parameter names as keys)."""
-    return _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")),
-                                json.loads((ckpt / "optimizer.json").read_text()))
-
-
-def load_optimizer(state: dict, module: torch.nn.Module, optimizer) -> None:
-    """Put `read_optimizer`'s state into `optimizer`, after accelerator.prepare (under FSDP each
-    rank keeps its own shard of the whole state)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
-
-    if state["state"]:  # empty: saved before the first update; a fresh optimizer is the same
-        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
 def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state: dict, meta: dict,
                      tokenizer=None) -> None:
     """The main process's part: weights, configs, tokenizer files, optimizer (the dicts from
@@ -130,7 +154,7 @@ def save_model_state(tmp: Path, weights: dict, cfg: ModelConfig, optimizer_state
         for path in save_tokenizer(tokenizer, tmp, cfg.max_seq_len):  # small files: reread to fsync them
             write_file(path, path.read_bytes())
     write_json(tmp / META, {"model": cfg.to_dict(), **meta})
-    tensors, rest = _flatten_optimizer(optimizer_state)
+    tensors, rest = flatten_optimizer(optimizer_state)
     write_json(tmp / "optimizer.json", rest)
     # The two big files at once (135M: 538 MB and 1.08 GB): sha256 (~1.2 GB/s a core) is the
     # bottleneck, and this way each file's hashing gets a core.
@@ -362,36 +386,6 @@ def prune(run_dir: Path, keep_last: int | None) -> None:
     steps = [p for _, p in checkpoints(run_dir) if p.name.startswith("step-")]
     for p in steps[:-keep_last]:
         fsutil.remove_unpinned(p)  # one being read (eval, generate, export of this run) waits for the next save
-
-
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors for safetensors (`<param>.<name>`), the rest for JSON. Params are indices or names.
-
-    The JSON keeps each entry's key order, tensors standing in as IN_SAFETENSORS: torch's
-    set_optimizer_state_dict shards FSDP2 state in that order (measured: with safetensors' sorted
-    order, exp_avg_sq landed in exp_avg on rank 1 and the first step went NaN).
-    """
-    tensors, state = {}, {}
-    for idx, entry in sd["state"].items():
-        state[str(idx)] = {}
-        for k, v in entry.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.contiguous()
-                v = IN_SAFETENSORS
-            state[str(idx)][k] = v
-    return tensors, {"param_groups": sd["param_groups"], "state": state}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    def key(i: str):
-        return int(i) if i.isdigit() else i
-
-    state: dict = {key(i): dict(v) for i, v in rest["state"].items()}
-    for k, t in tensors.items():
-        idx, name = k.rsplit(".", 1)  # "model.model.layers.0.mlp.up_proj.weight" . "exp_avg"
-        state.setdefault(key(idx), {})[name] = t  # in its IN_SAFETENSORS place
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in rest["param_groups"]]
-    return {"state": state, "param_groups": groups}
 
 
 def _numpy_rng() -> list:

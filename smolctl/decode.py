@@ -200,7 +200,7 @@ class Decoder:
         self.embed = embed.float()  # (vocab, hidden): one row read per token
         self.head = Int4Head(head) if head_kind == "int4" else Bf16Head(head)
         self.head_kind = head_kind
-        # what Generation and stop_token_ids read from a model
+        # what Generation and tokenizer.stop_ids read from a model
         self.config = SimpleNamespace(max_position_embeddings=cfg.max_seq_len, eos_token_id=cfg.eos_token_id)
         self.generation_config = None
         self.training = False

@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from smolctl import fsutil
+from smolctl import fsutil, precious
 from smolctl.errors import ENVIRONMENT_ERRORS, SmolctlError
 
 Progress = Callable[[str, int, "int | None"], None]  # (what, bytes done, bytes total or None: unknown)
@@ -76,7 +76,7 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
     """Refuse, before any slow work, what the export could not or should not write. Paths are
     compared resolved: `source` is what --model resolved to."""
     out = out.expanduser()
-    fsutil.check_output(out, "--out", kind="directory" if fmt == "hf" else "file")
+    precious.check_output(out, "--out", kind="directory" if fmt == "hf" else "file")
     dst = out.resolve()
     if source is not None:
         src = source.resolve()
@@ -84,9 +84,9 @@ def check_out(fmt: str, out: Path, force: bool, source: Path | None = None) -> N
             raise SmolctlError(f"{out} is, holds or lies inside the model being exported ({source})",
                                hint="Choose an --out outside it")
     if fmt == "hf":
-        fsutil.check_replaceable(out, force, is_hf_export, "a Hugging Face export written by smolctl")
+        precious.check_replaceable(out, force, is_hf_export, "a Hugging Face export written by smolctl")
     else:
-        fsutil.check_replaceable(out, force, is_gguf_export, "a GGUF file written by smolctl export")
+        precious.check_replaceable(out, force, is_gguf_export, "a GGUF file written by smolctl export")
     parent = out.absolute().parent
     while not parent.exists():  # the nearest existing ancestor is where directories will be created
         parent = parent.parent
@@ -139,7 +139,7 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
             import torch
 
             progress(f"loading {model}", 0, None)
-            loaded = load(source, device="cpu", dtype=torch.float32)  # pinned while it loads (sources.load)
+            loaded = load(model, device="cpu", dtype=torch.float32, resolved=source)  # pinned while it loads
         write = write_hf if fmt == "hf" else write_gguf
         try:
             with (fsutil.atomic_dir if fmt == "hf" else fsutil.atomic_file)(out) as tmp:
@@ -155,31 +155,6 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
     return ExportResult(fmt, dtype, out, [(p, p.stat().st_size) for p in files])
 
 
-# -- shared: special tokens --------------------------------------------------------------------
-
-
-def special_ids(tokenizer, cfg) -> dict[str, int]:
-    """bos/eos/unk/pad ids: the tokenizer's, else the model config's (pretraining: all <|endoftext|>)."""
-    def pick(name: str, default: int) -> int:
-        value = getattr(tokenizer, f"{name}_token_id", None)
-        return default if value is None else int(value)
-
-    bos, eos = pick("bos", cfg.bos_token_id), pick("eos", cfg.eos_token_id)
-    # No pad token in pretraining (blocks are packed); runtimes that want one get eos, the usual choice.
-    return {"bos": bos, "eos": eos, "unk": pick("unk", eos), "pad": pick("pad", eos)}
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token a ChatML chat template ends each turn with (<|im_end|>), if there is one.
-
-    Pretraining's eos is <|endoftext|>; a chat reply ends with <|im_end|> instead, so runtimes
-    must also stop there (generation_config's eos list, GGUF's eot id)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str) or "<|im_end|>" not in template:
-        return None
-    return tokenizer.get_vocab().get("<|im_end|>")
-
-
 # -- Hugging Face ------------------------------------------------------------------------------
 
 
@@ -189,7 +164,7 @@ def write_hf(loaded, out: Path, dtype: str, progress: Progress, label: str = "mo
 
     from smolctl.dtypes import torch_dtype as to_torch
     from smolctl.model_io import WEIGHTS, model_state, write_config
-    from smolctl.tokenizer import save_tokenizer
+    from smolctl.tokenizer import end_of_turn_id, save_tokenizer, special_ids
 
     cfg, tok = loaded.cfg, loaded.tokenizer
     torch_dtype = to_torch(dtype)
@@ -308,12 +283,14 @@ def _add_tokenizer(writer, tok, cfg) -> None:
     """The byte-level BPE tokenizer as llama.cpp reads it: tokens in id order, their types, merges."""
     import gguf
 
+    from smolctl.tokenizer import bpe_merges, check_vocabulary, end_of_turn_id, special_ids
+
     spec = json.loads(tok.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
         raise SmolctlError(f"GGUF export needs a byte-level BPE tokenizer (SmolLM2's), not {spec['model']['type']}")
+    check_vocabulary(tok, cfg.vocab_size, lambda top: SmolctlError(
+        f"the tokenizer has ids up to {top}, beyond the model's vocab_size {cfg.vocab_size}"))
     vocab = tok.get_vocab()
-    if max(vocab.values()) >= cfg.vocab_size:
-        raise SmolctlError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {cfg.vocab_size}")
     by_id = {i: t for t, i in vocab.items()}
     added = tok.added_tokens_decoder  # id -> AddedToken
     tokens, types = [], []
@@ -325,7 +302,7 @@ def _add_tokenizer(writer, tok, cfg) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    merges = bpe_merges(spec)
 
     ids = special_ids(tok, cfg)
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE

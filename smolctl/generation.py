@@ -31,44 +31,8 @@ from typing import Iterator, Sequence
 import torch
 
 from smolctl.errors import SmolctlError
-from smolctl.tokenizer import eot_id
-
-
-MAX_SEED = 2**63 - 1  # torch.Generator takes 64-bit seeds
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick each next token. The defaults decode greedily."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy (argmax); the other knobs only matter when > 0
-    top_k: int = 0  # keep the k most likely tokens; 0: off
-    top_p: float = 1.0  # keep the smallest set of tokens holding this much probability; 1: off
-    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0: off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context; 1: off
-    seed: int | None = None  # None: a fresh random stream each run
-    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {self.temperature}"),
-            (self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (1 = off), got {self.top_p}"),
-            (0 <= self.min_p <= 1, f"--min-p must be in [0, 1] (0 = off), got {self.min_p}"),
-            (self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
-            (self.seed is None or 0 <= self.seed <= MAX_SEED,
-             f"--seed must be between 0 and {MAX_SEED:,}, got {self.seed}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SmolctlError(message)
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from smolctl.sampling import Sampling  # declared there (no torch): the CLI makes its flags from it
+from smolctl.tokenizer import stop_ids as default_stop_ids
 
 
 # -- logit processors: transformers' own, in generate()'s order -----------------------------
@@ -196,15 +160,6 @@ class Stats:
                 "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
 
 
-def stop_token_ids(tokenizer, model=None) -> set[int]:
-    """Token ids that end a reply: the tokenizer's and the model's EOS, and <|endoftext|>."""
-    ids = {tokenizer.eos_token_id, eot_id(tokenizer)}
-    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
-        eos = getattr(config, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    return {i for i in ids if isinstance(i, int) and i >= 0}
-
-
 def unwrap(model):
     """The plain model inside DDP / accelerate (.module) and torch.compile (._orig_mod) wrappers: a
     compiled model would recompile for every new sequence length of the decode loop."""
@@ -225,7 +180,7 @@ class Generation:
                  stop_ids: set[int] | None = None, context_length: int | None = None):
         self.model = unwrap(model)
         self.tokenizer, self.sampling = tokenizer, sampling
-        self.stop_ids = stop_token_ids(tokenizer, self.model) if stop_ids is None else set(stop_ids)
+        self.stop_ids = default_stop_ids(tokenizer, self.model) if stop_ids is None else set(stop_ids)
         self.context_length = context_length or getattr(self.model.config, "max_position_embeddings", None)
         self.prompt_ids = [self._encode(p) for p in prompts]
         if not self.prompt_ids:

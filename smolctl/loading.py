@@ -56,10 +56,10 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
     elif quantize == "int4":  # quantized from the stored (fp32) weights, not from a bf16 copy of them
         from smolctl.decode import Decoder
 
-        loaded = load(path, device=device)
+        loaded = load(spec, device=device, resolved=path)
         loaded.model = Decoder.from_state(loaded.cfg, loaded.model.state_dict())
     else:
-        loaded = load(path, device=device, dtype=torch_dtype)
+        loaded = load(spec, device=device, dtype=torch_dtype, resolved=path)
         if device == "cpu":
             from smolctl.fastpath import fast_cpu_decoding
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from smolctl import fsutil
+from smolctl import fsutil, precious
 from smolctl.errors import SmolctlError
 from smolctl.metadata import is_number
 
@@ -129,7 +129,7 @@ def is_log(path: Path) -> bool:
 def check_log_file(path: Path, run_dir: Path) -> None:
     """Before anything is created: a log file is a new file, or a log smolctl wrote, outside any
     run, checkpoint or model but this run; never a link, FIFO or device, never a user's file."""
-    fsutil.check_output(path, "--log-file", own=run_dir)
+    precious.check_output(path, "--log-file", own=run_dir)
     if path.is_file() and path.stat().st_size and not is_log(path):
         raise SmolctlError(f"--log-file {path} is not a smolctl log (smolctl writes only to a new file or "
                            f"a log of its own)", hint="Pass a new file, or a log an earlier run wrote")

@@ -130,14 +130,13 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     set_seed(cfg.seed)
     model = build_model(mcfg, device="cpu")  # seeded init; identical on every rank
     optimizer = _adamw(model, cfg)
-    state, window_sum, optim_state = TrainState(), 0.0, None
+    state, window_sum, restored = TrainState(), 0.0, None
     if cfg.init_from and resume_path is None:  # continued pretraining: step 0 only; a resume has its own weights
         model.load_state_dict(load(cfg.init_from, dtype=torch.float32).model.state_dict())
     if resume_path is not None:
-        model.load_state_dict(ckpt_io.load_file(str(resume_path / ckpt_io.WEIGHTS)), strict=not mcfg.tie_embeddings)
-        meta, data_state = ckpt_io.load_training_state(resume_path, rank, world)
-        optim_state = ckpt_io.read_optimizer(resume_path)  # applied after prepare
-        state = TrainState(step=meta.step, tokens_seen=meta.tokens_seen, data_state=data_state,
+        restored = ckpt_io.restore(resume_path, model, rank, world, strict=not mcfg.tie_embeddings)
+        meta = restored.meta
+        state = TrainState(step=meta.step, tokens_seen=meta.tokens_seen, data_state=restored.data_state,
                            last_checkpoint=resume_path, start_step=meta.step, elapsed_before=meta.elapsed_s,
                            window_steps=meta.log_steps)
         window_sum = meta.log_loss_sums[rank] if meta.log_steps else 0.0
@@ -147,9 +146,8 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     if cfg.compile:
         compile_layers(model, eager_attention=accelerator.device.type == "cpu" and cfg.seq_len <= 512)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    if optim_state is not None:  # after prepare: under FSDP each rank keeps its shard of it
-        ckpt_io.load_optimizer(optim_state, loss_module, optimizer.optimizer)
-        del optim_state
+    if restored is not None:  # after prepare: under FSDP each rank keeps its shard of it
+        restored.load_optimizer(loss_module, optimizer.optimizer)
     state.window_loss = torch.tensor(window_sum, dtype=torch.float32, device=accelerator.device)
 
     # -- data, and where events go ------------------------------------------------------------

@@ -124,7 +124,7 @@ def prepare(run_dir: Path, fresh: bool) -> None:
     """Make the checkpoints folder and prove the directory writable; `fresh` (--overwrite names
     this run): its checkpoints and metrics go first."""
     try:
-        if fresh:  # a run of ours (fsutil.check_run_dir refused any other with checkpoints)
+        if fresh:  # a run of ours (precious.check_run_dir refused any other with checkpoints)
             fsutil.remove(run_dir / "checkpoints")
             fsutil.remove(run_dir / "metrics.jsonl")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -177,17 +177,14 @@ def run_tokenizer(cfg: TrainConfig, mcfg, resume_path: Path | None):
     """(tokenizer, model config with its bos/eos ids) of a run: on resume the checkpoint's own
     tokenizer files (the run keeps its tokenizer even if cfg.tokenizer has moved or changed), else
     cfg.tokenizer (None: the bundled one). Refuses a tokenizer whose ids do not fit the embedding."""
-    from smolctl.tokenizer import document_separator, load_tokenizer
+    from smolctl.tokenizer import check_vocabulary, load_tokenizer, training_ids
 
     if resume_path is not None and (resume_path / "tokenizer.json").is_file():
         tok = load_tokenizer(str(resume_path))
     else:
         tok = load_tokenizer(cfg.tokenizer)
-    top = max(tok.get_vocab().values())
-    if top >= mcfg.vocab_size:
-        raise SmolctlError(f"the tokenizer {cfg.tokenizer or '(bundled)'} has ids up to {top:,}; the model's "
-                           f"vocab_size is {mcfg.vocab_size:,}",
-                           hint=f"Set model.vocab_size to at least {top + 1} (a multiple of 64 is fastest)")
-    eos = document_separator(tok)  # what ends each document in training is the model's EOS
-    bos = eos if tok.bos_token_id is None else tok.bos_token_id
+    check_vocabulary(tok, mcfg.vocab_size, lambda top: SmolctlError(
+        f"the tokenizer {cfg.tokenizer or '(bundled)'} has ids up to {top:,}; the model's vocab_size is "
+        f"{mcfg.vocab_size:,}", hint=f"Set model.vocab_size to at least {top + 1} (a multiple of 64 is fastest)"))
+    bos, eos = training_ids(tok)
     return tok, dataclasses.replace(mcfg, bos_token_id=bos, eos_token_id=eos)

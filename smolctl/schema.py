@@ -31,20 +31,29 @@ TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
             gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None,
             choices: tuple | None = None, nonempty: bool = False, flag: tuple[str, ...] | None = None,
-            cli: bool = True, resumable: bool = False) -> Any:
+            cli: bool = True, resumable: bool = False, says: str | None = None) -> Any:
     """A dataclass field with its schema. `gt/ge/lt/le`: the range of a number (floats must also be
-    finite); `choices`: the values allowed; `flag`: the option names when not `--field-name`;
+    finite); `says`: that range as errors word it, where not in the words `_bounds` makes (">= 0
+    (0 = greedy)"); `choices`: the values allowed; `flag`: the option names when not `--field-name`;
     `cli`: whether train gets a flag for it; `resumable`: changing it does not change the
     trajectory of a run, so `resume` takes it as a flag and accepts it edited in config.yaml."""
     meta = dict(help=help, gt=gt, ge=ge, lt=lt, le=le, choices=choices, nonempty=nonempty, flag=flag, cli=cli,
-                resumable=resumable)
+                resumable=resumable, says=says)
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def setting_like(cls: type, name: str, **changes: Any) -> Any:
+    """A field declared as `cls`'s field `name` is -- default, help, range -- with `changes` to its
+    schema (another `flag`): one declaration for a value two commands take."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=f.default, default_factory=f.default_factory,
+                             metadata={**f.metadata, **changes})
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
     name: str
-    type: type  # int, float, str, bool, dict or list (of `item`)
+    type: type  # int, float, str, bool, dict, or list or tuple (of `item`)
     optional: bool  # None allowed
     meta: dict
     item: type | None = None
@@ -65,7 +74,7 @@ def specs(cls: type) -> dict[str, Spec]:
             args = [a for a in typing.get_args(t) if a is not type(None)]
             t, optional = args[0], len(args) < len(typing.get_args(t))
         base = typing.get_origin(t) or t
-        item = typing.get_args(t)[0] if base is list else None
+        item = typing.get_args(t)[0] if base in (list, tuple) else None
         default = None if f.default is dataclasses.MISSING else f.default
         out[f.name] = Spec(f.name, base, optional, dict(f.metadata), item, default)
     return out
@@ -85,17 +94,18 @@ def validate(cls: type, values: dict[str, Any], what: str, where: str = "", flag
     return {k: v if k in also else check(specs(cls)[k], v, where, flags, strict) for k, v in values.items()}
 
 
-def check_fields(obj: Any, what: str) -> None:
-    """Check and coerce every field of a dataclass instance in place (its __post_init__ calls this)."""
+def check_fields(obj: Any, what: str, flags: bool = False) -> None:
+    """Check and coerce every field of a dataclass instance in place (its __post_init__ calls this;
+    frozen ones too). `flags`: name the fields as their `--flag`s (settings that are a command's flags)."""
     for name, spec in specs(type(obj)).items():
-        setattr(obj, name, check(spec, getattr(obj, name), f"invalid {what}: " if what else ""))
+        object.__setattr__(obj, name, check(spec, getattr(obj, name), f"invalid {what}: " if what else "", flags))
 
 
-def flag_value(cls: type, name: str, value: Any, flag: str) -> Any:
-    """The value of a command's own flag for field `name` of `cls` (None: the field's default),
-    checked by the field's schema and named as `flag`."""
-    spec = specs(cls)[name]
-    return spec.default if value is None else check(spec, value, label=flag)
+def from_flags(cls: type, values: dict[str, Any]) -> Any:
+    """`cls` made from a command's generated options (cli/options.py): a flag left out that has
+    no default of its own (None, as a repeatable option gives) takes the field's."""
+    fields = specs(cls)
+    return cls(**{k: v for k, v in values.items() if v is not None or fields[k].optional})
 
 
 def check(spec: Spec, value: Any, where: str = "", flags: bool = False, strict: bool = False,
@@ -110,7 +120,7 @@ def check(spec: Spec, value: Any, where: str = "", flags: bool = False, strict: 
     if spec.type in (int, float):
         finite = spec.type is int or math.isfinite(value)
         if not finite or not _within(value, meta):
-            rule = _bounds(meta, spec.type)
+            rule = meta.get("says") or _bounds(meta, spec.type)
             if not finite:
                 rule = {"not negative": "finite and not negative", "": "finite"}.get(rule, f"{rule} and finite")
             verb = "must not be negative" if rule == "not negative" else f"must be {rule}"
@@ -125,11 +135,11 @@ def check(spec: Spec, value: Any, where: str = "", flags: bool = False, strict: 
 def _coerce(spec: Spec, value: Any, label: str, strict: bool) -> Any:
     """`value` as `spec.type`, the way a person writing it meant it; SmolctlError if it is not one."""
     t = spec.type
-    if t is list:
-        if not isinstance(value, list):
+    if t in (list, tuple):
+        if not isinstance(value, (list, tuple)):
             raise SmolctlError(f"{label} must be a list, got {value!r}")
         item = Spec(spec.name, spec.item, False, {})
-        return [check(item, v, strict=strict, label=label) for v in value]
+        return t(check(item, v, strict=strict, label=label) for v in value)
     if t is dict:
         if not isinstance(value, dict):
             raise SmolctlError(f"{label} must be a mapping of keys to values, got {value!r}")
@@ -172,7 +182,7 @@ def _int(text: str) -> int | float:
 
 def _kind(spec: Spec) -> str:
     kind = {int: "an integer", float: "a number", str: "text", bool: "true or false", dict: "a mapping",
-            list: "a list"}[spec.type]
+            list: "a list", tuple: "a list"}[spec.type]
     return f"{kind} or null" if spec.optional else kind
 
 

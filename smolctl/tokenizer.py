@@ -9,6 +9,10 @@ tools/bundle_tokenizer.py: 49,152 tokens, <|endoftext|> = 0 (bos = eos for pretr
 <|im_start|> = 1, <|im_end|> = 2, and the ChatML chat template (SmolLM2-Instruct's: a model
 trained from scratch is a base model, so `base_tokenizer()` is the bundled one without it).
 
+The token rules live here too: the ids a run trains with (`training_ids`), the special ids an
+export writes (`special_ids`, `end_of_turn_id`), the ids that end a reply (`stop_ids`), the
+vocabulary fit (`check_vocabulary`) and BPE merges as GGUF stores them (`bpe_merges`).
+
 Every checkpoint, import and HF export carries its tokenizer as files (`save_tokenizer`), and
 loaders read those, so a run with its own tokenizer is always decoded with it.
 """
@@ -21,6 +25,7 @@ import re
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from smolctl import fsutil
 from smolctl.errors import SmolctlError
@@ -46,6 +51,73 @@ def document_separator(tok) -> int:
         raise SmolctlError("the tokenizer has no end-of-sequence token to separate documents with",
                            hint="Use a tokenizer whose tokenizer_config.json names an eos_token")
     return int(tok.eos_token_id)
+
+
+def training_ids(tok) -> tuple[int, int]:
+    """(bos, eos) of a model trained with `tok`: eos is the document separator (what ends each
+    training document is the model's EOS), bos the tokenizer's, else that separator."""
+    eos = document_separator(tok)
+    return (eos if tok.bos_token_id is None else int(tok.bos_token_id)), eos
+
+
+def special_ids(tok, cfg=None) -> dict[str, int | None]:
+    """bos/eos/unk/pad ids: the tokenizer's, else the model config's (pretraining: all <|endoftext|>;
+    no config: None). No pad or unk token in pretraining (blocks are packed): runtimes that want
+    one get eos, the usual choice."""
+    def pick(name: str) -> int | None:
+        value = getattr(tok, f"{name}_token_id", None)
+        return int(value) if value is not None else getattr(cfg, f"{name}_token_id", None)
+
+    bos, eos = pick("bos"), pick("eos")
+    unk, pad = getattr(tok, "unk_token_id", None), getattr(tok, "pad_token_id", None)
+    return {"bos": bos, "eos": eos, "unk": eos if unk is None else int(unk), "pad": eos if pad is None else int(pad)}
+
+
+def end_of_turn_id(tok) -> int | None:
+    """The token a ChatML chat template ends each turn with (<|im_end|>), if there is one.
+
+    Pretraining's eos is <|endoftext|>; a chat reply ends with <|im_end|> instead, so runtimes
+    must also stop there (generation_config's eos list, GGUF's eot id)."""
+    template = getattr(tok, "chat_template", None)
+    if not isinstance(template, str) or "<|im_end|>" not in template:
+        return None
+    return tok.get_vocab().get("<|im_end|>")
+
+
+def stop_ids(tok, model=None, chat: bool = False) -> set[int]:
+    """Token ids that end a reply: the tokenizer's and the model's EOS, and <|endoftext|>; in a
+    `chat` with a ChatML template also <|im_start|> (a model opening a new turn has finished its reply)."""
+    ids = {tok.eos_token_id, eot_id(tok)}
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        eos = getattr(config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if chat and "<|im_start|>" in (getattr(tok, "chat_template", None) or ""):
+        ids.add(tok.convert_tokens_to_ids("<|im_start|>"))
+    return {i for i in ids if isinstance(i, int) and i >= 0}
+
+
+def check_vocabulary(tok, vocab_size: int, refuse: Callable[[int], SmolctlError], own: bool = False) -> None:
+    """Every id of `tok` has an embedding row: its highest id is below `vocab_size`, else
+    `refuse(highest id)` is raised. `own`: count the tokenizer's own vocabulary only, not the
+    special tokens a GGUF reader adds on top (never produced from text)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    vocab = backend.get_vocab(with_added_tokens=False) if own and backend is not None else tok.get_vocab()
+    top = max(vocab.values(), default=-1)
+    if top >= vocab_size:
+        raise refuse(top)
+
+
+def bpe_merges(spec: dict) -> list[str]:
+    """A tokenizer.json's BPE merges as "a b" strings, as GGUF stores them (tokenizers writes pairs
+    since 0.20, strings before)."""
+    return [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+
+
+def is_bundled_vocabulary(tokens: list[str], merges: list[str]) -> bool:
+    """Whether a token list (in id order) and merges are the bundled SmolLM2 tokenizer's."""
+    spec = json.loads((BUNDLED / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    return tokens == sorted(vocab, key=vocab.get) and merges == bpe_merges(spec)
 
 
 @lru_cache(maxsize=4)

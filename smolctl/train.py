@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from smolctl import checkpoint as ckpt_io
-from smolctl import fsutil, rundir
+from smolctl import precious, rundir
 from smolctl.config import TrainConfig
 from smolctl.distributed import PeerFailed, is_peer_failure, place
 from smolctl.errors import SmolctlError
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     log_file = Path(log_file) if log_file else run_dir / LOG
     where = place()  # a launch that cannot form its job fails here, before anything is created
     if where.rank == 0:
-        fsutil.check_run_dir(run_dir)
+        precious.check_run_dir(run_dir)
         check_log_file(log_file, run_dir)
         if resume is None:
             check_inputs(cfg, run_dir, overwrite)
@@ -226,35 +226,26 @@ def save(run: Run, state: TrainState, final: bool = False) -> Path:
     path = run.run_dir / "checkpoints" / "final" if final else ckpt_io.step_dir(run.run_dir, step)
     if main:
         run.emit("phase", step=step, text="saving checkpoint…")
-    tmp = ckpt_io.staging_path(path)
-    with fsutil.temporary(tmp) if main else nullcontext(), _save_errors(path, state.last_checkpoint, run.run_dir):
-        ckpt_io.staging_dir(path, main)
-        acc.wait_for_everyone()
-        weights, optim_state = ckpt_io.training_state(run.loss_module, run.optimizer.optimizer, run.mcfg)  # all ranks
-        bad = ckpt_io.check_finite(weights) if main else None
-        if _on_any_rank(acc, bad is not None):  # never the newest state: resume must find a good one
-            raise SmolctlError(
-                f"the weights at step {step} are not finite (NaN/inf" + (f" in {bad}" if bad else "")
-                + f"): {path.name} was not saved",
-                hint=f"The last good checkpoint is {state.last_checkpoint}; lower lr in {run.run_dir / 'config.yaml'} "
-                     f"and resume from it: smolctl resume --run-dir {run.run_dir} --from latest --allow-config-change"
-                if state.last_checkpoint else "No checkpoint was saved; start again with a lower learning rate",
-                exit_code=1)
-        loss_sums = acc.gather(state.window_loss.reshape(1)).tolist()  # all ranks: each rank's window
-        if main:
-            meta = {"step": step, "tokens_seen": state.tokens_seen, "world_size": run.world, "train": cfg.to_dict(),
-                    "elapsed_s": state.elapsed(), "lr": lr_at(max(step, 1), cfg), "log_steps": state.window_steps,
-                    "log_loss_sums": loss_sums, "general": run.general}
-            # the tokenizer as a base model has it: a chat template is for chat-tuned models
-            ckpt_io.save_model_state(tmp, weights, run.mcfg, optim_state, meta,
-                                     tokenizer=without_chat_template(run.tokenizer))
-        del weights, optim_state
-        ckpt_io.save_rank_state(tmp, acc.process_index, state.data_state)
-        acc.wait_for_everyone()
-        if main:
-            ckpt_io.finalize(tmp, path)
-    if main:
-        ckpt_io.prune(run.run_dir, cfg.keep_last)
+    loss_sums = acc.gather(state.window_loss.reshape(1)).tolist()  # all ranks: each rank's window
+
+    def meta() -> dict:  # the main process's, once the weights are known to be finite
+        return {"step": step, "tokens_seen": state.tokens_seen, "world_size": run.world, "train": cfg.to_dict(),
+                "elapsed_s": state.elapsed(), "lr": lr_at(max(step, 1), cfg), "log_steps": state.window_steps,
+                "log_loss_sums": loss_sums, "general": run.general}
+
+    def not_finite(bad: str | None) -> SmolctlError:  # never the newest state: resume must find a good one
+        return SmolctlError(
+            f"the weights at step {step} are not finite (NaN/inf" + (f" in {bad}" if bad else "")
+            + f"): {path.name} was not saved",
+            hint=f"The last good checkpoint is {state.last_checkpoint}; lower lr in {run.run_dir / 'config.yaml'} "
+                 f"and resume from it: smolctl resume --run-dir {run.run_dir} --from latest --allow-config-change"
+            if state.last_checkpoint else "No checkpoint was saved; start again with a lower learning rate",
+            exit_code=1)
+
+    with _save_errors(path, state.last_checkpoint, run.run_dir):
+        # the tokenizer as a base model has it: a chat template is for chat-tuned models
+        ckpt_io.save(path, acc, run.loss_module, run.optimizer.optimizer, run.mcfg, meta, state.data_state,
+                     tokenizer=without_chat_template(run.tokenizer), keep_last=cfg.keep_last, not_finite=not_finite)
     seconds = aside(state, t)
     if main:
         run.emit("checkpoint", step=step, path=str(path), seconds=seconds)
@@ -326,11 +317,3 @@ def _save_errors(final: Path, last_ckpt: Path | None, run_dir: Path) -> Iterator
                            hint=f"Free space or fix permissions; the last good checkpoint is {last_ckpt}, "
                                 f"continue with: smolctl resume --run-dir {run_dir} --from latest",
                            exit_code=1) from None
-
-
-def _on_any_rank(accelerator, flag: bool) -> bool:
-    """Whether `flag` holds on any process (all ranks must take the same branch)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor(float(flag), device=accelerator.device)
-    return accelerator.reduce(t, reduction="sum").item() > 0

@@ -207,6 +207,8 @@ CASES = [
     ("eval-hub-model-offline", "corpus", ["eval", "--model", "HuggingFaceTB/SmolLM2-135M", "--data", "corpus.jsonl"],
      U, ["cannot reach the Hugging Face hub for model 'HuggingFaceTB/SmolLM2-135M'"]),
     ("eval-tokens-zero", None, ["eval", "--model", "{run}", "--tokens", "0"], U, ["--tokens", "must be positive"]),
+    ("eval-batch-size-zero", None, ["eval", "--model", "{run}", "--batch-size", "0"], U,
+     ["--batch-size must be positive, got 0"]),
     ("eval-seq-len-too-long", "corpus", ["eval", "--model", "{run}", "--data", "corpus.jsonl", "--seq-len", "5000"],
      U, ["--seq-len 5000 exceeds the model's context (1024)"]),
     ("eval-run-without-checkpoints", "corpus", ["eval", "--model", "{empty_run}", "--data", "corpus.jsonl"], U,

@@ -31,3 +31,29 @@ def test_the_manifest_digest_is_computed_while_writing_and_matches_the_file(tmp_
     assert st_io.file_sha256(path) == on_disk
     st_io.write_file(path, b"changed")  # rewritten: the remembered digest follows the new bytes
     assert st_io.file_sha256(path) == hashlib.sha256(b"changed").hexdigest()
+
+
+def test_a_save_refuses_non_finite_weights_and_leaves_nothing(tmp_path):
+    """checkpoint.save's sequence checks the weights before writing any: NaN weights raise the
+    caller's error (naming the weight), and neither the checkpoint nor its staging directory remains."""
+    from conftest import MICRO
+
+    from smolctl import checkpoint as ckpt_io
+    from smolctl.config import ModelConfig
+    from smolctl.distributed import accelerator
+    from smolctl.errors import SmolctlError
+    from smolctl.loss import CausalLMLoss
+    from smolctl.model import build_model
+
+    cfg = ModelConfig(**{**ModelConfig.from_preset("tiny").to_dict(), **MICRO})
+    model = build_model(cfg, device="cpu")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    final = ckpt_io.step_dir(tmp_path / "run", 2)
+    final.parent.mkdir(parents=True)
+    with pytest.raises(SmolctlError, match=r"not finite: model\.norm\.weight"):
+        ckpt_io.save(final, accelerator("cpu", mixed_precision="no"), CausalLMLoss(model),
+                     torch.optim.AdamW(model.parameters()),
+                     cfg, meta=dict, data_state={},
+                     not_finite=lambda name: SmolctlError(f"not finite: {name}"))
+    assert list(final.parent.iterdir()) == []

@@ -132,6 +132,8 @@ def test_breaking_early_marks_rows_interrupted(model, tok):
     (dict(min_p=2.0), "--min-p must be in [0, 1]"),
     (dict(repetition_penalty=0.0), "--repetition-penalty must be > 0"),
     (dict(max_new_tokens=0), "--max-new-tokens must be at least 1"),
+    (dict(temperature=float("inf")), "--temperature must be >= 0 (0 = greedy) and finite, got inf"),
+    (dict(seed=-1), "--seed must be between 0 and 9,223,372,036,854,775,807, got -1"),
 ])
 def test_invalid_sampling_values(kw, words):
     with pytest.raises(SmolctlError) as e:

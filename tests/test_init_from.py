@@ -147,7 +147,7 @@ def test_a_relative_init_from_is_recorded_absolute_and_resumes_from_another_dire
     assert "step      3/3" in r.output
 
 @pytest.mark.parametrize("source, override, words", [
-    ("small-vocab", {}, "the tokenizer has 49,152 tokens, more than the vocabulary of --init-from"),
+    ("small-vocab", {}, "the tokenizer has ids up to 49,151, beyond the vocabulary of --init-from"),
     ("HuggingFaceTB/SmolLM2-135M", {}, "cannot reach the Hugging Face hub"),
     ("nothing", {}, "model not found"),
     ("hf", {"preset": "tiny", "model": {**MICRO, "num_layers": 2}}, "num_layers 1 there, 2 here"),

@@ -20,37 +20,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import (
-    DeviceOpt,
-    DtypeOpt,
-    MaxNewTokensOpt,
-    MinPOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RepetitionPenaltyOpt,
-    SampleSeedOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    VerboseOpt,
-)
+from smolctl.cli.options import DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, VerboseOpt, config_options
 from smolctl.cli.registry import command, error_line
 from smolctl.errors import SmolctlError
+from smolctl.sampling import Sampling
+from smolctl.schema import from_flags, specs
+
+SAMPLING = tuple(name for name in specs(Sampling) if name != "stop")  # a chat turn ends where the reply does
+CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}  # SmolLM2-Instruct's recommended sampling
 
 
 def register(app: typer.Typer) -> None:
     @command(app, help="Chat with a model (its chat template, streaming replies; pipe stdin for scripts).")
+    @config_options(Sampling, SAMPLING, defaults=CHAT_DEFAULTS, after="system")
     def chat(
         model: ModelOpt = None,
         system: Annotated[Optional[str], typer.Option(
             "--system", "-s", help="System prompt (default: the chat template's own).", show_default=False)] = None,
-        max_new_tokens: MaxNewTokensOpt = 256,
-        temperature: TemperatureOpt = 0.2,  # SmolLM2-Instruct's recommended sampling
-        top_k: TopKOpt = 0,
-        top_p: TopPOpt = 0.9,
-        min_p: MinPOpt = 0.0,
-        repetition_penalty: RepetitionPenaltyOpt = 1.0,
-        seed: SampleSeedOpt = None,
         dtype: DtypeOpt = "auto",
         quantize: QuantizeOpt = "none",
         device: DeviceOpt = None,
@@ -58,15 +44,14 @@ def register(app: typer.Typer) -> None:
         commands: Annotated[Optional[bool], typer.Option(
             "--commands/--no-commands", help="Read /commands from the input (default: on a terminal only; "
                                              "piped lines are all messages).", show_default=False)] = None,
+        **flags,
     ) -> None:
         from smolctl.chat import Conversation
-        from smolctl.generation import Sampling
         from smolctl.loading import load_for_generation
 
-        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+        sampling = from_flags(Sampling, flags)
         loaded, _ = load_for_generation(model, dtype, device, quantize, verbose)
-        conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=max_new_tokens,
+        conv = Conversation(loaded.tokenizer, context_length=loaded.cfg.max_seq_len, reserve=sampling.max_new_tokens,
                             system=system)
         interactive = sys.stdin.isatty()
         Repl(conv, loaded.model, sampling, str(model), interactive,

@@ -18,41 +18,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import (
-    DeviceOpt,
-    DtypeOpt,
-    MaxNewTokensOpt,
-    MinPOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RepetitionPenaltyOpt,
-    SampleSeedOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    VerboseOpt,
-)
+from smolctl.cli.options import DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, VerboseOpt, config_options
 from smolctl.cli.registry import command
 from smolctl.errors import SmolctlError
 from smolctl.fsutil import no_file
+from smolctl.sampling import MAX_SEED, Sampling
+from smolctl.schema import from_flags, specs
+
+SAMPLING = tuple(specs(Sampling))  # every field of Sampling is a flag of generate (--stop included)
 
 
 def register(app: typer.Typer) -> None:
     @command(app, help="Continue a prompt with a model, streaming the text.")
+    @config_options(Sampling, SAMPLING, defaults={}, after="prompt_file")
     def generate(
         prompt: Annotated[Optional[str], typer.Argument(help="The text to continue.", show_default=False)] = None,
         model: ModelOpt = None,
         prompt_file: Annotated[Optional[Path], typer.Option(
             "--prompt-file", "-f", help="Read the prompt from a file (- for stdin).", show_default=False)] = None,
-        max_new_tokens: MaxNewTokensOpt = 256,
-        temperature: TemperatureOpt = 0.0,
-        top_k: TopKOpt = 0,
-        top_p: TopPOpt = 1.0,
-        min_p: MinPOpt = 0.0,
-        repetition_penalty: RepetitionPenaltyOpt = 1.0,
-        seed: SampleSeedOpt = None,
-        stop: Annotated[Optional[list[str]], typer.Option(
-            "--stop", help="Stop before this string (repeatable).", show_default=False)] = None,
         num_samples: Annotated[int, typer.Option("--num-samples", help="How many continuations to generate.")] = 1,
         dtype: DtypeOpt = "auto",
         quantize: QuantizeOpt = "none",
@@ -60,15 +43,16 @@ def register(app: typer.Typer) -> None:
         verbose: VerboseOpt = False,
         as_json: Annotated[bool, typer.Option(
             "--json", help="Print the text, token counts and timings as JSON (no streaming).")] = False,
+        **flags,
     ) -> None:
         text = read_prompt(prompt, prompt_file)
         if num_samples < 1:
             raise SmolctlError(f"--num-samples must be at least 1, got {num_samples}")
-        from smolctl.generation import MAX_SEED, Generation, Sampling
+        from smolctl.generation import Generation
         from smolctl.loading import load_for_generation
 
-        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+        sampling = from_flags(Sampling, flags)
+        seed = sampling.seed
         loaded, load_s = load_for_generation(model, dtype, device, quantize, verbose)
         samples = []
         for i in range(num_samples):

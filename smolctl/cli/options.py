@@ -1,5 +1,6 @@
 """Options shared by several commands, written once (help text included), and the options made
-from a config dataclass's field metadata (`config_options`: train and resume's flags)."""
+from a dataclass's field metadata (`config_options`: train and resume's flags from TrainConfig;
+generate and chat's from generation.Sampling, eval's from its EvalOptions)."""
 
 from __future__ import annotations
 
@@ -23,18 +24,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, the best available).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
-# -- generation (generate, chat) ---------------------------------------------------------------
-MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens; 0 = off.")]
-TopPOpt = Annotated[float, typer.Option(
-    "--top-p", help="Sample from the smallest set holding this probability; 1 = off.")]
-MinPOpt = Annotated[float, typer.Option(
-    "--min-p", help="Drop tokens below min-p x the top token's probability; 0 = off.")]
-RepetitionPenaltyOpt = Annotated[float, typer.Option(
-    "--repetition-penalty", help="Above 1 discourages tokens already in the context; 1 = off.")]
-SampleSeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", help="Random seed for sampling (default: a fresh one each run).", show_default=False)]
+# -- generation (generate, chat); the sampling options are generation.Sampling's fields -------
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype",
     help="auto, fp32, bf16 or fp16 (f32/f16 also accepted). auto: the one whose matmuls run fastest here, "
@@ -46,23 +36,40 @@ QuantizeOpt = Annotated[Literal["none", "int4"], typer.Option(
     "--quantize", help="int4: 4-bit weights (groups of 32, like GGUF Q4_1) for ~2x faster CPU decoding.")]
 
 
-# -- options from config fields (train, resume, eval) ------------------------------------------
+# -- options from config fields (train, resume, eval, generate, chat) -------------------------
 
-def config_options(cls: type, names: tuple[str, ...] | list[str]) -> Callable:
+def config_options(cls: type, names: tuple[str, ...] | list[str], defaults: dict | None = None,
+                   after: str | None = None) -> Callable:
     """Give a command one option per field of `cls` named in `names` -- its flag, type and help,
     with the default shown, from the field's metadata (schema.setting) -- after its own
-    parameters. Their values reach the command in its `**flags`, None where not given."""
+    parameters. Their values reach the command in its `**flags`: None where not given (train and
+    resume lay the flags over a config file); with `defaults` ({} or this command's own, e.g.
+    chat's temperature), the option's default, shown by Typer (`schema.from_flags` makes the object).
+    `after`: the parameter they follow in --help (default: the last)."""
 
     def decorate(fn: Callable) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()
                if p.kind is not inspect.Parameter.VAR_KEYWORD]
         made = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                  annotation=config_option(cls, name)) for name in names]
-        fn.__signature__ = sig.replace(parameters=own + made)
+                                  annotation=config_option(cls, name)) if defaults is None else
+                _defaulted(cls, name, defaults.get(name, specs(cls)[name].default)) for name in names]
+        at = len(own) if after is None else [p.name for p in own].index(after) + 1
+        fn.__signature__ = sig.replace(parameters=own[:at] + made + own[at:])
         return fn
 
     return decorate
+
+
+def _defaulted(cls: type, name: str, default) -> inspect.Parameter:
+    """The option for one field with a real default (None: not shown; a list: a repeatable option)."""
+    spec = specs(cls)[name]
+    kind = list[spec.item] if spec.item is not None else spec.type
+    default = None if default == () else default  # a repeatable option: none given
+    option = typer.Option(*(spec.meta.get("flag") or (spec.flag(),)), help=spec.meta["help"],
+                          show_default=default is not None)
+    annotation = Annotated[Optional[kind] if default is None else kind, option]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 def config_option(cls: type, name: str, *decls: str):
