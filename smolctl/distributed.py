@@ -118,6 +118,16 @@ def accelerator(requested_device: str | None, **kwargs):
     return acc
 
 
+def job_restarts() -> int:
+    """How many times this job was started again by its launcher or scheduler: torchrun's
+    --max-restarts (TORCHELASTIC_RESTART_COUNT), SLURM's requeue (SLURM_RESTART_COUNT)."""
+    for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value):
+            return int(value)
+    return 0
+
+
 def is_peer_failure(e: BaseException) -> bool:
     """Whether `e` is a collective that broke because another process of the job is gone: c10d
     raises DistError (NCCL, timeouts); gloo's broken connections inside DDP's backward come as a

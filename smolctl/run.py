@@ -23,6 +23,7 @@ from smolctl import rundir
 from smolctl.config import ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
 from smolctl.distributed import accelerator as make_accelerator
+from smolctl.distributed import job_restarts
 from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
@@ -168,13 +169,20 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     run = Run(cfg, mcfg, run_dir, accelerator, model, loss_module, optimizer, data, tok,
               _eval_spec(cfg, data_flags(run_dir, plan.resume, "eval_data")), emit_to, general,
               flops_per_token(mcfg, cfg.seq_len), device_peak_tflops(accelerator.device, cfg.peak_tflops))
-    verb = (f"Resuming from {resume_path} (step {state.step})" if resume_path else
+    restarts = job_restarts()
+    again = f"restart {restarts} of the job" if restarts else ""
+    verb = (f"Resuming {'automatically ' if plan.auto else ''}from {resume_path} "
+            f"(step {state.step}{', ' + again if again else ''})" if resume_path else
             f"Training from the weights of {cfg.init_from}" if cfg.init_from else "Training")
+    if again and not resume_path:
+        verb += f" ({again}, before its first checkpoint)"
     run.emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
                            f"{spec.describe()}, {world} x {accelerator.device.type} process(es), mixed precision "
                            f"{mixed}, {run.tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
-             step=state.step, max_steps=cfg.max_steps, run_dir=str(run_dir),
-             resumed_from=str(resume_path) if resume_path else None, config=cfg.to_dict())
+             step=state.step, max_steps=cfg.max_steps, run_dir=str(run_dir), world_size=world,
+             resumed_from=str(resume_path) if resume_path else None,
+             resumed=("auto" if plan.auto else "asked") if resume_path else None, restarts=restarts,
+             config=cfg.to_dict())
     return run, state
 
 
