@@ -118,6 +118,23 @@ def accelerator(requested_device: str | None, **kwargs):
     return acc
 
 
+def machines() -> int:
+    """How many machines the job spans (torchrun and accelerate launch set LOCAL_WORLD_SIZE)."""
+    local = _env_int("LOCAL_WORLD_SIZE", 0) or 1
+    return max(1, _env_int("WORLD_SIZE", 1) // local)
+
+
+def continue_command(run_dir, world: int, step: int | str = "latest") -> str:
+    """How to continue the job from its checkpoint at `step`: with `world` processes on this
+    machine, or the same launch again on each of its machines."""
+    from smolctl.checkpoint import resume_command
+
+    n = machines() if world > 1 else 1
+    if n > 1:
+        return f"{resume_command(run_dir, 1, step)}, launched on each of the {n} machines as before"
+    return resume_command(run_dir, world, step)
+
+
 def job_restarts() -> int:
     """How many times this job was started again by its launcher or scheduler: torchrun's
     --max-restarts (TORCHELASTIC_RESTART_COUNT), SLURM's requeue (SLURM_RESTART_COUNT)."""

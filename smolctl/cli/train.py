@@ -110,8 +110,7 @@ def _newest_run() -> Path:
 
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
          num_processes: int | None = None, allow_config_change: bool = False) -> None:
-    from smolctl.checkpoint import resume_command
-    from smolctl.distributed import PeerFailed, place
+    from smolctl.distributed import PeerFailed, continue_command, place
     from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, without_option
     from smolctl.rundir import RunComplete
     from smolctl.train import train
@@ -160,5 +159,5 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
     if result.stopped_by:
         if main:
             print(f"Stopped at step {result.step}. Continue with:\n  "
-                  f"{resume_command(run_dir, where.world, result.step)}", file=sys.stderr)
+                  f"{continue_command(run_dir, where.world, result.step)}", file=sys.stderr)
         raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
