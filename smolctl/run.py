@@ -22,8 +22,7 @@ from smolctl import checkpoint as ckpt_io
 from smolctl import rundir
 from smolctl.config import ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
-from smolctl.distributed import accelerator as make_accelerator
-from smolctl.distributed import job_restarts
+from smolctl.distributed import accelerator as make_accelerator, job_restarts
 from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after

@@ -59,11 +59,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     run_dir = Path(run_dir)
     log_file = Path(log_file) if log_file else run_dir / LOG
     where = place()  # a launch that cannot form its job fails here, before anything is created
-    plan = None  # the other ranks make theirs in setup, once rank 0 has tidied the run directory
+    # A fresh run (--resume auto without checkpoints is one) plans on rank 0 before anything is
+    # created; the other ranks, and every rank of a resume, in setup, once rank 0 has tidied the run.
+    fresh = resume is None or (resume == "auto" and not ckpt_io.saved(run_dir))
+    plan = None
     if where.rank == 0:
         fsutil.check_run_dir(run_dir)
         check_log_file(log_file, run_dir)
-        if resume in (None, "auto"):
+        if fresh:
             plan = check_inputs(cfg, run_dir, resume, overwrite, where.world)
     state = None
     with ExitStack() as held:

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -112,7 +113,6 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
          num_processes: int | None = None, allow_config_change: bool = False) -> None:
     from smolctl.distributed import PeerFailed, continue_command, place
     from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, without_option
-    from smolctl.rundir import RunComplete
     from smolctl.train import train
 
     crash_reports_in(run_dir)
@@ -124,11 +124,8 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
             raise SmolctlError(f"--num-processes {num_processes} inside a launcher that started {where.world}",
                                hint="Leave --num-processes out under torchrun / accelerate launch")
         if where.world == 1 and num_processes > 1:
-            try:
+            with _complete_is_done(main=True):
                 preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
-            except RunComplete as e:
-                print(e)
-                raise typer.Exit(0) from None
             raise typer.Exit(launch(num_processes, without_option(sys.argv[1:], "--num-processes"), run_dir))
     main = where.rank == 0  # the dashboard and messages come from rank 0 only
     sink = None
@@ -141,12 +138,9 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
 
         sink = PlainSink()
     try:
-        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
-                       overwrite=overwrite, allow_config_change=allow_config_change)
-    except RunComplete as e:  # a job started again after its last save (a requeue, a restart): nothing to do
-        if main:
-            print(e)
-        raise typer.Exit(0) from None
+        with _complete_is_done(main):
+            result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
+                           overwrite=overwrite, allow_config_change=allow_config_change)
     except PeerFailed as e:
         # The process that failed says why, and a launcher names one that was killed: only rank 0
         # speaks for the others, and only under a launcher that does not (accelerate launch, torchrun).
@@ -161,3 +155,17 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
             print(f"Stopped at step {result.step}. Continue with:\n  "
                   f"{continue_command(run_dir, where.world, result.step)}", file=sys.stderr)
         raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
+
+
+@contextmanager
+def _complete_is_done(main: bool):
+    """A run already at its last step (a job requeued or restarted after its final save): say so
+    (once) and exit 0."""
+    from smolctl.rundir import RunComplete
+
+    try:
+        yield
+    except RunComplete as e:
+        if main:
+            print(e)
+        raise typer.Exit(0) from None
