@@ -150,17 +150,11 @@ def test_two_process_run_killed_and_resumed_continues_exactly(two_proc):
     their data workers) at a random step, then `accelerate launch ... resume --from latest`: the
     per-step losses equal the uninterrupted run's, each step logged once.
 
-    The run is held at that step (a sitecustomize on its PYTHONPATH makes rank 0 sleep after logging
-    it; rank 1 then waits in the next all-reduce), so the kill never races the run to its end."""
+    The run is held at that step (see held_env; rank 1 then waits in the next all-reduce), so the
+    kill never races the run to its end."""
     root, rng = two_proc.root, random.Random(os.environ.get("SMOLCTL_FAULT_SEED", "6"))
     kill_at = rng.randint(3, STEPS - 2)
-    (root / "hold").mkdir(exist_ok=True)
-    (root / "hold" / "sitecustomize.py").write_text(
-        "import time\nfrom smolctl import metrics\nwrite = metrics.JsonlSink.__call__\n\n"
-        "def write_then_hold(self, e):\n    write(self, e)\n"
-        f"    if e['event'] == 'train' and e['step'] == {kill_at}:\n        time.sleep(3600)\n\n"
-        "metrics.JsonlSink.__call__ = write_then_hold\n")
-    held = {**env(root), "PYTHONPATH": os.pathsep.join([str(root / "hold"), os.environ.get("PYTHONPATH", "")])}
+    held = held_env(root, kill_at, release=root / "never")
     p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", "killed",
                           *COMMON], cwd=root, env=held, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics, deadline = root / "killed" / "metrics.jsonl", time.time() + 240
