@@ -107,14 +107,14 @@ def stages(path: Path) -> tuple[dict, list[str]]:
     tokenizing (the Rust tokenizer, TOKENIZE_DOCS per call), packing (cutting blocks, the state).
     Every worker reads every document (without turning it into Python unless it is its own); the
     tokenizing is what they share out."""
-    from smolctl.data import TOKENIZE_DOCS, BlockStream, Chunk, DataSpec, _chunk_tables, _texts, token_ids
+    from smolctl.data import TOKENIZE_DOCS, BlockStream, Chunk, DataSpec, _chunk_tables, table_texts, token_ids
     from smolctl.tokenizer import document_separator, load_tokenizer
 
     spec = DataSpec.parse(str(path))
     tok = load_tokenizer()
 
     def groups():  # as BlockStream.chunks reads them
-        return [_texts(docs, spec) for docs in _chunk_tables(spec.open().with_format("arrow"), TOKENIZE_DOCS)]
+        return [table_texts(docs, spec) for docs in _chunk_tables(spec.open().with_format("arrow"), TOKENIZE_DOCS)]
 
     groups()  # warm: the first open imports datasets' json builder
     t = time.process_time()

@@ -86,19 +86,20 @@ class PlainLoop:
 class Interleaved:
     """A metrics sink: times smolctl's steps, and runs one step of each baseline after each."""
 
-    def __init__(self, plain: PlainLoop | None, baselines: list[str], blocks, warmup: int, steps: int, dashboard=None):
-        self.plain, self.baselines, self.blocks = plain, baselines, blocks
+    def __init__(self, baselines: dict, blocks, warmup: int, steps: int, dashboard=None):
+        self.baselines, self.blocks = baselines, blocks  # name -> (PlainLoop, "hf" or "same")
         self.warmup, self.steps, self.dashboard = warmup, steps, dashboard
         self.smolctl: list[float] = []
         self.base: dict[str, list[float]] = {b: [] for b in baselines}
         self.first_step_s = None
         self.first_losses = None  # (smolctl's, the first baseline's) on the first block: same init, same data
         self.last = None
+        self.start_text = None  # train()'s start line: it says which precision `auto` picked
 
     def __call__(self, e: dict) -> None:
         now = time.perf_counter()
         if e["event"] == "start":
-            self.last = now
+            self.last, self.start_text = now, e["text"]
             return
         if e["event"] != "train":
             return
@@ -110,9 +111,9 @@ class Interleaved:
         pause = self.dashboard is not None and self.dashboard.live.auto_refresh
         if pause:
             self.dashboard.live.stop()  # a refresh thread must not slow the baselines down
-        for name in self.baselines:
+        for name, (plain, kind) in self.baselines.items():
             t = time.perf_counter()
-            loss = self.plain.step(self.blocks[step - 1], name)
+            loss = plain.step(self.blocks[step - 1], kind)
             if step > self.warmup:
                 self.base[name].append(time.perf_counter() - t)
             if step == 1 and self.first_losses is None:
@@ -136,8 +137,12 @@ def token_blocks(data: str, seq_len: int, batch_size: int, n: int):
     raise SystemExit("corpus too small")
 
 
-def run_once(args, *, dashboard: bool, compile: bool, baselines: list[str], data: str, blocks) -> dict:
-    """One smolctl train() run, its baselines interleaved. Returns step-time lists (seconds)."""
+def run_once(args, *, dashboard: bool, compile: bool, baselines: list[str], data: str, blocks,
+             precision: str | None = None) -> dict:
+    """One smolctl train() run, its baselines interleaved. Returns step-time lists (seconds).
+
+    precision: smolctl's mixed_precision (default: --precision's). Baselines: "same" / "hf" in
+    --precision, "hf-bf16" / "hf-fp32" in that precision (each its own model and optimizer)."""
     from rich.console import Console
 
     from smolctl.config import TrainConfig
@@ -147,10 +152,18 @@ def run_once(args, *, dashboard: bool, compile: bool, baselines: list[str], data
     mcfg_seed = 42
     cfg = TrainConfig(preset=args.preset, data=data, batch_size=args.batch_size, seq_len=args.seq_len,
                       max_steps=10_000, save_every=10**9, log_every=1, device="cpu", seed=mcfg_seed,
-                      mixed_precision="bf16" if args.precision == "bf16" else "no", compile=compile)
-    plain = PlainLoop(cfg.model_config(), args.precision == "bf16", mcfg_seed) if baselines else None
+                      mixed_precision=precision or {"bf16": "bf16", "fp32": "no"}[args.precision], compile=compile)
+    loops: dict[bool, PlainLoop] = {}
+
+    def loop(bf16: bool) -> PlainLoop:
+        if bf16 not in loops:
+            loops[bf16] = PlainLoop(cfg.model_config(), bf16, mcfg_seed)
+        return loops[bf16]
+
+    steps = {name: (loop(name.endswith("bf16") if name.startswith("hf-") else args.precision == "bf16"),
+                    "hf" if name.startswith("hf") else "same") for name in baselines}
     dash = Dashboard(Console(file=io.StringIO(), force_terminal=True, width=120)) if dashboard else None
-    bench = Interleaved(plain, baselines, blocks, args.warmup, args.steps, dash)
+    bench = Interleaved(steps, blocks, args.warmup, args.steps, dash)
     sinks = ([dash] if dash else []) + [bench]
     with tempfile.TemporaryDirectory(prefix="smolctl-bench-") as tmp:
         try:
@@ -161,10 +174,36 @@ def run_once(args, *, dashboard: bool, compile: bool, baselines: list[str], data
             if dash:
                 dash.close()
     result = {"smolctl": bench.smolctl, **bench.base, "first_step_s": bench.first_step_s,
-              "first_losses": bench.first_losses}
-    del plain, bench
+              "first_losses": bench.first_losses, "start": bench.start_text}
+    loops.clear()
+    del steps, bench
     gc.collect()
     return result
+
+
+def default_rows(r: dict, section: str, tps, notes) -> list[Row]:
+    """smolctl on its defaults against the faster plain loop, and against each."""
+    ours, b16, f32 = tps(r["smolctl"]), tps(r["hf-bf16"]), tps(r["hf-fp32"])
+    best_name, best = ("bf16 autocast", b16) if b16 >= f32 else ("fp32", f32)
+    # per step: smolctl's step against the faster of the two baseline steps right after it
+    paired = median([min(b, f) / a for a, b, f in zip(r["smolctl"], r["hf-bf16"], r["hf-fp32"])])
+    chose = r["start"].split("mixed precision ")[1].split(",")[0] if "mixed precision " in r["start"] else "?"
+    note = f"{notes(r['smolctl'])}; auto chose mixed precision {chose}; paired median {paired:.2f}×"
+    return [Row(section, "smolctl train() on its defaults vs the best plain transformers loop", ours, "tok/s",
+                f"plain loop, {best_name} (the faster of bf16 autocast and fp32 here), same run", best,
+                target=1.3, note=note),
+            Row(section, "smolctl train() on its defaults vs plain loop, bf16 autocast", ours, "tok/s",
+                "plain transformers loop, bf16 autocast, same run", b16),
+            Row(section, "smolctl train() on its defaults vs plain loop, fp32", ours, "tok/s",
+                "plain transformers loop, fp32, same run", f32)]
+
+
+def default_summary(r: dict, tokens: int) -> None:
+    """One line on stderr per default run: the ratios, as they come."""
+    best = {k: tokens / min(v) for k, v in r.items() if k in ("smolctl", "hf-bf16", "hf-fp32")}
+    print(f"defaults: {best['smolctl']:,.0f} tok/s; plain bf16 {best['hf-bf16']:,.0f} "
+          f"({best['smolctl'] / best['hf-bf16']:.2f}x), plain fp32 {best['hf-fp32']:,.0f} "
+          f"({best['smolctl'] / best['hf-fp32']:.2f}x); best of {len(r['smolctl'])} steps each", file=sys.stderr)
 
 
 def main(argv=None) -> None:
@@ -176,7 +215,10 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps discarded (step 1 includes start-up)")
     p.add_argument("--steps", type=int, default=5, help="steps measured")
     p.add_argument("--runs", default="off,on,compile",
-                   help="smolctl runs: off/on (dashboard), compile (dashboard on, --compile, the persistent "
+                   help="smolctl runs: default (train() on its defaults -- mixed precision and compile as `auto` "
+                        "decides -- against the plain transformers loop in bf16 autocast AND in fp32, all "
+                        "interleaved; --precision does not apply), off/on (dashboard), compile (dashboard on, "
+                        "--compile, the persistent "
                         "inductor cache), compile-cold (the same with an empty cache: run it in its own process, "
                         "before any other compile, or dynamo's in-memory cache makes it warm)")
     p.add_argument("--peak-gflops", type=float, help="matmul peak for MFU (default: measure it)")
@@ -187,16 +229,22 @@ def main(argv=None) -> None:
     import torch
     from common import matmul_peak
 
-    from smolctl.config import ModelConfig
+    from smolctl.config import ModelConfig, TrainConfig
     from smolctl.perf import compile_cache_dir, flops_per_token
 
-    peak = args.peak_gflops or matmul_peak()[args.precision]
     mcfg = ModelConfig.from_preset(args.preset)
+    if args.runs == "default":  # the precision the defaults train in: what auto measures (and caches) here
+        from smolctl.autotune import Shape, train_precision
+
+        mixed = train_precision("cpu", args.batch_size * args.seq_len, Shape.of(mcfg))[0]
+        args.precision = "fp32" if mixed == "no" else mixed
+    peak = args.peak_gflops or matmul_peak()[args.precision]
     fpt = flops_per_token(mcfg, args.seq_len)
     tokens = args.batch_size * args.seq_len
     data = str(corpus())
     blocks = token_blocks(data, args.seq_len, args.batch_size, args.warmup + args.steps)
-    label = f"{args.preset} {args.precision} B{args.batch_size}×S{args.seq_len}"
+    label = (f"{args.preset} {'defaults' if args.runs == 'default' else args.precision} "
+             f"B{args.batch_size}×S{args.seq_len}")
     section = f"Training · {label}"
 
     def tps(times):  # the best step: interference from other jobs only ever adds time
@@ -216,8 +264,15 @@ def main(argv=None) -> None:
             cache_warm = compiled and compile_cache_dir().is_dir() and any(compile_cache_dir().iterdir())
             # "same" first: like smolctl's step it then follows another model's step (one that follows
             # its own model finds the weights warm in the L3 cache: "hf" does, which only favours it)
-            baselines = ["hf"] if compiled else ["same", "hf"]
-            r = run_once(args, dashboard=run != "off", compile=compiled, baselines=baselines, data=data, blocks=blocks)
+            if run == "default":
+                baselines = ["hf-bf16", "hf-fp32"]
+                r = run_once(args, dashboard=True, compile=TrainConfig().compile, baselines=baselines, data=data,
+                             blocks=blocks, precision="auto")
+                default_summary(r, tokens)
+            else:
+                baselines = ["hf"] if compiled else ["same", "hf"]
+                r = run_once(args, dashboard=run != "off", compile=compiled, baselines=baselines, data=data,
+                             blocks=blocks)
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         if compiled:
             r["compile_s"], r["cache_warm"] = r["first_step_s"] - min(r["smolctl"]), cache_warm
@@ -229,6 +284,9 @@ def main(argv=None) -> None:
     # the plain transformers loop's best step over ALL runs, the strictest baseline this run has.
     rows = []
     for run, r in raw.items():
+        if run == "default":
+            rows.extend(default_rows(r, section, tps, notes))
+            continue
         what = {"off": "smolctl train(), dashboard off", "on": "smolctl train(), dashboard on",
                 "compile": "smolctl train(--compile), dashboard on",
                 "compile-cold": "smolctl train(--compile), empty compile cache"}[run]
@@ -248,7 +306,8 @@ def main(argv=None) -> None:
         rows.append(Row(section, f"{what} vs plain transformers loop", ours, "tok/s",
                         "LlamaForCausalLM(labels=), fused AdamW, best of all runs", best["hf"],
                         target=1.3 if run == "compile" and args.precision == "bf16" else None, note=note))
-    for b, name in (("hf", "plain transformers loop (labels=)"), ("same", "plain loop calling CausalLMLoss")):
+    for b, name in (("hf", "plain transformers loop (labels=)"), ("same", "plain loop calling CausalLMLoss"),
+                    ("hf-bf16", "plain transformers loop, bf16 autocast"), ("hf-fp32", "plain transformers loop, fp32")):
         if b in best:
             mfu = 100 * fpt * best[b] / (peak * 1e9)
             rows.append(Row(section, f"baseline: {name}", best[b], "tok/s", note=f"MFU {mfu:.1f}%; best of all runs"))

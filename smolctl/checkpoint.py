@@ -11,7 +11,7 @@ A checkpoint directory is a model directory (model_io.py: config.json + model.sa
         smolctl.json         our ModelConfig, the training config, step, tokens seen, provenance
         optimizer.safetensors + optimizer.json      AdamW moments / param groups
         rng-rank0.json + rng-rank0.safetensors      python, numpy, torch (CPU, CUDA) RNG states
-        data-rank0.json + data-rank0.safetensors    the data stream's position (see data.py)
+        data-rank0.json + data-rank0.safetensors    the positions of its data streams (see data.py)
         manifest.json        sha256 and size of every file above, written last
 
 It is written into a temporary directory and renamed into place only when complete, so a
@@ -22,6 +22,7 @@ written (safetensors_io.py), so the manifest never rereads them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -299,38 +300,59 @@ def _checked(ckpt: Path, hint: str = DAMAGED) -> Path:
 
 
 def check_world_size(ckpt: Path, world_size: int) -> CheckpointMeta:
-    """The metadata of `ckpt`, if it was saved by `world_size` processes; raise otherwise.
+    """The metadata of `ckpt`, if `world_size` processes can resume it; raise otherwise.
 
-    Each rank's data position is its own shard's (split_dataset_by_node gives rank r of N its
-    own files or every N-th example), so N positions don't map onto M ranks without repeating
-    or skipping data: a different world size is refused, never silently remapped.
+    The data is split into streams, each with its own position (data.py), dealt out to the
+    processes: a checkpoint resumes on any number of processes up to its number of streams (by
+    default, the number that saved it; more when the run set data_streams), bit for bit only on
+    the same number.
     """
     meta = read_meta(ckpt, training=True)
-    saved = meta.world_size
-    if saved != world_size:
-        how = f"smolctl resume --num-processes {saved}" if saved > 1 else "one process (plain smolctl resume)"
-        raise SmolctlError(f"{ckpt} was saved by {saved} process(es); this run has {world_size}",
-                           hint=f"Resume with {saved} process(es), e.g. {how}: each rank's data position "
-                                "is its own shard's, so it cannot be remapped")
+    saved, streams = meta.world_size, data_streams(ckpt, meta.world_size)
+    if world_size > streams:
+        how = f"smolctl resume --num-processes {streams}" if streams > 1 else "plain smolctl resume"
+        raise SmolctlError(f"{ckpt} was saved by {saved} process(es); this run has {world_size}, more than its "
+                           f"{streams} data stream(s)",
+                           hint=f"Resume with at most {streams} process(es) ({how}); a run started with "
+                                "smolctl train --data-streams N resumes on up to N")
     return meta
 
 
-def load_training_state(ckpt: Path, rank: int, world_size: int) -> tuple[CheckpointMeta, dict]:
+def data_streams(ckpt: Path, saved_world: int) -> int:
+    """How many streams a checkpoint's data is split into: one per process unless it says otherwise."""
+    return json.loads((ckpt / "data-rank0.json").read_text()).get("streams", saved_world)
+
+
+def load_training_state(ckpt: Path, rank: int, world_size: int) -> tuple[CheckpointMeta, dict | list[dict]]:
     """Restore this rank's RNG states; return (its metadata, data state). The optimizer
-    comes back later, through `load_optimizer`, once the model is wrapped."""
+    comes back later, through `load_optimizer`, once the model is wrapped.
+
+    On another number of processes than saved it (see check_world_size), the data state is every
+    saved process's, for data.BlockStream to deal the streams out anew; a rank the checkpoint has
+    no RNG states for takes those of rank % saved; the log window's loss sum is shared out so that
+    its mean over the processes stays the same."""
     meta = check_world_size(ckpt, world_size)
-    rng = json.loads((ckpt / f"rng-rank{rank}.json").read_text())
+    saved = meta.world_size
+    rng = json.loads((ckpt / f"rng-rank{rank % saved}.json").read_text())
     version, internal, gauss = rng["python"]  # JSON made getstate()'s tuples lists
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
-    rng_t = load_file(str(ckpt / f"rng-rank{rank}.safetensors"))
+    rng_t = load_file(str(ckpt / f"rng-rank{rank % saved}.safetensors"))
     torch.set_rng_state(rng_t["torch"])
     if torch.cuda.is_available() and "cuda0" in rng_t:
         torch.cuda.set_rng_state_all([rng_t[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng_t])
+    if world_size == saved:
+        return meta, _data_state(ckpt, rank)
+    share = sum(meta.log_loss_sums) / saved if meta.log_loss_sums else 0.0
+    meta = dataclasses.replace(meta, log_loss_sums=[share] * world_size)
+    return meta, [_data_state(ckpt, r) for r in range(saved)]
+
+
+def _data_state(ckpt: Path, rank: int) -> dict:
     data = json.loads((ckpt / f"data-rank{rank}.json").read_text())
     if (ckpt / f"data-rank{rank}.safetensors").is_file():
         data.update(load_file(str(ckpt / f"data-rank{rank}.safetensors")))
-    return meta, data
+    return data
 
 
 def prune(run_dir: Path, keep_last: int | None) -> None:

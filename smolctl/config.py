@@ -312,6 +312,9 @@ class TrainConfig:
                                   resumable=True)
     shuffle_buffer: int = setting(0, "Shuffle blocks through a buffer of N; 0 keeps the stream order.", ge=0,
                                   le=2**20)
+    data_streams: int | None = setting(None, "Split the data into N streams, each with its own position, dealt "
+                                       "out to the processes: a checkpoint resumes on up to N processes "
+                                       "(default: one per process).", gt=0, le=4096)
     num_workers: int | None = setting(None, "Background processes that tokenize the data (0: the training "
                                       "process does); default: one per spare CPU core, 1 to 4. Any number "
                                       "gives the same blocks in the same order.", ge=0, le=64, resumable=True)
@@ -334,11 +337,12 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "Clip the gradient norm to this.", gt=0)
     # loop
     max_steps: int = setting(5000, "Optimizer steps to train to.", gt=0, resumable=True)
-    mixed_precision: str = setting("auto", "no, bf16, fp16 or auto (accelerate launch's setting, else bf16 on "
-                                   "GPUs that support it).", choices=("auto", "no", "bf16", "fp16"))
+    mixed_precision: str = setting("auto", "no, bf16, fp16 or auto (accelerate launch's setting, else what runs "
+                                   "the model's matmuls fastest here, measured once and cached).",
+                                   choices=("auto", "no", "bf16", "fp16"))
     compile: bool = setting(False, "torch.compile the model.")
     seed: int = setting(42, "Random seed.", ge=0, le=2**32 - 1)
-    device: str | None = setting(None, "cpu, cuda, cuda:1, mps... (default: the best available).")
+    device: str | None = setting(None, "cpu, cuda, cuda:N, mps or auto (default: auto, the best available).")
     save_every: int = setting(500, "Checkpoint every N steps.", gt=0, resumable=True)
     keep_last: int | None = setting(None, "Keep only the newest N step checkpoints (default: all).", gt=0,
                                     resumable=True)

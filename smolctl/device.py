@@ -2,6 +2,7 @@
 
     pick_device("cuda:1")   # "cuda:1" if this machine has a second GPU, else a one-line SmolctlError
     pick_device(None)       # the best available: cuda, then mps, then cpu ("auto" says the same)
+    for_process("cuda", place())  # torch.device("cuda", LOCAL_RANK) in a job of N processes on GPUs
 
 A device string torch would misread (`bogus`) or a device this machine lacks (`cuda` without a
 GPU) fails here, before anything is loaded or created -- not later as a confusing error about
@@ -11,8 +12,12 @@ something else, and never by quietly running somewhere else.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from smolctl.errors import SmolctlError
+
+if TYPE_CHECKING:
+    import torch
 
 VALID = "cpu, cuda, cuda:N, mps or auto (the best available)"
 
@@ -42,3 +47,25 @@ def pick_device(name: str | None = None, flag: str = "--device") -> str:
         raise SmolctlError(f"{flag} {name}: Apple's MPS is not available here",
                            hint=f"Use {flag} cpu, or leave it out")
     return name
+
+
+def for_process(requested: str | None, where) -> torch.device:
+    """The device this process of a job trains on: `requested` (--device; None or "auto": the
+    best available) checked as above, then placed -- with N processes on GPUs, each takes the GPU
+    of its LOCAL_RANK. `where`: the process's place (distributed.Place: local_rank, world)."""
+    import torch
+
+    if where.world > 1 and re.fullmatch(r"cuda:\d+", requested or ""):
+        raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
+                           hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
+    device = torch.device(pick_device(requested))
+    if device.type == "cuda":  # always with its index: torch.cuda.set_device takes no other
+        gpus = torch.cuda.device_count()
+        device = torch.device("cuda", where.local_rank if where.world > 1 else device.index or 0)
+        if where.world > 1 and device.index >= gpus:  # one process: pick_device checked it
+            raise SmolctlError(f"{where.world} processes need a GPU each, but torch sees {gpus} on this machine",
+                               hint=f"Run one process per GPU ({gpus}), or pass --device cpu")
+    if where.world > 1 and device.type == "mps":
+        raise SmolctlError(f"{where.world} processes on mps cannot form a process group",
+                           hint="Use CUDA GPUs, or --device cpu")
+    return device

@@ -11,7 +11,6 @@ alone, as a world of one, on the same run directory.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,25 +63,6 @@ def place() -> Place:
     return p
 
 
-def pick_device(requested: str | None, where: Place) -> torch.device:
-    """`requested` (--device; None or "auto": the best available), checked as every command checks
-    it (smolctl.device), then placed: with N processes on GPUs, each takes the GPU of its LOCAL_RANK."""
-    if where.world > 1 and re.fullmatch(r"cuda:\d+", requested or ""):
-        raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
-                           hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
-    device = torch.device(devices.pick_device(requested))
-    if device.type == "cuda":  # always with its index: torch.cuda.set_device takes no other
-        gpus = torch.cuda.device_count()
-        device = torch.device("cuda", where.local_rank if where.world > 1 else device.index or 0)
-        if where.world > 1 and device.index >= gpus:  # one process: smolctl.device checked it
-            raise SmolctlError(f"{where.world} processes need a GPU each, but torch sees {gpus} on this machine",
-                               hint=f"Run one process per GPU ({gpus}), or pass --device cpu")
-    if where.world > 1 and device.type == "mps":
-        raise SmolctlError(f"{where.world} processes on mps cannot form a process group",
-                           hint="Use CUDA GPUs, or --device cpu")
-    return device
-
-
 def accelerator(requested_device: str | None, **kwargs):
     """The Accelerator of this process, on the device decided above, in the job's process group:
     gloo on CPUs, nccl on GPUs (Accelerate forms it, told the backend and the timeout).
@@ -95,7 +75,7 @@ def accelerator(requested_device: str | None, **kwargs):
     from accelerate.utils import InitProcessGroupKwargs
 
     where = place()
-    device = pick_device(requested_device, where)
+    device = devices.for_process(requested_device, where)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if where.world > 1:

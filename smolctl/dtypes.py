@@ -1,15 +1,13 @@
 """One `--dtype` vocabulary for generate, chat and export, and what `auto` means.
 
     canonical("f16", ("fp32", "fp16", "bf16"))   # -> "fp16"
-    dtype, why = pick_dtype("auto", "cpu")        # -> (torch.float32, "fp32: this CPU has no AMX ...")
+    dtype, why = pick_dtype("auto", "cpu")        # -> (torch.float32, "auto: fp32, as bf16 matmuls ran only 0.6x ...")
 
 Names are fp32, fp16, bf16 (and q8_0 for GGUF); llama.cpp's f32/f16 and torch's float32/
 float16/bfloat16 are accepted everywhere as the same thing.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from smolctl.errors import SmolctlError
 
@@ -34,33 +32,23 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def pick_dtype(name: str, device: str):
-    """--dtype for generate/chat -> (torch dtype, why, in a few words).
+def pick_dtype(name: str, device: str, work: str = "decode", rows: int = 1, mcfg=None, say=None):
+    """--dtype for generate/chat/eval -> (torch dtype, why, in a few words). `mcfg`: the model's
+    config, whose matmul shapes are timed (default SmolLM2-135M's); `say`: called with the figures
+    behind an auto choice (--verbose).
 
-    auto is bf16 only where bf16 matmuls are really fast: a CUDA device that supports bf16, or a
-    CPU with AMX (`amx_bf16`: tile matmul units). AVX512-BF16 alone only speeds up dot products,
-    and decoding SmolLM2-135M there ran slower in bf16 than in fp32 (13.6 vs 20.9 tokens/s) and
-    changed greedy output; everywhere else auto is fp32."""
-    import torch
-
+    auto is what ran fastest here when the model's own matmuls were timed for `work` ("decode":
+    one row at a time; "eval": `rows` tokens per forward), see autotune.choose: bf16 (or fp16)
+    only where it beats fp32 clearly. Decoding on a CPU with AVX512-BF16 but no AMX, bf16 ran
+    slower than fp32 (13.6 vs 20.9 tokens/s) -- CPU flags do not say which wins; a measurement does."""
     name = canonical(name, GENERATE)
     if name != "auto":
         return torch_dtype(name), f"{name}: asked for"
-    if device.startswith("cuda"):
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "bf16: auto, this GPU computes bf16 natively"
-        return torch.float32, "fp32: auto, this GPU has no bf16"
-    if device == "cpu":
-        if cpu_has_amx_bf16():
-            return torch.bfloat16, "bf16: auto, this CPU has AMX bf16 matmul units"
-        return torch.float32, "fp32: auto, this CPU has no AMX (bf16 would decode slower)"
-    return torch.float32, f"fp32: auto, on {device}"
+    from smolctl.autotune import Shape, choose
 
+    choice = choose(device, work, rows, Shape.of(mcfg) if mcfg else Shape())
+    if say:
+        from smolctl.autotune import describe
 
-def cpu_has_amx_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """True when the CPU flags list amx_bf16 (Linux; elsewhere there is no such file: False)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return any("amx_bf16" in line.split() for line in text.splitlines() if line.startswith("flags"))
+        say(describe(choice))
+    return torch_dtype(choice.name), choice.why

@@ -26,15 +26,17 @@ def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: in
     from smolctl import checkpoint as ckpt_io
     from smolctl import fsutil
     from smolctl.data import DataSpec
-    from smolctl.distributed import Place, pick_device
+    from smolctl.device import for_process
+    from smolctl.distributed import Place
     from smolctl.rundir import data_flags
-    from smolctl.run import make_plan
+    from smolctl.run import make_plan, mixed_precision
 
     if resume is not None and run_dir.is_dir():  # under the run's lock, released before the launch: rank 0 takes it then
         with fsutil.run_lock(run_dir):
             ckpt_io.recover(run_dir)
     plan = make_plan(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
-    pick_device(plan.cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
+    for_process(plan.cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
+    mixed_precision(plan.cfg)  # measured once here (if auto), so that the N processes read the same cached figures
     DataSpec.parse(plan.cfg.data, plan.cfg.text_column, flags=data_flags(run_dir, plan.resume, "data"))
 
 

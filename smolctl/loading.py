@@ -32,7 +32,7 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
     if quantize != "none" and device != "cpu":
         raise SmolctlError(f"--quantize {quantize} is a CPU path (not {device})",
                            hint="Use --dtype bf16 on accelerators")
-    torch_dtype, why = pick_dtype(dtype, device)
+    torch_dtype, why = pick_dtype(dtype, device, say=_stderr if verbose else None)
     what = f"{quantize} weights, bf16" if quantize != "none" else why
     if verbose or sys.stderr.isatty():  # scripts get only errors and the speed line, unless they ask
         print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
@@ -44,3 +44,7 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
 
         fast_cpu_decoding(loaded.model, int4=quantize == "int4")
     return loaded, time.perf_counter() - t
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

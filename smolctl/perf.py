@@ -46,7 +46,13 @@ def compile_cache_dir() -> Path:
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return Path(chosen)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl" / "torchinductor"
+    return cache_dir() / "torchinductor"
+
+
+def cache_dir() -> Path:
+    """~/.cache/smolctl, or $XDG_CACHE_HOME/smolctl: what smolctl caches per machine (compiled
+    kernels, autotune's figures)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl"
 
 
 def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:

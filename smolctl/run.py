@@ -104,7 +104,8 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
 
     from smolctl.model import build_model
 
-    mixed = _mixed_precision(cfg)
+    cfg = plan.cfg if plan else planned_config(cfg, run_dir, resume, overwrite)
+    mixed = mixed_precision(cfg)
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
     if trackers:
         _require_tracker(cfg.report_to)
@@ -115,8 +116,8 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     if main and resume is not None and run_dir.is_dir():
         ckpt_io.recover(run_dir, say=accelerator.print)
     accelerator.wait_for_everyone()
-    plan = plan or make_plan(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
-                             allow_config_change=allow_config_change)
+    plan = plan or plan_of(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
+                           allow_config_change=allow_config_change)
     cfg, mcfg, tok, resume_path = plan.cfg, plan.mcfg, plan.tokenizer, plan.resume_from
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
@@ -155,7 +156,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     # -- data, and where events go ------------------------------------------------------------
     spec = DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, plan.resume, "data"))
     stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, tok, rank, world,
-                         cfg.shuffle_buffer, cfg.seed, state.data_state)
+                         cfg.shuffle_buffer, cfg.seed, state.data_state, streams=cfg.data_streams)
     data = batches(stream, cfg.num_workers)
     # Shut the worker down on every way out: left to the interpreter's exit, it is sent a SIGTERM
     # that it ignores (see data.py), and joined forever.
@@ -222,8 +223,15 @@ def make_plan(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bo
     `resume` "auto" continues the run in `run_dir` from its newest good checkpoint when it has
     any and its config.yaml is `cfg` (what a relaunched or requeued job runs again), starts one
     when it has none, and refuses any other config, naming the keys that differ."""
-    auto = resume == "auto"
-    if auto and overwrite:
+    return plan_of(planned_config(cfg, run_dir, resume, overwrite), run_dir, resume, overwrite, world, say,
+                   allow_config_change)
+
+
+def planned_config(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool) -> TrainConfig:
+    """The plan's first half, which reads nothing of the run directory: the config resolved, and
+    for a run that may start fresh, --init-from's model and tokenizer pinned, its path absolute.
+    (setup needs it before the process group exists: the precision is chosen from it.)"""
+    if resume == "auto" and overwrite:
         raise SmolctlError("--resume auto continues the run in --run-dir, --overwrite starts it over",
                            hint="Pass one of them")
     if cfg.init_from and resume in (None, "auto"):  # a resume has the source's config in config.yaml already
@@ -233,6 +241,14 @@ def make_plan(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bo
         cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     cfg.model_config()
+    return cfg
+
+
+def plan_of(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world: int,
+            say: Callable = print, allow_config_change: bool = False) -> RunPlan:
+    """The plan's second half, for `cfg` from planned_config: "auto" decided, the checkpoint to
+    resume from, the run's tokenizer."""
+    auto = resume == "auto"
     if auto:
         resume = "latest" if _same_run(cfg, run_dir) else None
     resume_from = resume_point(cfg, run_dir, resume, overwrite, world, say=say, allow_config_change=allow_config_change)
@@ -265,12 +281,22 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _mixed_precision(cfg: TrainConfig) -> str:
+def mixed_precision(cfg: TrainConfig, say: Callable[[str], None] | None = None) -> str:
+    """Accelerate's mixed_precision for this run (cfg resolved: seq_len set); `say` gets the
+    figures behind an auto choice (--verbose)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    # what accelerate launch was told (config file or flag), else bf16 where supported
-    return os.environ.get("ACCELERATE_MIXED_PRECISION") or (
-        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    # what accelerate launch was told (config file or flag), else what measured fastest here
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    from smolctl.autotune import Shape, describe, train_precision
+    from smolctl.device import pick_device
+
+    shape = Shape.of(cfg.model_config())  # the model's own matmuls
+    mixed, choice = train_precision(pick_device(cfg.device), cfg.batch_size * cfg.seq_len, shape)
+    if say:
+        say(describe(choice))
+    return mixed
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

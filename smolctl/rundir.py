@@ -37,10 +37,10 @@ class RunComplete(SmolctlError):
 def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world_size: int,
                  say: Callable = print, allow_config_change: bool = False) -> Path | None:
     """The checks a run can make before any process group exists: the checkpoint to resume from
-    (verified, same model, same world size, same trajectory unless `allow_config_change`), or None
-    for a fresh run in a directory that may take one. Raises RunComplete when that checkpoint is
-    the final one at cfg.max_steps. train() calls it on every rank; the CLI once, before launching
-    N processes."""
+    (verified, same model, a world size its data streams allow -- saying so when it differs --,
+    same trajectory unless `allow_config_change`), or None for a fresh run in a directory that
+    may take one. Raises RunComplete when that checkpoint is the final one at cfg.max_steps.
+    train() calls it on every rank; the CLI once, before launching N processes."""
     cfg = cfg.resolved()
     if resume is None:
         if ckpt_io.saved(run_dir) and not overwrite:  # damaged ones count: they may be all there is
@@ -67,6 +67,8 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
         raise SmolctlError(f"{run_dir / 'config.yaml'} differs from the config {path.name} was trained with "
                            f"({'; '.join(changed)}): resuming would not continue the run exactly",
                            hint="Undo the edit, or pass --allow-config-change to resume with it")
+    if meta.world_size != world_size:  # allowed by check_world_size: it only costs bit-exactness
+        say(f"World size {meta.world_size} -> {world_size}: data positions re-dealt; not bit-exact")
     return path
 
 

@@ -86,3 +86,31 @@ def test_safetensors_own_writers_in_the_benchmark_write_what_ours_does(tmp_path)
         writer(tmp_path / f"{i}.safetensors", tensors, {"format": "pt"})
         assert (tmp_path / f"{i}.safetensors").read_bytes() == (tmp_path / "ours.safetensors").read_bytes()
         assert os.stat(tmp_path / f"{i}.safetensors").st_mode == os.stat(tmp_path / "ours.safetensors").st_mode
+
+
+def test_the_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py --device cpu at tiny sizes: smolctl's training step against the plain
+    transformers loop, each measured, the ratio in the results table that is written. (Only these
+    parts, for time: `train` sets Accelerate's per-process state, `data` starts a worker and
+    `decode` reads a 49k-token GGUF vocabulary twice; all run in `python benchmarks/gpu.py --device cpu`.)"""
+    import json
+
+    import gpu
+    import torch
+
+    out = tmp_path / "gpu"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # plumbing, not speed: one thread is steady on a shared machine
+    try:
+        assert gpu.main(["--device", "cpu", "--parts", "plain,eager", "--steps", "1", "--warmup", "1",
+                         "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["status"] == "ok" and (result["preset"], result["seq_len"]) == ("tiny", 64)
+    plain, eager = (result["variants"][v]["tokens_per_s"] for v in ("plain", "eager"))
+    [row] = result["rows"]
+    assert row["name"] == "training, eager vs the plain transformers loop"
+    assert row["ratio"] == pytest.approx(eager / plain) and plain > 0
+    assert f"| {row['name']} | {eager:,.0f} tok/s | plain loop, bf16 autocast, same run: {plain:,.0f} |" in \
+        out.with_suffix(".md").read_text()

@@ -270,7 +270,7 @@ def test_a_long_documents_carry_is_saved_as_a_tensor_and_resumes_exactly(micro_c
 
 # -- messages ----------------------------------------------------------------------------------------
 
-RESUME_PATH = ["train.py", "checkpoint.py", "data.py", "tokenizer.py", "hub.py", "device.py", "cli/train.py",
+RESUME_PATH = ["train.py", "checkpoint.py", "data.py", "corpus.py", "tokenizer.py", "hub.py", "device.py", "cli/train.py",
                "cli/registry.py"]  # the modules whose errors `smolctl resume` can print
 
 

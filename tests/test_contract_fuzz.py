@@ -35,9 +35,8 @@ so an example takes a fraction of a second.
 
 Budgets
     CI (the default): derandomized -- the same examples every run -- and each test stops drawing
-    new examples after its share of a wall-clock budget (60 s and 30 s, after 15-30 s building the
-    world): the file takes about 2 minutes on 2 cores (3.5 on 2 cores shared with two other test
-    runs, where it used 1 minute of CPU).
+    new examples after its share of a wall-clock budget (40 s and 20 s, after 15-30 s building the
+    world): the file takes about 1.5 minutes on 2 cores.
     SMOLCTL_FUZZ=long: fresh random examples, 20x as many, an hour and a half's budget, failures
     kept in .hypothesis/examples and replayed first next time:
 
@@ -76,7 +75,7 @@ LONG = os.environ.get("SMOLCTL_FUZZ", "") == "long"
 SURVEY = os.environ.get("SMOLCTL_FUZZ_SURVEY")  # a file: failures are appended there, and the test passes
 HANG_S = 20  # one example (a tiny training run included) takes well under 5 s, 10 on a busy machine
 # CI: each test's wall-clock budget (the world is built first, in ~20 s); the file stays under 3 minutes.
-BUDGET_S = {"options": 3600 if LONG else 60, "damage": 1800 if LONG else 30}
+BUDGET_S = {"options": 3600 if LONG else 40, "damage": 1800 if LONG else 20}
 EXAMPLES = {"options": 4000 if LONG else 200, "damage": 2000 if LONG else 100}
 if os.environ.get("SMOLCTL_FUZZ_EXAMPLES"):  # a quick look: SMOLCTL_FUZZ_EXAMPLES=20
     EXAMPLES = dict.fromkeys(EXAMPLES, int(os.environ["SMOLCTL_FUZZ_EXAMPLES"]))
@@ -391,7 +390,7 @@ def commands() -> dict:
 # large, so that an accepted value costs little. Keyed by the option's name, for every command.
 CHEAP_INTS = {"max_steps": 3, "batch_size": 3, "seq_len": 32, "grad_accum": 2, "eval_tokens": 64, "tokens": 64,
               "max_new_tokens": 6, "num_samples": 2, "num_processes": 1, "num_workers": 1, "sample_tokens": 4,
-              "shuffle_buffer": 64}
+              "shuffle_buffer": 64, "data_streams": 4}
 # Options whose other values would make an example slow: what they may be.
 CHEAP_VALUES = {"compile": [False], "preset@train": ["tiny"]}
 # Used where the draw leaves an option out, so that a command does little work by default

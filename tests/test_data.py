@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import write_corpus
 
-from smolctl import data
+from smolctl import corpus, data
 from smolctl.data import BlockStream, DataSpec, auto_workers, batches
 from smolctl.errors import SmolctlError
 from smolctl.tokenizer import load_tokenizer
@@ -151,11 +151,14 @@ def test_ranks_see_disjoint_data(tmp_path):
     assert any(tuple(doc0[:8]) == row[:8] for row in seen[0])  # rank 0 got part0 (whole-file sharding)
 
 
-def test_world_size_change_is_refused(corpus):
+def test_more_processes_than_streams_is_refused(corpus):
+    """One stream (a one-process run's default) cannot be shared by two processes (see
+    test_resume_world_size.py for what streams allow)."""
     spec = DataSpec.parse(str(corpus))
     state = take(BlockStream(spec, seq_len=15, batch_size=1), 2)[-1][1]
-    with pytest.raises(SmolctlError, match="same number of processes"):
+    with pytest.raises(SmolctlError, match="split into 1 stream.*fewer than the 2 processes") as e:
         take(BlockStream(spec, seq_len=15, batch_size=1, rank=0, world_size=2, state=state), 1)
+    assert "data_streams" in e.value.hint
 
 
 def test_local_formats_go_through_datasets_streaming(tmp_path):
@@ -179,7 +182,7 @@ def test_sample_corpus_name(tmp_path, monkeypatch):
     spec = DataSpec.parse("sample")
     assert spec.kind == "parquet" and spec.files[0].endswith("smolctl/assets/sample/train.parquet")
     assert DataSpec.parse("sample", split="heldout").files[0].endswith("smolctl/assets/sample/heldout.parquet")
-    monkeypatch.setattr(data, "SAMPLE_DIR", tmp_path)  # an installation that lost its package data
+    monkeypatch.setattr(corpus, "SAMPLE_DIR", tmp_path)  # an installation that lost its package data
     with pytest.raises(SmolctlError, match="the bundled sample corpus is missing .*installation is broken") as e:
         DataSpec.parse("sample")
     assert e.value.exit_code == 1 and "Reinstall smolctl" in e.value.hint

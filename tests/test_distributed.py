@@ -133,15 +133,15 @@ def test_two_processes_match_one_process_with_twice_the_batch(two_proc):
     assert json.loads((final / "smolctl.json").read_text())["tokens_seen"] == STEPS * 2 * B * SEQ
 
 
-def test_resuming_with_another_world_size_is_refused(two_proc, cli):
+def test_resuming_on_more_processes_than_data_streams_is_refused(two_proc, cli):
+    """Two processes split the data into two streams: three cannot share them out. (Fewer can:
+    test_resume_world_size.py.)"""
     before = sorted(p.name for p in (two_proc.run / "checkpoints").iterdir())
-    for extra in ([], ["--num-processes", "3"]):
-        r = cli("resume", "--run-dir", two_proc.run, "--from", "3", "--max-steps", STEPS, *extra)
-        n = 3 if extra else 1
-        assert r.exit_code == 2, r.output
-        assert r.output.startswith("Error: ") and r.output.count("\n") == 1
-        assert f"was saved by 2 process(es); this run has {n}" in r.output
-        assert "smolctl resume --num-processes 2" in r.output
+    r = cli("resume", "--run-dir", two_proc.run, "--from", "3", "--max-steps", STEPS, "--num-processes", 3)
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1
+    assert "was saved by 2 process(es); this run has 3, more than its 2 data stream(s)" in r.output
+    assert "smolctl resume --num-processes 2" in r.output
     assert sorted(p.name for p in (two_proc.run / "checkpoints").iterdir()) == before  # nothing moved
 
 

@@ -80,16 +80,21 @@ def test_evaluate_scores_every_prediction_up_to_the_amount(tmp_path, model_dir, 
     assert loss == pytest.approx(want, rel=1e-5)
 
 
-def test_eval_command_scores_the_whole_held_out_split(cli, model_dir):
-    """The default data is the sample's held-out split; asked for more than it has, all of it is scored."""
-    ids = stream_of(SAMPLE_DIR / "heldout.parquet")
+def test_eval_command_scores_all_the_data_when_asked_for_more(cli, tmp_path, model_dir):
+    """Asked for more tokens than the data has, all of it is scored, and the line says so."""
+    ids = stream_of(write_corpus(tmp_path / "heldout.jsonl", n_docs=12, seed=5))
     asked = len(ids) + 1000
-    r = cli("eval", "--model", model_dir, "--seq-len", 64, "--tokens", asked)
+    r = cli("eval", "--model", model_dir, "--data", tmp_path / "heldout.jsonl", "--seq-len", 64, "--tokens", asked)
     assert r.exit_code == 0, r.output
     assert f"scored {len(ids) - 1:,} tokens (all the data has; --tokens asked for {asked:,})" in r.output
+
+
+def test_eval_command_defaults_to_the_samples_held_out_split(cli, model_dir):
     r = cli("eval", "--model", model_dir, "--seq-len", 64, "--tokens", 1000, "--json")
+    assert r.exit_code == 0, r.output
     result = json.loads(r.output[r.output.index("{"):])
     assert result["tokens"] == result["tokens_requested"] == 1000
+    assert Path(result["data"]) == SAMPLE_DIR / "heldout.parquet"
 
 
 def test_eval_of_data_with_nothing_to_predict_is_one_line(cli, tmp_path, model_dir):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from smolctl.checkpoint import resume_command
-from smolctl.distributed import PEER_FAILED_EXIT, Place, pick_device, place
+from smolctl.device import for_process
+from smolctl.distributed import PEER_FAILED_EXIT, Place, place
 from smolctl.errors import SmolctlError
 from smolctl.launch import _consequence, without_option
 
@@ -63,9 +64,9 @@ def test_a_half_launched_job_fails_at_once_writing_nothing(launched, cli, corpus
 @no_gpu
 def test_the_default_device_is_the_cpu_for_one_process_or_many():
     for where in (Place(0, 0, 1), Place(0, 0, 2), Place(3, 1, 4)):
-        assert pick_device(None, where) == torch.device("cpu")
-        assert pick_device("cpu", where) == torch.device("cpu")
-        assert pick_device("auto", where) == torch.device("cpu")  # README: --device takes auto
+        assert for_process(None, where) == torch.device("cpu")
+        assert for_process("cpu", where) == torch.device("cpu")
+        assert for_process("auto", where) == torch.device("cpu")  # README: --device takes auto
 
 
 @pytest.mark.parametrize("device, where, words", [
@@ -75,20 +76,20 @@ def test_the_default_device_is_the_cpu_for_one_process_or_many():
 ])
 def test_devices_a_job_cannot_use_are_refused(device, where, words):
     with pytest.raises(SmolctlError, match=words):
-        pick_device(device, where)
+        for_process(device, where)
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks what a machine without MPS does")
 def test_mps_without_mps_is_refused():
     with pytest.raises(SmolctlError, match="--device mps: Apple's MPS is not available here"):
-        pick_device("mps", Place(0, 0, 1))
+        for_process("mps", Place(0, 0, 1))
 
 
 @no_gpu
 def test_cuda_without_a_gpu_is_refused():
     for where in (Place(0, 0, 1), Place(1, 1, 2)):
         with pytest.raises(SmolctlError, match="--device cuda: (this torch is built without CUDA|no CUDA GPU is visible)"):
-            pick_device("cuda", where)
+            for_process("cuda", where)
 
 
 def test_the_launcher_reports_the_cause_not_the_consequences():

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import DeviceOpt, JsonOpt, ModelOpt, config_option
+from smolctl.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, VerboseOpt, config_option
 from smolctl.cli.registry import command
 from smolctl.config import TrainConfig
 from smolctl.errors import SmolctlError
@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
                                                        show_default=False)] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 4,
         device: DeviceOpt = None,
+        dtype: DtypeOpt = "auto",
+        verbose: VerboseOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
         if model is None:
@@ -47,20 +49,29 @@ def register(app: typer.Typer) -> None:
 
         from smolctl.data import DataSpec
         from smolctl.device import pick_device
+        from smolctl.dtypes import GENERATE, canonical, pick_dtype
         from smolctl.loss import CausalLMLoss, evaluate
         from smolctl.sources import load
 
         dev = pick_device(device)
+        dtype = canonical(dtype, GENERATE)
         spec = DataSpec.parse(data, text_column, split="heldout")
         loaded = load(model, device=dev, dtype=torch.float32)
         seq_len = seq_len or min(loaded.cfg.max_seq_len, 1024)
         if seq_len > loaded.cfg.max_seq_len:
             raise SmolctlError(f"--seq-len {seq_len} exceeds the model's context ({loaded.cfg.max_seq_len})")
+        # fp32 weights; the matmuls in the dtype picked (autocast), the loss in fp32
+        say = (lambda line: print(line, file=sys.stderr)) if verbose else None
+        compute, why = pick_dtype(dtype, dev, "eval", batch_size * seq_len, loaded.cfg, say)
+        if say:
+            say(f"Evaluating {model} ({why}; {dev})")
         t = time.perf_counter()
-        loss, n = evaluate(CausalLMLoss(loaded.model), spec, seq_len=seq_len, batch_size=batch_size,
-                           tokens=tokens, device=dev, tokenizer=loaded.tokenizer)
+        with torch.autocast(torch.device(dev).type, dtype=compute, enabled=compute != torch.float32):
+            loss, n = evaluate(CausalLMLoss(loaded.model), spec, seq_len=seq_len, batch_size=batch_size,
+                               tokens=tokens, device=dev, tokenizer=loaded.tokenizer)
         result = {"model": str(model), "data": spec.describe(), "tokens": n, "tokens_requested": tokens,
-                  "seq_len": seq_len, "loss": loss, "perplexity": math.exp(min(loss, 50)),
+                  "seq_len": seq_len, "dtype": str(compute).removeprefix("torch."), "loss": loss,
+                  "perplexity": math.exp(min(loss, 50)),
                   "seconds": round(time.perf_counter() - t, 2)}
         if as_json:
             print(json.dumps(result, indent=2))

@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from smolctl.cli.options import ConfigOpt, config_options
+from smolctl.cli.options import ConfigOpt, VerboseOpt, config_options
 from smolctl.cli.registry import command, crash_reports_in
 from smolctl.config import DEFAULT_PRESET, RESUMABLE, TrainConfig
 from smolctl.errors import SmolctlError
@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
                                              "start it (for jobs that torchrun --max-restarts or a scheduler "
                                              "starts again).")] = None,
         dashboard: DashOpt = True,
+        verbose: VerboseOpt = False,
         **flags,
     ) -> None:
         cfg = (TrainConfig.from_file(config) if config else TrainConfig()).with_flags(flags)
@@ -76,7 +77,7 @@ def register(app: typer.Typer) -> None:
                                hint="Use a name without '/' or '..', or --run-dir for a path")
         model_name = cfg.preset or (Path(cfg.init_from).name if cfg.init_from else DEFAULT_PRESET)
         name = run_name or (run_dir.name if run_dir else f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _run(cfg, run_dir or RUNS / name, resume, log_file, overwrite, dashboard, num_processes)
+        _run(cfg, run_dir or RUNS / name, resume, log_file, overwrite, dashboard, num_processes, verbose=verbose)
 
     @command(app, help="Continue a run from one of its checkpoints, exactly where it stopped.")
     @config_options(TrainConfig, RESUMABLE)
@@ -90,6 +91,7 @@ def register(app: typer.Typer) -> None:
         log_file: LogFileOpt = None,
         num_processes: NumProcOpt = None,
         dashboard: DashOpt = True,
+        verbose: VerboseOpt = False,
         **flags,
     ) -> None:
         if run_dir is None and Path(from_).is_dir() and Path(from_).parent.name == "checkpoints":
@@ -99,7 +101,7 @@ def register(app: typer.Typer) -> None:
             raise SmolctlError(f"{run_dir} is not a smolctl run directory (no config.yaml)",
                                hint="Pass --run-dir of a run started with smolctl train")
         cfg = TrainConfig.from_file(run_dir / "config.yaml").with_flags(flags)
-        _run(cfg, run_dir, from_, log_file, False, dashboard, num_processes, allow_config_change)
+        _run(cfg, run_dir, from_, log_file, False, dashboard, num_processes, allow_config_change, verbose)
 
 
 def _newest_run() -> Path:
@@ -109,8 +111,19 @@ def _newest_run() -> Path:
     return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime)
 
 
+def _say_precision(cfg, run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """--verbose: the precision the run will train in, and the figures behind auto (measured
+    here, or read from the cache; train() then reads the same cache entry)."""
+    from smolctl.run import mixed_precision, planned_config
+
+    resolved = planned_config(cfg, run_dir, resume, overwrite)
+    mixed = mixed_precision(resolved, say=lambda line: print(line, file=sys.stderr))
+    if cfg.mixed_precision != "auto":
+        print(f"Precision: {mixed} (asked for)", file=sys.stderr)
+
+
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
-         num_processes: int | None = None, allow_config_change: bool = False) -> None:
+         num_processes: int | None = None, allow_config_change: bool = False, verbose: bool = False) -> None:
     from smolctl.distributed import PeerFailed, continue_command, place
     from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, without_option
     from smolctl.train import train
@@ -128,6 +141,8 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
                 preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
             raise typer.Exit(launch(num_processes, without_option(sys.argv[1:], "--num-processes"), run_dir))
     main = where.rank == 0  # the dashboard and messages come from rank 0 only
+    if verbose and main:
+        _say_precision(cfg, run_dir, resume, overwrite)
     sink = None
     if main and dashboard and sys.stdout.isatty():
         from smolctl.dashboard import Dashboard
