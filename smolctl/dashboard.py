@@ -66,7 +66,7 @@ class Snapshot:
         if kind == "start":
             self.step = self.start_step = e["step"]
             self.max_steps = e["max_steps"]
-            self.title = f"smolctl train · {e['run_dir']}"
+            self.title = " · ".join(["smolctl train", e["run_dir"], *how_started(e)])
             self.started = now
         elif kind == "train":
             self.step, self.loss, self.lr, self.grad_norm = e["step"], e["loss"], e["lr"], e["grad_norm"]
@@ -92,6 +92,18 @@ class Snapshot:
             self.ended_at = now
             self.phase = f"stopped by {e['stopped_by']}" if e.get("stopped_by") else "done"
         return e.get("text") if kind in ("start", "message", "end") else None
+
+
+def how_started(e: Event) -> list[str]:
+    """A start event's world size, and whether the run was resumed (asked, or automatically) or
+    restarted by its launcher or scheduler, for the panel's title."""
+    world, restarts = e.get("world_size", 1), e.get("restarts", 0)
+    out = [f"{world} process{'es' if world > 1 else ''}"]
+    if e.get("resumed"):
+        out.append(f"resumed {'automatically ' if e['resumed'] == 'auto' else ''}at step {e['step']:,}")
+    if restarts:
+        out.append(f"restart {restarts}")
+    return out
 
 
 def one_line(text: str) -> str:

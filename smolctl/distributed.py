@@ -82,6 +82,9 @@ def accelerator(requested_device: str | None, **kwargs):
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend, timeout=TIMEOUT)]
     try:
+        if where.world > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and _env_int(
+                "TORCHELASTIC_RESTART_COUNT", 0):
+            _join_with_keys_of_this_attempt(backend, where)  # Accelerate then takes the group as it is
         with warnings.catch_warnings():  # under a bare scheduler it splits the cores and says so on every rank
             warnings.filterwarnings("ignore", "OMP_NUM_THREADS/MKL_NUM_THREADS unset")
             acc = Accelerator(cpu=device.type == "cpu", **kwargs)
@@ -96,6 +99,45 @@ def accelerator(requested_device: str | None, **kwargs):
                            f"made this one process {acc.process_index} of {acc.num_processes} on {acc.device}",
                            hint=FIX)
     return acc
+
+
+def _join_with_keys_of_this_attempt(backend: str, where: Place) -> None:
+    """Form the process group of a job that torchrun restarted (--max-restarts) under keys of its
+    own. torchrun's agent keeps one store for all its attempts, and the process group of the
+    attempt that failed left its keys there (each rank's address among them): a rank of the new
+    attempt could read a dead process's address and fail to connect (seen on CPUs over gloo)."""
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), where.world,
+                                       is_master=False, timeout=TIMEOUT)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore(f"attempt-{attempt}/", store),
+                                         rank=where.rank, world_size=where.world, timeout=TIMEOUT)
+
+
+def machines() -> int:
+    """How many machines the job spans (torchrun and accelerate launch set LOCAL_WORLD_SIZE)."""
+    local = _env_int("LOCAL_WORLD_SIZE", 0) or 1
+    return max(1, _env_int("WORLD_SIZE", 1) // local)
+
+
+def continue_command(run_dir, world: int, step: int | str = "latest") -> str:
+    """How to continue the job from its checkpoint at `step`: with `world` processes on this
+    machine, or the same launch again on each of its machines."""
+    from smolctl.checkpoint import resume_command
+
+    n = machines() if world > 1 else 1
+    if n > 1:
+        return f"{resume_command(run_dir, 1, step)}, launched on each of the {n} machines as before"
+    return resume_command(run_dir, world, step)
+
+
+def job_restarts() -> int:
+    """How many times this job was started again by its launcher or scheduler: torchrun's
+    --max-restarts (TORCHELASTIC_RESTART_COUNT), SLURM's requeue (SLURM_RESTART_COUNT)."""
+    for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value):
+            return int(value)
+    return 0
 
 
 def is_peer_failure(e: BaseException) -> bool:

@@ -21,26 +21,23 @@ LAUNCHED_BY_SMOLCTL = "SMOLCTL_LAUNCHER"
 def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int,
               allow_config_change: bool = False) -> None:
     """Once, before starting N processes: the checks that would otherwise fail in all of them,
-    on the device each of them would pick."""
+    on the device each of them would pick. Each process then makes the same plan again (a
+    relaunch must see the run directory as it is then)."""
     from smolctl import checkpoint as ckpt_io
     from smolctl import fsutil
     from smolctl.data import DataSpec
     from smolctl.device import for_process
     from smolctl.distributed import Place
-    from smolctl.rundir import data_flags, resume_point
-    from smolctl.run import mixed_precision
-    from smolctl.sources import with_init_model
+    from smolctl.rundir import data_flags
+    from smolctl.run import make_plan, mixed_precision
 
-    if cfg.init_from and resume is None:
-        cfg = with_init_model(cfg)
-    cfg = cfg.resolved()
-    for_process(cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
-    mixed_precision(cfg)  # measured once here (if auto), so that the N processes read the same cached figures
-    DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
-    if resume is not None:  # under the run's lock, released before the launch: rank 0 takes it then
+    if resume is not None and run_dir.is_dir():  # under the run's lock, released before the launch: rank 0 takes it then
         with fsutil.run_lock(run_dir):
             ckpt_io.recover(run_dir)
-    resume_point(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
+    plan = make_plan(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
+    for_process(plan.cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
+    mixed_precision(plan.cfg)  # measured once here (if auto), so that the N processes read the same cached figures
+    DataSpec.parse(plan.cfg.data, plan.cfg.text_column, flags=data_flags(run_dir, plan.resume, "data"))
 
 
 def launch(n: int, args: list[str], run_dir: Path) -> int:

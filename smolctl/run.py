@@ -8,6 +8,7 @@ checkpoint: resume is the same objects with restored state.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from contextlib import ExitStack
@@ -21,7 +22,7 @@ from smolctl import checkpoint as ckpt_io
 from smolctl import rundir
 from smolctl.config import ModelConfig, TrainConfig, write_mapping
 from smolctl.data import BlockStream, DataSpec, batches
-from smolctl.distributed import accelerator as make_accelerator
+from smolctl.distributed import accelerator as make_accelerator, job_restarts
 from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
@@ -94,16 +95,16 @@ class TrainState:
 
 
 def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
-          overwrite: bool, allow_config_change: bool, cleanup: ExitStack) -> tuple[Run, TrainState]:
+          overwrite: bool, allow_config_change: bool, cleanup: ExitStack,
+          plan: RunPlan | None = None) -> tuple[Run, TrainState]:
     """Build the run and its starting state: fresh, from --init-from weights, or from a checkpoint.
-    `cleanup` gets what must be closed however training ends (the data worker, the sinks)."""
+    `plan`: the one check_inputs made on this process, if it did. `cleanup` gets what must be
+    closed however training ends (the data worker, the sinks)."""
     from accelerate.utils import DistributedType, set_seed
 
     from smolctl.model import build_model
 
-    if cfg.init_from and resume is None:  # a resume has the source's config in config.yaml already
-        cfg = with_init_model(cfg)
-    cfg = cfg.resolved()
+    cfg = plan.cfg if plan else planned_config(cfg, run_dir, resume, overwrite)
     mixed = mixed_precision(cfg)
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
     if trackers:
@@ -112,18 +113,18 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
     # -- run directory, or the checkpoint to resume from --------------------------------------
-    if main and resume is not None:
+    if main and resume is not None and run_dir.is_dir():
         ckpt_io.recover(run_dir, say=accelerator.print)
     accelerator.wait_for_everyone()
-    resume_path = resume_point(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
-                               allow_config_change=allow_config_change)
-    tok, mcfg = rundir.run_tokenizer(cfg, cfg.model_config(), resume_path)
+    plan = plan or plan_of(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
+                           allow_config_change=allow_config_change)
+    cfg, mcfg, tok, resume_path = plan.cfg, plan.mcfg, plan.tokenizer, plan.resume_from
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
     if main:  # config.yaml first: it is what marks the directory as a run of ours
         write_mapping(run_dir / "config.yaml", cfg.to_dict())
-        rundir.prepare(run_dir, fresh=overwrite and resume is None)
+        rundir.prepare(run_dir, fresh=overwrite and resume_path is None)
     accelerator.wait_for_everyone()
 
     # -- model, optimizer, and the state to start from ----------------------------------------
@@ -151,7 +152,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     state.window_loss = torch.tensor(window_sum, dtype=torch.float32, device=accelerator.device)
 
     # -- data, and where events go ------------------------------------------------------------
-    spec = DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, resume, "data"))
+    spec = DataSpec.parse(cfg.data, cfg.text_column, flags=data_flags(run_dir, plan.resume, "data"))
     stream = BlockStream(spec, cfg.seq_len, cfg.batch_size, tok, rank, world,
                          cfg.shuffle_buffer, cfg.seed, state.data_state, streams=cfg.data_streams)
     data = batches(stream, cfg.num_workers)
@@ -164,35 +165,111 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
         _open_sinks(emit_to, run_dir, log_file, state.step, sinks, accelerator if trackers else None, cfg)
     general = {"name": run_dir.name, **({"license": cfg.license} if cfg.license else {})}
     run = Run(cfg, mcfg, run_dir, accelerator, model, loss_module, optimizer, data, tok,
-              _eval_spec(cfg, data_flags(run_dir, resume, "eval_data")), emit_to, general,
+              _eval_spec(cfg, data_flags(run_dir, plan.resume, "eval_data")), emit_to, general,
               flops_per_token(mcfg, cfg.seq_len), device_peak_tflops(accelerator.device, cfg.peak_tflops))
-    verb = (f"Resuming from {resume_path} (step {state.step})" if resume_path else
+    restarts = job_restarts()
+    again = f"restart {restarts} of the job" if restarts else ""
+    verb = (f"Resuming {'automatically ' if plan.auto else ''}from {resume_path} "
+            f"(step {state.step}{', ' + again if again else ''})" if resume_path else
             f"Training from the weights of {cfg.init_from}" if cfg.init_from else "Training")
+    if again and not resume_path:
+        verb += f" ({again}, before its first checkpoint)"
     run.emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
                            f"{spec.describe()}, {world} x {accelerator.device.type} process(es), mixed precision "
                            f"{mixed}, {run.tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
-             step=state.step, max_steps=cfg.max_steps, run_dir=str(run_dir),
-             resumed_from=str(resume_path) if resume_path else None, config=cfg.to_dict())
+             step=state.step, max_steps=cfg.max_steps, run_dir=str(run_dir), world_size=world,
+             resumed_from=str(resume_path) if resume_path else None,
+             resumed=("auto" if plan.auto else "asked") if resume_path else None, restarts=restarts,
+             config=cfg.to_dict())
     return run, state
 
 
-def check_inputs(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
+def check_inputs(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world: int) -> RunPlan:
     """What a fresh run can check before it creates anything: the config, the run directory, the
-    data (its first document is read and tokenized), the tracker."""
+    data (its first document is read and tokenized), the tracker. Returns the run's plan (with
+    `resume` "auto", one that may continue the run)."""
     from smolctl.data import first_document
 
-    if cfg.init_from:
+    plan = make_plan(cfg, run_dir, resume, overwrite, world)
+    if plan.resume_from is None:
+        first_document(DataSpec.parse(plan.cfg.data, plan.cfg.text_column), plan.cfg.tokenizer)
+    if plan.cfg.report_to != "none":
+        _require_tracker(plan.cfg.report_to)
+    return plan
+
+
+# -- the run plan ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will be, decided once per process before anything is created or any model is
+    built: by the launcher's preflight (for the N processes it starts), a fresh run's input
+    checks and setup alike."""
+    cfg: TrainConfig  # resolved; with --init-from: that model's config and tokenizer, its path absolute
+    mcfg: ModelConfig  # the model, with the run tokenizer's bos/eos ids
+    tokenizer: Any
+    resume: str | None  # what to resume from ("latest", a step, a path; "auto" decided), None: fresh
+    resume_from: Path | None  # that checkpoint, verified
+    auto: bool  # --resume auto chose to continue the run
+
+
+def make_plan(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world: int,
+              say: Callable = print, allow_config_change: bool = False) -> RunPlan:
+    """The plan of a run started with `cfg` (train's, or config.yaml's with resume's flags) in
+    `run_dir` by `world` processes; raises SmolctlError for a run that cannot start.
+
+    `resume` "auto" continues the run in `run_dir` from its newest good checkpoint when it has
+    any and its config.yaml is `cfg` (what a relaunched or requeued job runs again), starts one
+    when it has none, and refuses any other config, naming the keys that differ."""
+    return plan_of(planned_config(cfg, run_dir, resume, overwrite), run_dir, resume, overwrite, world, say,
+                   allow_config_change)
+
+
+def planned_config(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool) -> TrainConfig:
+    """The plan's first half, which reads nothing of the run directory: the config resolved, and
+    for a run that may start fresh, --init-from's model and tokenizer pinned, its path absolute.
+    (setup needs it before the process group exists: the precision is chosen from it.)"""
+    if resume == "auto" and overwrite:
+        raise SmolctlError("--resume auto continues the run in --run-dir, --overwrite starts it over",
+                           hint="Pass one of them")
+    if cfg.init_from and resume in (None, "auto"):  # a resume has the source's config in config.yaml already
         if overwrite and _inside(resolve(cfg.init_from), run_dir):
             raise SmolctlError(f"--init-from {cfg.init_from} lies inside --run-dir {run_dir}, which --overwrite "
                                f"empties first", hint="Export or copy it elsewhere first, or train into another --run-dir")
         cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     cfg.model_config()
-    resume_point(cfg, run_dir, None, overwrite, 1)
-    first_document(DataSpec.parse(cfg.data, cfg.text_column), cfg.tokenizer)
-    if cfg.report_to != "none":
-        _require_tracker(cfg.report_to)
+    return cfg
 
+
+def plan_of(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, world: int,
+            say: Callable = print, allow_config_change: bool = False) -> RunPlan:
+    """The plan's second half, for `cfg` from planned_config: "auto" decided, the checkpoint to
+    resume from, the run's tokenizer."""
+    auto = resume == "auto"
+    if auto:
+        resume = "latest" if _same_run(cfg, run_dir) else None
+    resume_from = resume_point(cfg, run_dir, resume, overwrite, world, say=say, allow_config_change=allow_config_change)
+    tok, mcfg = rundir.run_tokenizer(cfg, cfg.model_config(), resume_from)
+    return RunPlan(cfg, mcfg, tok, resume, resume_from, auto and resume_from is not None)
+
+
+def _same_run(cfg: TrainConfig, run_dir: Path) -> bool:
+    """--resume auto: whether `run_dir` holds checkpoints of a run of `cfg` (False: none yet).
+    Raises naming the keys that differ when they are another config's."""
+    if not ckpt_io.saved(run_dir):
+        return False
+    if not (run_dir / "config.yaml").is_file():
+        raise SmolctlError(f"--resume auto: {run_dir} has checkpoints but no config.yaml",
+                           hint="Pass --run-dir of a run started with smolctl train")
+    saved = TrainConfig.from_file(run_dir / "config.yaml").resolved()
+    changed = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}"
+               for f in dataclasses.fields(TrainConfig) if getattr(saved, f.name) != getattr(cfg, f.name)]
+    if changed:
+        raise SmolctlError(f"--resume auto: {run_dir} holds a run with another config ({'; '.join(changed)})",
+                           hint=f"Train with its config ({run_dir / 'config.yaml'}), or continue it with "
+                                f"smolctl resume --run-dir {run_dir}, or pick another --run-dir")
+    return True
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from smolctl import checkpoint as ckpt_io
 from smolctl import fsutil
 from smolctl.config import RESUMABLE, TrainConfig
 from smolctl.errors import SmolctlError
-from smolctl.checkpoint import resume_command
+from smolctl.distributed import continue_command
 
 LOG = "train.log"  # the human-readable log, in the run directory: one log per run
 
@@ -116,7 +116,7 @@ def in_run(path: Path, run_dir: Path) -> bool:
 
 def how_to_continue(run_dir: Path, world: int) -> str:
     if ckpt_io.checkpoints(run_dir):
-        return f"Continue with: {resume_command(run_dir, world)}"
+        return f"Continue with: {continue_command(run_dir, world)}"
     return "Start again with the same command (there is no checkpoint yet)"
 
 

@@ -59,18 +59,23 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
     run_dir = Path(run_dir)
     log_file = Path(log_file) if log_file else run_dir / LOG
     where = place()  # a launch that cannot form its job fails here, before anything is created
+    # A fresh run (--resume auto without checkpoints is one) plans on rank 0 before anything is
+    # created; the other ranks, and every rank of a resume, in setup, once rank 0 has tidied the run.
+    fresh = resume is None or (resume == "auto" and not ckpt_io.saved(run_dir))
+    plan = None
     if where.rank == 0:
         precious.check_run_dir(run_dir)
         check_log_file(log_file, run_dir)
-        if resume is None:
-            check_inputs(cfg, run_dir, overwrite)
+        if fresh:
+            plan = check_inputs(cfg, run_dir, resume, overwrite, where.world)
     state = None
     with ExitStack() as held:
         undo = rundir.claim(run_dir, log_file, held) if where.rank == 0 else None
         try:
             with ExitStack() as cleanup:  # closes the metrics files and the data worker however training ends
                 try:
-                    run, state = setup(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup)
+                    run, state = setup(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup,
+                                       plan)
                     return fit(run, state)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     error = _as_smolctl_error(e, cfg, run_dir, resume, where)

@@ -159,3 +159,16 @@ def test_a_real_run_through_the_dashboard_keeps_its_shape(micro_cfg, tmp_path, c
     assert "sampling 4 tokens…" in phases and "saving checkpoint…" in phases
     sample = next(line for line in frames[-1][1] if "sample  " in line)
     assert r"step 4: Once upon\na time\n" in sample
+
+
+def test_the_title_says_the_world_size_and_how_the_run_started():
+    start = {"event": "start", "step": 0, "max_steps": 50, "run_dir": "runs/x", "text": "Training"}
+    for fields, title in [({}, "smolctl train · runs/x · 1 process"),
+                          ({"world_size": 2, "step": 6, "resumed": "asked"}, "smolctl train · runs/x · 2 processes · "
+                                                                             "resumed at step 6"),
+                          ({"world_size": 4, "step": 6, "resumed": "auto", "restarts": 1},
+                           "smolctl train · runs/x · 4 processes · resumed automatically at step 6 · restart 1")]:
+        s = Snapshot()
+        s.apply({**start, **fields}, now=0.0)
+        assert s.title == title
+        assert title in show(render(s, 0.0), 140)[0]

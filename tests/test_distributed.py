@@ -150,17 +150,11 @@ def test_two_process_run_killed_and_resumed_continues_exactly(two_proc):
     their data workers) at a random step, then `accelerate launch ... resume --from latest`: the
     per-step losses equal the uninterrupted run's, each step logged once.
 
-    The run is held at that step (a sitecustomize on its PYTHONPATH makes rank 0 sleep after logging
-    it; rank 1 then waits in the next all-reduce), so the kill never races the run to its end."""
+    The run is held at that step (see held_env; rank 1 then waits in the next all-reduce), so the
+    kill never races the run to its end."""
     root, rng = two_proc.root, random.Random(os.environ.get("SMOLCTL_FAULT_SEED", "6"))
     kill_at = rng.randint(3, STEPS - 2)
-    (root / "hold").mkdir(exist_ok=True)
-    (root / "hold" / "sitecustomize.py").write_text(
-        "import time\nfrom smolctl import metrics\nwrite = metrics.JsonlSink.__call__\n\n"
-        "def write_then_hold(self, e):\n    write(self, e)\n"
-        f"    if e['event'] == 'train' and e['step'] == {kill_at}:\n        time.sleep(3600)\n\n"
-        "metrics.JsonlSink.__call__ = write_then_hold\n")
-    held = {**env(root), "PYTHONPATH": os.pathsep.join([str(root / "hold"), os.environ.get("PYTHONPATH", "")])}
+    held = held_env(root, kill_at, release=root / "never")
     p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", "killed",
                           *COMMON], cwd=root, env=held, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics, deadline = root / "killed" / "metrics.jsonl", time.time() + 240
@@ -361,3 +355,144 @@ def test_a_rank_failing_on_its_data_ends_the_job_with_one_line(two_proc, launche
         assert line.strip() in errors and set(errors) <= {line.strip(), survivor} and "[rank" not in err, err
     assert_nothing_left(procs)
     assert (root / run / "checkpoints" / "step-00000005" / "manifest.json").is_file()
+
+
+# -- several machines, and automatic recovery: the commands of docs/distributed.md ---------------
+
+def documented(section: str) -> list[list[str]]:
+    from test_readme import commands_by_section
+
+    return commands_by_section()[section]
+
+
+def held_env(root: Path, step: int, release: Path) -> dict:
+    """env(root), with rank 0 of the job's first attempt held after logging `step` until `release`
+    exists (a sitecustomize on its PYTHONPATH), so that a kill never races the run to its end."""
+    hold = root / "hold-until"
+    hold.mkdir(exist_ok=True)
+    (hold / "sitecustomize.py").write_text(
+        "import os, time\nfrom smolctl import metrics\nwrite = metrics.JsonlSink.__call__\n\n"
+        "def write_then_hold(self, e):\n    write(self, e)\n"
+        f"    if e['event'] == 'train' and e['step'] == {step} and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':\n"
+        f"        while not os.path.exists({str(release)!r}):\n            time.sleep(0.02)\n\n"
+        "metrics.JsonlSink.__call__ = write_then_hold\n")
+    return {**env(root), "PYTHONPATH": os.pathsep.join([str(hold), os.environ.get("PYTHONPATH", "")])}
+
+
+def job_yaml(two_proc) -> str:
+    """The documented commands' job.yaml: two_proc's config and step count."""
+    return (two_proc.root / "micro.yaml").read_text() + f"max_steps: {STEPS}\n"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_step(metrics: Path, step: int, procs: list[subprocess.Popen]) -> None:
+    deadline = time.time() + 240
+    while not (metrics.exists() and any(s >= step for s, _ in train_losses(metrics))):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        time.sleep(0.05)
+
+
+def test_two_machines_lose_one_and_the_other_launcher_continues_exactly(two_proc):
+    """docs/distributed.md's "Several machines" commands, on one machine as two (127.0.0.1, a
+    free port, a working directory and a TMPDIR each, the run directory in a folder both see, one
+    CPU process each). torchrun (c10d) starts the job; at step 5 "machine 1" loses power (SIGKILL
+    to its launcher and worker). Machine 0 ends within 60 s with one line saying how to go on,
+    and no process or temporary file of the job is left. The documented `accelerate launch`
+    resume, on both machines, then ends the job with the uninterrupted run's losses, bit for bit
+    (two_proc: the same config in 2 processes of one machine)."""
+    import psutil
+
+    start, resume = documented("Several machines")
+    root, port, release = two_proc.root / "machines", free_port(), two_proc.root / "machines" / "release"
+    shared = root / "shared"
+    for m in (0, 1):
+        (root / f"m{m}" / "tmp").mkdir(parents=True)
+        (root / f"m{m}" / "job.yaml").write_text(job_yaml(two_proc))
+
+    def on_machine(m: int, argv: list[str], environ: dict) -> subprocess.Popen:
+        from test_readme import PROGRAMS
+
+        words = [w.replace("10.0.0.1", "127.0.0.1").replace("29500", str(port)).replace("$MACHINE_RANK", str(m))
+                 .replace("/shared", str(shared)) for w in argv]
+        return subprocess.Popen([*PROGRAMS[words[0]], *words[1:], "--no-dashboard"], cwd=root / f"m{m}",
+                                env={**environ, "TMPDIR": str(root / f"m{m}" / "tmp"), "HF_HOME": str(root / f"m{m}" / "hf")},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    held = held_env(root, 5, release)
+    machines = [on_machine(0, start, held)]
+    try:
+        while not any(c.laddr.port == port and c.status == "LISTEN" for c in psutil.Process(machines[0].pid).net_connections()):
+            assert machines[0].poll() is None, machines[0].communicate()
+            time.sleep(0.05)  # the first machine hosts the rendezvous, as 10.0.0.1 would
+        machines.append(on_machine(1, start, held))
+        metrics = shared / "runs" / "job" / "metrics.jsonl"
+        wait_for_step(metrics, 5, machines)
+        procs = [c for m in machines for c in psutil.Process(m.pid).children(recursive=True)]
+        ranks = [{c.environ().get("RANK") for c in psutil.Process(m.pid).children(recursive=True)} - {None} for m in machines]
+        assert ranks == [{"0"}, {"1"}], ranks
+        kill_tree(machines[1].pid)
+        release.touch()
+        lost = time.time()
+        _, err = machines[0].communicate(timeout=60)
+        ended = time.time() - lost
+        machines[1].communicate()
+    finally:
+        for m in machines:
+            kill_tree(m.pid)
+    print(f"machine 0 ended {ended:.1f}s after machine 1 was lost")
+    how = f"smolctl resume --run-dir {shared}/runs/job --from latest, launched on each of the 2 machines as before"
+    assert machines[0].returncode != 0
+    assert [line for line in err.splitlines() if line.startswith("Error")] == [
+        f"Error: process 0 of 2 stopped: another process of the job failed or was killed. Continue with: {how}"], err
+    assert_nothing_left(procs)
+    assert not list((shared / "runs" / "job" / "checkpoints").glob(".*"))  # no half-written save
+    assert all(p.name.startswith("torch") for p in (root / "m0" / "tmp").iterdir())  # only torch's own caches
+    before = train_losses(metrics)
+    assert [s for s, _ in before] == [1, 2, 3, 4, 5]
+    machines = [on_machine(m, resume, env(root)) for m in (0, 1)]
+    try:
+        outs = [m.communicate(timeout=240) for m in machines]
+    finally:
+        for m in machines:
+            kill_tree(m.pid)
+    assert [m.returncode for m in machines] == [0, 0], outs
+    assert "Resuming from" in outs[0][0] and "2 x cpu process(es)" in outs[0][0]
+    assert train_losses(metrics) == train_losses(two_proc.run / "metrics.jsonl")
+    assert train_losses(metrics)[:5] == before  # steps 4 and 5 again, after the resume from step 3
+
+
+def test_a_rank_killed_under_torchrun_max_restarts_recovers_by_itself(two_proc):
+    """docs/distributed.md's automatic recovery: `torchrun --max-restarts ... train --resume auto`.
+    SIGKILL to rank 1 at step 5: torchrun starts both processes again, they continue from the
+    checkpoint of step 3 by themselves, and the job exits 0 with the uninterrupted run's losses
+    (two_proc), each step logged once; the log says the run recovered, and how."""
+    import psutil
+
+    [command] = documented("Automatic recovery")
+    root, release = two_proc.root / "recovery", two_proc.root / "recovery" / "release"
+    root.mkdir()
+    (root / "job.yaml").write_text(job_yaml(two_proc))
+    from test_readme import PROGRAMS
+
+    p = subprocess.Popen([*PROGRAMS[command[0]], *command[1:], "--no-dashboard"], cwd=root,
+                         env=held_env(root, 5, release), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = root / "runs" / "job" / "metrics.jsonl"
+        wait_for_step(metrics, 5, [p])
+        next(c for c in psutil.Process(p.pid).children() if c.environ().get("RANK") == "1").kill()
+        release.touch()
+        out, err = p.communicate(timeout=240)
+    finally:
+        kill_tree(p.pid)
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    assert train_losses(metrics) == train_losses(two_proc.run / "metrics.jsonl")
+    log = (root / "runs" / "job" / "train.log").read_text()
+    assert "Resuming automatically from runs/job/checkpoints/step-00000003 (step 3, restart 1 of the job): " in log
+    assert "2 x cpu process(es)" in log

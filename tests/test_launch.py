@@ -159,3 +159,56 @@ def test_a_process_that_cannot_join_its_job_says_so_in_one_line(tmp_path, corpus
     assert r.stderr.startswith(f"Error: process 0 of 2 could not join the job at 127.0.0.1:{port}: ")
     assert "address already in use" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "joined").exists() and not (tmp_path / "logs").exists()
+
+
+# -- train --resume auto: what a restarted or requeued job runs again ----------------------------
+
+def test_resume_auto_starts_continues_and_refuses_another_config(cli, tmp_path, corpus):
+    """The same `train --resume auto` command: in a new run directory it starts the run; after a
+    crash (the checkpoints after step 4 lost) it continues from the newest good one and ends with
+    the uninterrupted run's losses; once the run is complete it has nothing to do (exit 0). Under
+    another config it refuses in one line naming the keys that differ, and changes nothing."""
+    import json
+    import shutil
+
+    from conftest import MICRO
+
+    (tmp_path / "micro.yaml").write_text(
+        "model: {preset: tiny, " + ", ".join(f"{k}: {v}" for k, v in MICRO.items()) + "}\n"
+        f"data: {corpus}\nbatch_size: 2\nseq_len: 16\nmixed_precision: 'no'\ndevice: cpu\nnum_workers: 0\n"
+        "max_steps: 6\nsave_every: 2\nlog_every: 1\nlr: 0.01\n")
+    command = ["train", "--config", "micro.yaml", "--run-dir", "auto", "--resume", "auto", "--no-dashboard"]
+    metrics = tmp_path / "auto" / "metrics.jsonl"
+
+    def losses():
+        return [(e["step"], e["loss"]) for e in map(json.loads, metrics.read_text().splitlines()) if e["event"] == "train"]
+
+    r = cli(*command)
+    assert r.exit_code == 0 and r.output.startswith("Training: "), r.output
+    straight = losses()
+    for lost in ("final", "step-00000006"):  # what a crash during step 5 or 6 would not have written
+        shutil.rmtree(tmp_path / "auto" / "checkpoints" / lost, ignore_errors=True)
+    r = cli(*command)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Resuming automatically from auto/checkpoints/step-00000004 (step 4): "), r.output
+    assert losses() == straight and len(straight) == 6  # bit for bit, each step once
+    r = cli(*command)
+    assert (r.exit_code, r.output) == (0, "Run auto is complete at step 6. Pass --max-steps N (above 6) to extend it\n")
+    before = sorted(p.name for p in (tmp_path / "auto" / "checkpoints").iterdir())
+    r = cli(*command, "--lr", "0.02", "--max-steps", "8")
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: --resume auto: auto holds a run with another config (lr: 0.01 -> 0.02; "
+                               "max_steps: 6 -> 8). "), r.output
+    assert sorted(p.name for p in (tmp_path / "auto" / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--resume", "latest", "--run-dir", "r"], "--resume 'latest': the only value is auto"),
+    (["--resume", "auto"], "--resume auto needs --run-dir or --run-name"),
+    (["--resume", "auto", "--run-dir", "r", "--overwrite"], "--resume auto continues the run in --run-dir, "
+                                                             "--overwrite starts it over"),
+])
+def test_resume_auto_misused_is_refused(cli, tmp_path, corpus, args, words):
+    r = cli("train", "--preset", "tiny", "--data", corpus, "--max-steps", 2, *args)
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {words}") and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()

@@ -24,7 +24,10 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 STEP_FLAGS = ("--max-steps", "--warmup-steps", "--save-every", "--eval-every", "--sample-every", "--from")
 PROGRAMS = {"smolctl": [sys.executable, "-m", "smolctl"],
-            "accelerate": [sys.executable, "-m", "accelerate.commands.accelerate_cli"]}
+            "accelerate": [sys.executable, "-m", "accelerate.commands.accelerate_cli"],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+# Sections whose multi-process commands tests/test_distributed.py runs, on one machine as two
+RUN_IN_TEST_DISTRIBUTED = ("Several machines", "Automatic recovery")
 
 
 def commands_by_section() -> dict[str, list[list[str]]]:
@@ -69,7 +72,7 @@ def _split_on(words: list[str], seps: tuple[str, ...]) -> list[list[str]]:
 
 
 def is_multi_process(argv: list[str]) -> bool:
-    return argv[:2] == ["accelerate", "launch"] or "--num-processes" in argv
+    return argv[:2] == ["accelerate", "launch"] or argv[0] == "torchrun" or "--num-processes" in argv
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -149,8 +152,8 @@ def smolctl_parses(args: list[str]) -> None:
     command.make_context(name, list(rest))  # raises on an unknown option or a bad value
 
 
-GPU_COMMANDS = [shlex.join(c) for s, cmds in commands_by_section().items() if s != "On CPUs (tests, CI)"
-                for c in cmds if is_multi_process(c)]
+GPU_COMMANDS = [shlex.join(c) for s, cmds in commands_by_section().items()
+                if s not in ("On CPUs (tests, CI)", *RUN_IN_TEST_DISTRIBUTED) for c in cmds if is_multi_process(c)]
 
 
 @pytest.mark.parametrize("line", GPU_COMMANDS)
@@ -171,8 +174,11 @@ def test_gpu_multi_process_commands_parse(line):
 
 def test_every_multi_process_command_is_covered():
     """Each multi-process command is either run (the CPU section) or parsed (the others)."""
-    cmds = [c for cmds in commands_by_section().values() for c in cmds if is_multi_process(c)]
-    assert len(cmds) == len(GPU_COMMANDS) + 2 and len(GPU_COMMANDS) >= 5
+    sections = commands_by_section()
+    cmds = [c for cmds in sections.values() for c in cmds if is_multi_process(c)]
+    elsewhere = [c for s in RUN_IN_TEST_DISTRIBUTED for c in sections[s]]
+    assert [c[0] for c in elsewhere] == ["torchrun", "accelerate", "torchrun"]
+    assert len(cmds) == len(GPU_COMMANDS) + 2 + len(elsewhere) and len(GPU_COMMANDS) >= 5
 
 
 def test_the_layout_section_lists_every_module():
@@ -200,7 +206,7 @@ def test_every_command_shown_is_checked():
     """Each command of a page's bash blocks is smolctl's (parsed or run), accelerate's (parsed or
     run), pip's and pytest's (the two set-up commands; .ci/run runs the test one), or feeds one."""
     cmds = [c for cmds in commands_by_section().values() for c in cmds]
-    assert {c[0] for c in cmds} <= {"smolctl", "accelerate", "pip", "python", "echo"}, {c[0] for c in cmds}
+    assert {c[0] for c in cmds} <= {"smolctl", "accelerate", "torchrun", "pip", "python", "echo"}, {c[0] for c in cmds}
     assert [c for c in cmds if c[0] == "python"] == [["python", "-m", "pytest", "-q"]]
     assert [c for c in cmds if c[0] == "pip"] == [["pip", "install", "torch==2.13.0", "-e", "."],
                                                   ["pip", "install", "torch==2.13.0", "-e", ".[test]"]]

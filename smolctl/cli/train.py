@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -56,17 +57,27 @@ def register(app: typer.Typer) -> None:
         log_file: LogFileOpt = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a run directory "
                                                 "that has checkpoints.")] = False,
+        resume: Annotated[Optional[str], opt("--resume", help="auto: continue the run in --run-dir from its "
+                                             "newest good checkpoint if it has one and the same config, else "
+                                             "start it (for jobs that torchrun --max-restarts or a scheduler "
+                                             "starts again).")] = None,
         dashboard: DashOpt = True,
         verbose: VerboseOpt = False,
         **flags,
     ) -> None:
         cfg = (TrainConfig.from_file(config) if config else TrainConfig()).with_flags(flags)
+        if resume not in (None, "auto"):
+            raise SmolctlError(f"--resume {resume!r}: the only value is auto",
+                               hint="To resume from a given checkpoint: smolctl resume --run-dir DIR --from STEP")
+        if resume and run_name is None and run_dir is None:
+            raise SmolctlError("--resume auto needs --run-dir or --run-name",
+                               hint="The default run name has the time in it: a restart would start a new run")
         if run_name is not None and (Path(run_name).name != run_name or run_name in (".", "..")):
             raise SmolctlError(f"--run-name {run_name!r} is not a plain name (it would be written outside runs/)",
                                hint="Use a name without '/' or '..', or --run-dir for a path")
         model_name = cfg.preset or (Path(cfg.init_from).name if cfg.init_from else DEFAULT_PRESET)
         name = run_name or (run_dir.name if run_dir else f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _run(cfg, run_dir or RUNS / name, None, log_file, overwrite, dashboard, num_processes, verbose=verbose)
+        _run(cfg, run_dir or RUNS / name, resume, log_file, overwrite, dashboard, num_processes, verbose=verbose)
 
     @command(app, help="Continue a run from one of its checkpoints, exactly where it stopped.")
     @config_options(TrainConfig, RESUMABLE)
@@ -83,8 +94,6 @@ def register(app: typer.Typer) -> None:
         verbose: VerboseOpt = False,
         **flags,
     ) -> None:
-        from smolctl.rundir import RunComplete
-
         if run_dir is None and Path(from_).is_dir() and Path(from_).parent.name == "checkpoints":
             run_dir = Path(from_).parent.parent
         run_dir = run_dir or _newest_run()
@@ -92,12 +101,7 @@ def register(app: typer.Typer) -> None:
             raise SmolctlError(f"{run_dir} is not a smolctl run directory (no config.yaml)",
                                hint="Pass --run-dir of a run started with smolctl train")
         cfg = TrainConfig.from_file(run_dir / "config.yaml").with_flags(flags)
-        try:
-            _run(cfg, run_dir, from_, log_file, False, dashboard, num_processes, allow_config_change, verbose)
-        except RunComplete as e:  # a job scheduler re-running resume after the last save: nothing to do
-            if os.environ.get("RANK", "0") == "0":
-                print(e)
-            raise typer.Exit(0) from None
+        _run(cfg, run_dir, from_, log_file, False, dashboard, num_processes, allow_config_change, verbose)
 
 
 def _newest_run() -> Path:
@@ -107,13 +111,12 @@ def _newest_run() -> Path:
     return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime)
 
 
-def _say_precision(cfg, resume: str | None) -> None:
+def _say_precision(cfg, run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """--verbose: the precision the run will train in, and the figures behind auto (measured
     here, or read from the cache; train() then reads the same cache entry)."""
-    from smolctl.run import mixed_precision
-    from smolctl.sources import with_init_model
+    from smolctl.run import mixed_precision, planned_config
 
-    resolved = (with_init_model(cfg) if cfg.init_from and resume is None else cfg).resolved()
+    resolved = planned_config(cfg, run_dir, resume, overwrite)
     mixed = mixed_precision(resolved, say=lambda line: print(line, file=sys.stderr))
     if cfg.mixed_precision != "auto":
         print(f"Precision: {mixed} (asked for)", file=sys.stderr)
@@ -121,8 +124,7 @@ def _say_precision(cfg, resume: str | None) -> None:
 
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
          num_processes: int | None = None, allow_config_change: bool = False, verbose: bool = False) -> None:
-    from smolctl.checkpoint import resume_command
-    from smolctl.distributed import PeerFailed, place
+    from smolctl.distributed import PeerFailed, continue_command, place
     from smolctl.launch import LAUNCHED_BY_SMOLCTL, launch, preflight, without_option
     from smolctl.train import train
 
@@ -135,11 +137,12 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
             raise SmolctlError(f"--num-processes {num_processes} inside a launcher that started {where.world}",
                                hint="Leave --num-processes out under torchrun / accelerate launch")
         if where.world == 1 and num_processes > 1:
-            preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
+            with _complete_is_done(main=True):
+                preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
             raise typer.Exit(launch(num_processes, without_option(sys.argv[1:], "--num-processes"), run_dir))
     main = where.rank == 0  # the dashboard and messages come from rank 0 only
     if verbose and main:
-        _say_precision(cfg, resume)
+        _say_precision(cfg, run_dir, resume, overwrite)
     sink = None
     if main and dashboard and sys.stdout.isatty():
         from smolctl.dashboard import Dashboard
@@ -150,8 +153,9 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
 
         sink = PlainSink()
     try:
-        result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
-                       overwrite=overwrite, allow_config_change=allow_config_change)
+        with _complete_is_done(main):
+            result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
+                           overwrite=overwrite, allow_config_change=allow_config_change)
     except PeerFailed as e:
         # The process that failed says why, and a launcher names one that was killed: only rank 0
         # speaks for the others, and only under a launcher that does not (accelerate launch, torchrun).
@@ -164,5 +168,19 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
     if result.stopped_by:
         if main:
             print(f"Stopped at step {result.step}. Continue with:\n  "
-                  f"{resume_command(run_dir, where.world, result.step)}", file=sys.stderr)
+                  f"{continue_command(run_dir, where.world, result.step)}", file=sys.stderr)
         raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
+
+
+@contextmanager
+def _complete_is_done(main: bool):
+    """A run already at its last step (a job requeued or restarted after its final save): say so
+    (once) and exit 0."""
+    from smolctl.rundir import RunComplete
+
+    try:
+        yield
+    except RunComplete as e:
+        if main:
+            print(e)
+        raise typer.Exit(0) from None
