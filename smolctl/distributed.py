@@ -78,7 +78,11 @@ def accelerator(requested_device: str | None, **kwargs):
     device = devices.for_process(requested_device, where)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if where.world > 1:
+    if where.world == 1:  # a second run in this process (a notebook, a test) may train in another precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    else:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend, timeout=TIMEOUT)]
     try:
