@@ -56,8 +56,8 @@ def for_process(requested: str | None, where) -> torch.device:
     import torch
 
     if where.world > 1 and re.fullmatch(r"cuda:\d+", requested or ""):
-        raise SmolctlError(f"--device {requested} would put all {where.world} processes on one GPU",
-                           hint="Use --device cuda: each process takes the GPU of its LOCAL_RANK")
+        raise SmolctlError(f"device {requested} would put all {where.world} processes on one GPU",
+                           hint="Ask for cuda without an index: each process takes the GPU of its LOCAL_RANK")
     device = torch.device(pick_device(requested))
     if device.type == "cuda":  # always with its index: torch.cuda.set_device takes no other
         gpus = torch.cuda.device_count()

@@ -19,10 +19,11 @@ LAUNCHED_BY_SMOLCTL = "SMOLCTL_LAUNCHER"
 
 
 def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: int,
-              allow_config_change: bool = False) -> None:
+              allow_config_change: bool = False) -> str:
     """Once, before starting N processes: the checks that would otherwise fail in all of them,
     on the device each of them would pick. Each process then makes the same plan again (a
-    relaunch must see the run directory as it is then)."""
+    relaunch must see the run directory as it is then). Returns Accelerate's mixed precision,
+    decided here once (measured, if auto) for `launch` to hand to every process."""
     from smolctl import checkpoint as ckpt_io
     from smolctl import fsutil
     from smolctl.data import DataSpec
@@ -36,12 +37,14 @@ def preflight(cfg, run_dir: Path, resume: str | None, overwrite: bool, world: in
             ckpt_io.recover(run_dir)
     plan = make_plan(cfg, run_dir, resume, overwrite, world, say=lambda _: None, allow_config_change=allow_config_change)
     for_process(plan.cfg.device, Place(world - 1, world - 1, world))  # the last process: is there a GPU for it?
-    mixed_precision(plan.cfg)  # measured once here (if auto), so that the N processes read the same cached figures
     DataSpec.parse(plan.cfg.data, plan.cfg.text_column, flags=data_flags(run_dir, plan.resume, "data"))
+    return mixed_precision(plan.cfg)
 
 
-def launch(n: int, args: list[str], run_dir: Path) -> int:
+def launch(n: int, args: list[str], run_dir: Path, mixed_precision: str | None = None) -> int:
     """Run `smolctl ARGS` in `n` processes on this machine; return their exit status.
+    `mixed_precision`: preflight's decision, so that the processes agree even where `auto`'s
+    figures were taken on a busy machine and not cached (each would measure again).
 
     In-process rather than exec'ing `torchrun`, so that a failure ends in one line and an exit
     code instead of the launcher's traceback. A process that fails says why itself and the
@@ -61,6 +64,8 @@ def launch(n: int, args: list[str], run_dir: Path) -> int:
     # torchrun would set 1 thread per process (and print a banner saying so); split the cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     os.environ[LAUNCHED_BY_SMOLCTL] = "1"
+    if mixed_precision:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = mixed_precision
     for name in list(logging.root.manager.loggerDict):  # we report failures; torch's loggers set their own levels
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -177,9 +177,9 @@ def plot_loss(metrics: Path, out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r["event"] == "train" and r.get("loss") is not None]
-    evals = [(r["step"], r["loss"]) for r in rows if r["event"] == "eval"]
+    rows = [r for r in map(_row, metrics.read_bytes().splitlines()) if r is not None]
+    train = [(r["step"], r["loss"]) for r in rows if r["event"] == "train" and isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["loss"]) for r in rows if r["event"] == "eval" and isinstance(r.get("loss"), (int, float))]
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -195,3 +195,12 @@ def plot_loss(metrics: Path, out: Path) -> Path | None:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
+
+
+def _row(line: bytes) -> dict | None:
+    """One metrics.jsonl row for the plot; None for a line someone damaged (the plot skips it)."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) and "event" in row else None

@@ -119,6 +119,9 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     plan = plan or plan_of(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
                            allow_config_change=allow_config_change)
     cfg, mcfg, tok, resume_path = plan.cfg, plan.mcfg, plan.tokenizer, plan.resume_from
+    # what auto decided is the run's from now on: config.yaml keeps it, so a resume trains in the
+    # same precision whatever another measurement or launcher would say (bit-exact resumes)
+    cfg = dataclasses.replace(cfg, mixed_precision=mixed)
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
@@ -239,6 +242,8 @@ def planned_config(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrit
         cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     cfg.model_config()
+    if resume == "auto" and cfg.mixed_precision == "auto":  # the precision the run decided, if it has one
+        cfg = dataclasses.replace(cfg, mixed_precision=_decided_precision(run_dir) or "auto")
     return cfg
 
 
@@ -252,6 +257,18 @@ def plan_of(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool
     resume_from = resume_point(cfg, run_dir, resume, overwrite, world, say=say, allow_config_change=allow_config_change)
     tok, mcfg = rundir.run_tokenizer(cfg, cfg.model_config(), resume_from)
     return RunPlan(cfg, mcfg, tok, resume, resume_from, auto and resume_from is not None)
+
+
+def _decided_precision(run_dir: Path) -> str | None:
+    """The mixed precision a run in `run_dir` with checkpoints trains in (config.yaml keeps what
+    `auto` decided at its start), or None; a config.yaml that can't be read is _same_run's to report."""
+    if not ckpt_io.saved(run_dir) or not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        decided = TrainConfig.from_file(run_dir / "config.yaml").mixed_precision
+    except SmolctlError:
+        return None
+    return None if decided == "auto" else decided
 
 
 def _same_run(cfg: TrainConfig, run_dir: Path) -> bool:

@@ -16,6 +16,12 @@ def test_generate_hf_dir_with_truncated_tokenizer_config(template):  # noqa: F81
           damage("hf/tokenizer_config.json", "truncate", 188, None))
 
 
+def test_resume_of_a_run_whose_metrics_jsonl_has_a_damaged_row(template):  # noqa: F811
+    # was: Error: internal error: JSONDecodeError: Expecting value (the loss plot, after the run ended)
+    check(Case(["resume", "--run-dir", "runs/micro", "--max-steps", "3", "--eval-tokens", "32"],
+               outputs=["runs/micro"]), template, damage("runs/micro/metrics.jsonl", "flip", 0, None))
+
+
 def test_export_import_with_truncated_config_json(template):  # noqa: F811
     # was: Error: internal error: OSError: It looks like the config file at '.../models/micro/config.json'
     # is not a valid JSON file

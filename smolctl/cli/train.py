@@ -138,8 +138,8 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
                                hint="Leave --num-processes out under torchrun / accelerate launch")
         if where.world == 1 and num_processes > 1:
             with _complete_is_done(main=True):
-                preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
-            raise typer.Exit(launch(num_processes, without_option(sys.argv[1:], "--num-processes"), run_dir))
+                mixed = preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
+            raise typer.Exit(launch(num_processes, without_option(sys.argv[1:], "--num-processes"), run_dir, mixed))
     main = where.rank == 0  # the dashboard and messages come from rank 0 only
     if verbose and main:
         _say_precision(cfg, run_dir, resume, overwrite)
