@@ -64,8 +64,8 @@ def for_process(requested: str | None, where) -> torch.device:
         device = torch.device("cuda", where.local_rank if where.world > 1 else device.index or 0)
         if where.world > 1 and device.index >= gpus:  # one process: pick_device checked it
             raise SmolctlError(f"{where.world} processes need a GPU each, but torch sees {gpus} on this machine",
-                               hint=f"Run one process per GPU ({gpus}), or pass --device cpu")
+                               hint=f"Run one process per GPU ({gpus}), or train on the CPU (device cpu)")
     if where.world > 1 and device.type == "mps":
         raise SmolctlError(f"{where.world} processes on mps cannot form a process group",
-                           hint="Use CUDA GPUs, or --device cpu")
+                           hint="Use CUDA GPUs, or train on the CPU (device cpu)")
     return device
