@@ -74,20 +74,15 @@ def _stderr(line: str) -> None:
 def _load_gguf_4bit(path, header):
     """sources.Loaded for a GGUF decoded in 4 bits. Neither a transformers model nor (for SmolLM2's
     vocabulary) its tokenizer is built: transformers is not imported (lean_tokenizer.py)."""
-    import json
-
     from smolctl.decode import Decoder
     from smolctl.lean_tokenizer import LeanTokenizer
-    from smolctl.sources import Loaded, _bundled_vocab_matches, gguf_tokenizer
+    from smolctl.sources import Loaded, _bundled_vocab_matches, gguf_special_ids, gguf_tokenizer
     from smolctl.tokenizer import BUNDLED
 
     model, info = Decoder.from_gguf(path, header)
-    tokenizer = gguf_tokenizer(path, info) if not _bundled_vocab_matches(info) else None
-    if tokenizer is None:  # the GGUF's special tokens where it names them, else the bundled config's
-        config = json.loads((BUNDLED / "tokenizer_config.json").read_text(encoding="utf-8"))
-        vocab = {t: i for i, t in enumerate(info.tokens)}
-        special = {role: getattr(info, f"{role}_token_id") if getattr(info, f"{role}_token_id") is not None
-                   else vocab.get(config.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
-        tokenizer = LeanTokenizer(BUNDLED / "tokenizer.json", special, info.chat_template,
+    if _bundled_vocab_matches(info):
+        tokenizer = LeanTokenizer(BUNDLED / "tokenizer.json", gguf_special_ids(info), info.chat_template,
                                   full=lambda: gguf_tokenizer(path, info))
+    else:
+        tokenizer = gguf_tokenizer(path, info)
     return Loaded(model, model.cfg, tokenizer, path, general=info.general)

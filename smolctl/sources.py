@@ -284,12 +284,23 @@ def gguf_tokenizer(path: Path, info):
             raise SmolctlError(f"cannot build a tokenizer from {path.name}: {str(e).splitlines()[0]}",
                                hint="Use a GGUF with the SmolLM2 vocabulary or an HF model directory") from None
     tok = AutoTokenizer.from_pretrained(str(BUNDLED))  # a fresh copy: load_tokenizer's is shared
-    for role in ("bos", "eos", "pad"):
-        token_id = getattr(info, f"{role}_token_id")
+    for role, token_id in gguf_special_ids(info).items():
         if token_id is not None:
             setattr(tok, f"{role}_token", info.tokens[token_id])
     tok.chat_template = info.chat_template  # None: a base model, continuation only
     return tok
+
+
+def gguf_special_ids(info) -> dict[str, int | None]:
+    """bos/eos/pad of a GGUF with the bundled vocabulary: the ids the GGUF names, else the bundled
+    tokenizer's (its tokenizer_config.json)."""
+    import json
+
+    config = json.loads((BUNDLED / "tokenizer_config.json").read_text(encoding="utf-8"))
+    vocab = {t: i for i, t in enumerate(info.tokens)}
+    named = {role: getattr(info, f"{role}_token_id") for role in ("bos", "eos", "pad")}
+    return {role: vocab.get(config.get(f"{role}_token")) if token_id is None else token_id
+            for role, token_id in named.items()}
 
 
 def _bundled_vocab_matches(info) -> bool:
