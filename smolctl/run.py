@@ -119,9 +119,10 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
     plan = plan or plan_of(cfg, run_dir, resume, overwrite, world, say=accelerator.print,
                            allow_config_change=allow_config_change)
     cfg, mcfg, tok, resume_path = plan.cfg, plan.mcfg, plan.tokenizer, plan.resume_from
-    # what auto decided is the run's from now on: config.yaml keeps it, so a resume trains in the
-    # same precision whatever another measurement or launcher would say (bit-exact resumes)
-    cfg = dataclasses.replace(cfg, mixed_precision=mixed)
+    if resume_path is None:  # what auto decided is the run's from its start: config.yaml keeps it, so a
+        # resume trains in the same precision whatever another measurement or launcher would say (a run
+        # started before this was recorded keeps its "auto", which its checkpoints were saved with)
+        cfg = dataclasses.replace(cfg, mixed_precision=mixed)
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")

@@ -119,7 +119,7 @@ def _say_precision(cfg, run_dir: Path, resume: str | None, overwrite: bool) -> N
     resolved = planned_config(cfg, run_dir, resume, overwrite)
     mixed = mixed_precision(resolved, say=lambda line: print(line, file=sys.stderr))
     if cfg.mixed_precision != "auto":
-        print(f"Precision: {mixed} (asked for)", file=sys.stderr)
+        print(f"Precision: {mixed} (set in the run's config, not auto)", file=sys.stderr)
 
 
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
