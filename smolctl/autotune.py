@@ -157,31 +157,33 @@ def cached(device: str, key: str, measure_fn: Callable[[], dict]) -> tuple[dict,
     return figures, where, False, took
 
 
-def fastest(device: str, key: str, candidates: dict[str, Callable[[], object]],
-            budget_s: float = BUDGET_S) -> tuple[str, dict]:
-    """The fastest of `candidates` (name -> a call doing the same work, e.g. one decode step
-    with each kernel) on this machine: each timed, best of what fits its share of `budget_s`
-    after one warm-up call, once per machine and torch (cached under `key`, which should name
-    the shapes). Returns (name, figures: name -> calls/s)."""
+def fastest(device: str, key: str, names: tuple[str, ...], candidates: Callable[[], dict[str, Callable[[], object]]],
+            budget_s: float = BUDGET_S) -> tuple[str, dict, bool]:
+    """The fastest of `names` on this machine: `candidates()` makes, only when there are no cached
+    figures, {name: a call doing the same work with each} (e.g. one decode step per engine); each is
+    timed, best of what fits its share of `budget_s` after one warm-up call, once per machine and
+    torch (cached under `key`, which should name the shapes). Returns (name, figures: name ->
+    calls/s, whether they came from the cache)."""
     def measure_all() -> dict:
         sync = _sync(device)
         out = {}
-        for name, call in candidates.items():
-            end = time.perf_counter() + budget_s / len(candidates)
-            best = _timed(call, sync)  # warm-up
+        calls = candidates()
+        for name in names:
+            end = time.perf_counter() + budget_s / len(names)
+            best = _timed(calls[name], sync)  # warm-up
             while True:
-                best = min(best, _timed(call, sync))
+                best = min(best, _timed(calls[name], sync))
                 if time.perf_counter() >= end:
                     break
             out[name] = round(1 / best, 3)
         return out
 
-    figures = cached(device, key, measure_all)[0]
-    speeds = {k: v for k, v in figures.items() if k in candidates and isinstance(v, (int, float))}
-    if not speeds:  # a cache entry from other candidates under the same key: measure these
-        figures = measure_all()
+    figures, _, from_cache, _ = cached(device, key, measure_all)
+    speeds = {k: v for k, v in figures.items() if k in names and isinstance(v, (int, float))}
+    if len(speeds) < len(names):  # a cache entry from other candidates under the same key: measure these
+        figures, from_cache = measure_all(), False
         speeds = figures
-    return max(speeds, key=speeds.get), figures
+    return max(speeds, key=speeds.get), figures, from_cache
 
 
 def _timed(call: Callable[[], object], sync) -> float:

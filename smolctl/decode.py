@@ -1,11 +1,17 @@
 """A lean batch-1 decoder for Llama models on CPU with 4-bit weights: what `smolctl generate` and
 `smolctl chat` run on a CPU for a Q4 GGUF file, and for --quantize int4.
 
-    dec = Decoder.from_gguf(path)           # Q4_1 blocks go straight into the int4 kernel's layout
-    dec = Decoder.from_model(model, cfg)    # a transformers Llama, quantized to 4 bits in groups of 32
+    dec = Decoder.from_gguf(path)           # the Q4 blocks as stored
+    dec = Decoder.from_state(cfg, state)    # a transformers Llama's weights, quantized to 4 bits in groups of 32
     step = dec.start(max_len)               # a fresh KV cache for max_len positions
     logits = step(ids, pos)                 # (1, T) ids at positions pos.. -> (1, vocab) fp32, last position
+    dec.engine.name                         # "native" (smolctl/native.py: C) or "torch" (below)
 
+Two engines run the step: native.py's compiled C step (int8 activations, llama.cpp's scheme) and the
+torch one below (bf16 activations through torch's int4 kernel). `engine="auto"` takes the one that
+ran a step faster on this machine: measured once, both built, then cached (autotune.fastest).
+
+The torch engine:
 Why not the transformers model with int4 linears (what smolctl ran before): at batch 1 a decode step
 of the 135M model is ~60 small matmuls, and transformers wraps each layer in mask, cache and
 dispatch machinery that costs as much as the kernels. Here a layer is ~20 tensor ops:
@@ -177,42 +183,53 @@ class Int4Head(Bf16Head):
         return logits
 
 
-# -- the decoder -----------------------------------------------------------------------------------
+# -- the decoder ---------------------------------------------------------------------------------
 
-@dataclass
-class Layer:
-    attn_norm: torch.Tensor  # (hidden,) fp32
-    qkv: Int4Matmul  # rows: q heads, kv heads (k), kv heads (v); q and k rows interleaved for RoPE
-    out: Int4Matmul
-    mlp_norm: torch.Tensor
-    gate_up: Int4Matmul  # rows: gate, then up
-    down: Int4Matmul
+ENGINES = ("auto", "native", "torch")
+
+
+def arrange(cfg: ModelConfig, tensors, q_scale: float = 1.0) -> SimpleNamespace:
+    """A Llama's weights as the engines take them: `layers` (each: attn_norm, qkv, out, mlp_norm,
+    gate_up, down), `embed`, `norm`, `head`. `tensors(name)` gives a transformers-named weight: the
+    linears as 4-bit matrices (Q4, or native.Blocks; q and k rows in GGUF's interleaved order), which
+    are fused with their type's `cat` (q, k, v into qkv; gate and up); the rest as float arrays."""
+    widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+    if any(w % GROUP for w in widths):
+        raise SmolctlError(f"4-bit decoding needs layer widths divisible by {GROUP}, not {widths}")
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        q = tensors(p + "self_attn.q_proj.weight")
+        q = q.times(q_scale) if q_scale != 1 else q
+        layers.append(SimpleNamespace(
+            attn_norm=tensors(p + "input_layernorm.weight"),
+            qkv=type(q).cat([q, tensors(p + "self_attn.k_proj.weight"), tensors(p + "self_attn.v_proj.weight")]),
+            out=tensors(p + "self_attn.o_proj.weight"), mlp_norm=tensors(p + "post_attention_layernorm.weight"),
+            gate_up=type(q).cat([tensors(p + "mlp.gate_proj.weight"), tensors(p + "mlp.up_proj.weight")]),
+            down=tensors(p + "mlp.down_proj.weight")))
+    embed = tensors("model.embed_tokens.weight")
+    return SimpleNamespace(layers=layers, embed=embed, norm=tensors("model.norm.weight"),
+                           head=embed if cfg.tie_embeddings else tensors("lm_head.weight"))
 
 
 class Decoder:
-    """Batch-1 Llama decoding on CPU with int4 layer weights (see the module docstring)."""
+    """Batch-1 Llama decoding on CPU with 4-bit layer weights, through `engine` (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, layers: list[Layer], embed: torch.Tensor, norm: torch.Tensor,
-                 head: torch.Tensor, head_kind: str = "int4"):
-        if head_kind not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, not {head_kind!r}")
-        self.cfg, self.layers, self.norm = cfg, layers, norm
-        self.embed = embed.float()  # (vocab, hidden): one row read per token
-        self.head = Int4Head(head) if head_kind == "int4" else Bf16Head(head)
-        self.head_kind = head_kind
+    def __init__(self, cfg: ModelConfig, engine):
+        self.cfg, self.engine = cfg, engine
         # what Generation and tokenizer.stop_ids read from a model
         self.config = SimpleNamespace(max_position_embeddings=cfg.max_seq_len, eos_token_id=cfg.eos_token_id)
         self.generation_config = None
         self.training = False
-        half = cfg.head_dim // 2
-        self.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half)
+
+    def start(self, max_len: int):
+        """step(ids (1, T), pos) -> (1, vocab) fp32 logits of the last of the T positions, with a
+        fresh KV cache for `max_len` positions."""
+        return self.engine.start(max_len)
 
     def nbytes(self) -> int:
         """Bytes one decode step reads: every layer's weights and the lm_head (one embedding row)."""
-        mats = [m for layer in self.layers for m in (layer.qkv, layer.out, layer.gate_up, layer.down)]
-        head = [self.head.int4] if isinstance(self.head, Int4Head) else []
-        return (sum(m.packed.nbytes + m.scale_zero.nbytes for m in mats + head) + (0 if head else self.head.weight.nbytes)
-                + sum(layer.attn_norm.nbytes + layer.mlp_norm.nbytes for layer in self.layers))
+        return self.engine.nbytes()
 
     # the nn.Module surface Generation touches
     def eval(self) -> Decoder:
@@ -221,33 +238,35 @@ class Decoder:
     def train(self, mode: bool = True) -> Decoder:
         return self
 
-    # -- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, path, header=None, head_kind: str = "int4", engine: str = "auto", say=None):
+        """(Decoder, GGUFInfo) from a llama GGUF (`header`: what scan_gguf(path) returned). Q4_0 and Q4_1
+        tensors are taken as they are (no rounding); others are dequantized, and the layers' linears
+        among them quantized to Q4 (the native engine keeps Q8_0 as it is)."""
+        from smolctl.gguf_io import scan_gguf
+
+        cfg, info, scan = header or scan_gguf(path)
+
+        def native_engine():
+            from smolctl import native
+
+            return native.Engine(cfg, arrange(cfg, native.gguf_tensors(path, scan)))
+
+        def torch_engine():
+            def tensors(name: str):
+                kind, shape, data = gguf_tensor(path, scan, name)
+                if name.endswith("proj.weight") and kind in (Q4_0, Q4_1):
+                    return Q4.from_gguf(data, kind, *shape)
+                w = dequantize(data, kind).reshape(shape)
+                return Q4.quantize(w) if name.endswith("proj.weight") else w
+
+            return TorchEngine(cfg, arrange(cfg, tensors, 1 / math.sqrt(cfg.head_dim)), head_kind)
+
+        return cls(cfg, pick_engine(cfg, engine, native_engine, torch_engine, say)), info
 
     @classmethod
-    def from_parts(cls, cfg: ModelConfig, tensors, head_kind: str = "int4") -> Decoder:
-        """`tensors(name)`: a transformers-named weight as Q4 (the layers' linears, q and k rows in GGUF's
-        interleaved order) or a float tensor (norms, embedding, lm_head)."""
-        if not int4_supported():
-            raise SmolctlError(f"4-bit decoding needs torch >= 2.6 (this is {torch.__version__})")
-        widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
-        if any(w % GROUP for w in widths):
-            raise SmolctlError(f"4-bit decoding needs layer widths divisible by {GROUP}, not {widths}")
-        layers = []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            q = tensors(p + "self_attn.q_proj.weight").times(1 / math.sqrt(cfg.head_dim))  # 2^-k: exact
-            qkv = Q4.cat([q, tensors(p + "self_attn.k_proj.weight"), tensors(p + "self_attn.v_proj.weight")])
-            gate_up = Q4.cat([tensors(p + "mlp.gate_proj.weight"), tensors(p + "mlp.up_proj.weight")])
-            layers.append(Layer(tensors(p + "input_layernorm.weight").float(), Int4Matmul(qkv),
-                                Int4Matmul(tensors(p + "self_attn.o_proj.weight")),
-                                tensors(p + "post_attention_layernorm.weight").float(), Int4Matmul(gate_up),
-                                Int4Matmul(tensors(p + "mlp.down_proj.weight"))))
-        embed = tensors("model.embed_tokens.weight")
-        head = embed if cfg.tie_embeddings else tensors("lm_head.weight")
-        return cls(cfg, layers, embed, tensors("model.norm.weight").float(), head, head_kind)
-
-    @classmethod
-    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], head_kind: str = "int4") -> Decoder:
+    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], head_kind: str = "int4",
+                   engine: str = "auto", say=None) -> Decoder:
         """From a transformers-named state dict (best fp32): the layers' linears quantized to Q4."""
         from smolctl.gguf_io import to_gguf_rows
 
@@ -260,28 +279,93 @@ class Decoder:
                 w = torch.from_numpy(to_gguf_rows(w.numpy(), heads).copy())
             return Q4.quantize(w)
 
-        return cls.from_parts(cfg, tensors, head_kind)
+        def native_engine():
+            from smolctl import native
 
-    @classmethod
-    def from_gguf(cls, path, header=None, head_kind: str = "int4"):
-        """(Decoder, GGUFInfo) from a llama GGUF (`header`: what scan_gguf(path) returned). Q4_0 and Q4_1
-        tensors are taken as they are (no rounding); others are dequantized, and the layers' linears
-        among them quantized to Q4."""
-        from smolctl.gguf_io import hf_to_gguf_name, scan_gguf
+            return native.Engine(cfg, arrange(cfg, lambda name: native.Blocks.of(w) if isinstance(w := tensors(name), Q4)
+                                              else w.numpy()))
 
-        cfg, info, scan = header or scan_gguf(path)
+        def torch_engine():
+            return TorchEngine(cfg, arrange(cfg, tensors, 1 / math.sqrt(cfg.head_dim)), head_kind)
 
-        def tensors(name: str):
-            gguf_name = hf_to_gguf_name(name)
-            if gguf_name not in scan.tensors:
-                raise SmolctlError(f"{path} has no tensor {gguf_name}", hint="Use a complete llama GGUF")
-            kind, shape, data = scan.tensors[gguf_name]
-            if name.endswith("proj.weight") and kind in (Q4_0, Q4_1):
-                return Q4.from_gguf(data, kind, *shape)
-            w = dequantize(data, kind).reshape(shape)
-            return Q4.quantize(w) if name.endswith("proj.weight") else w
+        return cls(cfg, pick_engine(cfg, engine, native_engine, torch_engine, say))
 
-        return cls.from_parts(cfg, tensors, head_kind), info
+
+def gguf_tensor(path, scan, name: str):
+    """(GGML type, shape, bytes) of a transformers-named tensor in a scanned GGUF."""
+    from smolctl.gguf_io import hf_to_gguf_name
+
+    gguf_name = hf_to_gguf_name(name)
+    if gguf_name not in scan.tensors:
+        raise SmolctlError(f"{path} has no tensor {gguf_name}", hint="Use a complete llama GGUF")
+    return scan.tensors[gguf_name]
+
+
+def pick_engine(cfg: ModelConfig, choice: str, native_engine, torch_engine, say=None):
+    """The engine `choice` names; for "auto", the one whose decode step ran faster here (both are
+    built and timed once per machine, model shape and torch; then cached). No C compiler: torch."""
+    from smolctl import autotune, native
+
+    if choice not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {choice!r}")
+    if choice == "torch" or (choice == "auto" and native.library() is None):
+        if say and choice == "auto":
+            say(f"Decode engine: torch ({native.why_not()})")
+        return torch_engine()
+    if choice == "native":
+        if native.library() is None:
+            raise SmolctlError(f"the native decoder is not available: {native.why_not()}")
+        return native_engine()
+    built = {}
+
+    def candidates():
+        built.update(native=native_engine(), torch=torch_engine())
+        steps = {name: engine.start(16) for name, engine in built.items()}
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        return {name: functools.partial(step, ids, 8) for name, step in steps.items()}
+
+    key = f"decode engine {autotune.Shape.of(cfg).key()}"
+    name, figures, cached = autotune.fastest("cpu", key, ("native", "torch"), candidates)
+    if say:
+        speeds = ", ".join(f"{k} {v:,.0f} steps/s" for k, v in figures.items() if k in ("native", "torch"))
+        say(f"Decode engine: {name} ({speeds}; {'cached' if cached else 'measured now'} in {autotune.cache_file()})")
+    return built.get(name) or (native_engine() if name == "native" else torch_engine())
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # (hidden,) fp32
+    qkv: Int4Matmul  # rows: q heads, kv heads (k), kv heads (v); q and k rows interleaved for RoPE
+    out: Int4Matmul
+    mlp_norm: torch.Tensor
+    gate_up: Int4Matmul  # rows: gate, then up
+    down: Int4Matmul
+
+
+class TorchEngine:
+    """The decode step in torch: bf16 activations through torch's int4 kernel (see the module docstring)."""
+
+    name = "torch"
+
+    def __init__(self, cfg: ModelConfig, weights: SimpleNamespace, head_kind: str = "int4"):
+        if not int4_supported():
+            raise SmolctlError(f"4-bit decoding needs torch >= 2.6 (this is {torch.__version__})")
+        if head_kind not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head_kind!r}")
+        self.cfg, self.norm = cfg, weights.norm.float()
+        self.layers = [Layer(w.attn_norm.float(), Int4Matmul(w.qkv), Int4Matmul(w.out), w.mlp_norm.float(),
+                             Int4Matmul(w.gate_up), Int4Matmul(w.down)) for w in weights.layers]
+        self.embed = weights.embed.float()  # (vocab, hidden): one row read per token
+        self.head = Int4Head(weights.head) if head_kind == "int4" else Bf16Head(weights.head)
+        self.head_kind = head_kind
+        half = cfg.head_dim // 2
+        self.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half)
+
+    def nbytes(self) -> int:
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+        head = [self.head.int4] if isinstance(self.head, Int4Head) else []
+        return (sum(m.packed.nbytes + m.scale_zero.nbytes for m in mats + head) + (0 if head else self.head.weight.nbytes)
+                + sum(layer.attn_norm.nbytes + layer.mlp_norm.nbytes for layer in self.layers))
 
     # -- running ----------------------------------------------------------------------------------
 

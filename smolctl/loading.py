@@ -4,9 +4,10 @@
 
 The device and dtype are picked (see dtypes.pick_dtype), --model is resolved before anything is
 printed (a bad spec fails first), --quantize is checked against the two, and on a CPU the fast
-decoding paths are applied: decode.Decoder (4-bit weights) for --quantize int4 and, with --dtype
-auto, for a GGUF whose layer weights are stored in 4 bits (Q4_0 / Q4_1: decoding them in 4 bits
-loses nothing, and it is ~4x faster than dequantizing them); fastpath.py's torch.mv for bf16.
+decoding paths are applied: decode.Decoder (4-bit weights; its engine, native C or torch, picked by
+measuring) for --quantize int4 and, with --dtype auto, for a GGUF whose layer weights are stored in
+4 bits (Q4_0 / Q4_1: decoding them in 4 bits loses nothing, and it is ~4x faster than dequantizing
+them); fastpath.py's torch.mv for bf16.
 """
 
 from __future__ import annotations
@@ -43,21 +44,22 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
         if quantize == "none" and not stored_in_4_bits(header[2]):
             header = None  # an F16/Q8_0 file: auto keeps its precision
     if header is not None:
-        what = "its 4-bit weights as stored, bf16 compute" if quantize == "none" else "int4 weights, bf16"
+        what = "its 4-bit weights as stored" if quantize == "none" else "int4 weights"
     elif quantize != "none":
-        what = f"{quantize} weights, bf16"
+        what = f"{quantize} weights"
     else:
         torch_dtype, what = pick_dtype(dtype, device, say=_stderr if verbose else None)
     if verbose or sys.stderr.isatty():  # scripts get only errors and the speed line, unless they ask
         print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
     t = time.perf_counter()
+    say = _stderr if verbose else None
     if header is not None:
-        loaded = _load_gguf_4bit(path, header)
+        loaded = _load_gguf_4bit(path, header, say)
     elif quantize == "int4":  # quantized from the stored (fp32) weights, not from a bf16 copy of them
         from smolctl.decode import Decoder
 
         loaded = load(spec, device=device, resolved=path)
-        loaded.model = Decoder.from_state(loaded.cfg, loaded.model.state_dict())
+        loaded.model = Decoder.from_state(loaded.cfg, loaded.model.state_dict(), say=say)
     else:
         loaded = load(spec, device=device, dtype=torch_dtype, resolved=path)
         if device == "cpu":
@@ -71,7 +73,7 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _load_gguf_4bit(path, header):
+def _load_gguf_4bit(path, header, say=None):
     """sources.Loaded for a GGUF decoded in 4 bits. Neither a transformers model nor (for SmolLM2's
     vocabulary) its tokenizer is built: transformers is not imported (lean_tokenizer.py)."""
     from smolctl.decode import Decoder
@@ -79,7 +81,7 @@ def _load_gguf_4bit(path, header):
     from smolctl.sources import Loaded, _bundled_vocab_matches, gguf_special_ids, gguf_tokenizer
     from smolctl.tokenizer import BUNDLED
 
-    model, info = Decoder.from_gguf(path, header)
+    model, info = Decoder.from_gguf(path, header, say=say)
     if _bundled_vocab_matches(info):
         tokenizer = LeanTokenizer(BUNDLED / "tokenizer.json", gguf_special_ids(info), info.chat_template,
                                   full=lambda: gguf_tokenizer(path, info))

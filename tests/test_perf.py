@@ -176,14 +176,20 @@ def test_fastest_times_real_calls_once_then_reads_the_cache(monkeypatch, tmp_pat
 
     cache(monkeypatch, tmp_path)
     calls = []
-    name, figures = fastest("cpu", "test kernels", {"slow": lambda: time.sleep(0.01), "quick": lambda: calls.append(1)},
-                            budget_s=0.05)
-    assert name == "quick" and figures["quick"] > figures["slow"] and calls
+    made = []
+
+    def candidates():
+        made.append(1)
+        return {"slow": lambda: time.sleep(0.01), "quick": lambda: calls.append(1)}
+
+    name, figures, cached = fastest("cpu", "test kernels", ("slow", "quick"), candidates, budget_s=0.05)
+    assert name == "quick" and figures["quick"] > figures["slow"] and calls and not cached
 
     def never():
         raise AssertionError("measured again")
 
-    assert fastest("cpu", "test kernels", {"slow": never, "quick": never}) == (name, figures)
+    assert fastest("cpu", "test kernels", ("slow", "quick"), never) == (name, figures, True)
+    assert made == [1]  # the candidates are made only to be measured
 
 
 def test_eval_computes_in_the_measured_dtype_on_device_auto(monkeypatch, tmp_path, cli, tiny_base_dir):
