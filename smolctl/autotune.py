@@ -22,7 +22,9 @@ and trains only on CUDA (it needs loss scaling, which Accelerate's CPU path lack
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -123,7 +125,7 @@ def describe(choice: Choice) -> str:
 # -- the cache -------------------------------------------------------------------------------------
 
 def cache_file() -> Path:
-    from smolctl.perf import cache_dir
+    from smolctl.fsutil import cache_dir
 
     return cache_dir() / "autotune.json"
 
@@ -202,7 +204,13 @@ def _sync(device: str):
 
 
 def machine(device: str) -> str:
-    """What the figures depend on: the device's model (and a CPU's thread count) and torch's version."""
+    """What the figures depend on: the device's model (and a CPU's thread count) and torch's version.
+    For a CPU this is read without importing torch when it is not loaded yet (a natively decoded
+    GGUF never loads it): its version from the package metadata, its threads as torch would take them."""
+    if device == "cpu" and "torch" not in sys.modules:
+        from importlib.metadata import version
+
+        return f"cpu: {_cpu_model()}, {_cpu_threads()} threads; torch {version('torch')}"
     import torch
 
     if device.startswith("cuda"):
@@ -213,6 +221,14 @@ def machine(device: str) -> str:
     else:
         what = device
     return f"{device.split(':')[0]}: {what}; torch {torch.__version__}"
+
+
+def _cpu_threads() -> int:
+    """torch.get_num_threads()'s default, without torch: OMP_NUM_THREADS, else the usable cores."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cpu_model() -> str:

@@ -11,7 +11,9 @@ something else, and never by quietly running somewhere else.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from typing import TYPE_CHECKING
 
 from smolctl.errors import SmolctlError
@@ -22,9 +24,21 @@ if TYPE_CHECKING:
 VALID = "cpu, cuda, cuda:N, mps or auto (the best available)"
 
 
+# Device nodes a GPU's driver makes (NVIDIA, AMD's ROCm, WSL's GPU): where none exists on Linux,
+# torch can find no CUDA device either.
+GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg", "/proc/driver/nvidia")
+
+
+def _may_have_accelerator() -> bool:
+    """False only where no accelerator can be (Linux with no GPU device node); else torch must say."""
+    return sys.platform != "linux" or any(os.path.exists(node) for node in GPU_NODES)
+
+
 def pick_device(name: str | None = None, flag: str = "--device") -> str:
     """The device `name` asks for, checked; None or "auto": cuda, then mps, then cpu. `flag`: what
     the messages call the setting (resume reads it from the run's config.yaml)."""
+    if (name is None or name == "auto") and not _may_have_accelerator():
+        return "cpu"  # without importing torch (~1.5 s): a natively decoded GGUF never needs it
     import torch
 
     if name is None or name == "auto":

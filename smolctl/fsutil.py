@@ -56,6 +56,12 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+def cache_dir() -> Path:
+    """~/.cache/smolctl, or $XDG_CACHE_HOME/smolctl: what smolctl caches per machine (compiled
+    kernels, autotune's figures)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl"
+
+
 # -- hashing -----------------------------------------------------------------------------------
 
 def sha256(data: str | Path | Iterable[bytes | bytearray | memoryview]) -> str:

@@ -28,8 +28,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import torch
-
 from smolctl.errors import SmolctlError
 from smolctl.sampling import Sampling  # declared there (no torch): the CLI makes its flags from it
 from smolctl.tokenizer import stop_ids as default_stop_ids
@@ -70,8 +68,10 @@ def logits_processors(s: Sampling):
     return procs
 
 
-def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(batch, vocab) processed logits -> (batch,) next token ids."""
+def pick(logits, s: Sampling, generator=None):
+    """(batch, vocab) processed logits (a torch tensor) -> (batch,) next token ids."""
+    import torch
+
     if s.greedy:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
@@ -241,10 +241,38 @@ class Generation:
             if all(r.finish_reason for r in results):
                 return
 
-    @torch.inference_mode()
     def _decode(self, budget: int) -> Iterator[list[int]]:
         """The decode loop proper: yields each step's next token for every row (rows that have
         ended keep getting tokens; the caller ignores them). Left-pads a ragged batch."""
+        from smolctl.decode import Decoder
+
+        s = self.sampling
+        if isinstance(self.model, Decoder) and self.model.engine.name == "native" and s.greedy \
+                and s.repetition_penalty == 1.0:
+            yield from self._decode_natively(budget)  # neither torch nor transformers is needed
+            return
+        import torch
+
+        # as a decorator on a generator, inference mode is on while the generator runs, not between its steps
+        yield from torch.inference_mode()(self._decode_with_torch)(budget)
+
+    def _decode_natively(self, budget: int) -> Iterator[list[int]]:
+        """Greedy decoding of one prompt on decode.py's native engine: numpy logits, argmax picks
+        (the first of equal maxima, as torch's argmax)."""
+        if len(self.prompt_ids) != 1:
+            raise SmolctlError(f"the 4-bit CPU decoder decodes one prompt at a time, not {len(self.prompt_ids)}")
+        prompt = self.prompt_ids[0]
+        step = self.model.start(len(prompt) + budget)
+        ids, pos = prompt, 0
+        for _ in range(budget):
+            token = int(step([ids], pos)[0].argmax())
+            yield [token]
+            pos += len(ids)
+            ids = [token]
+
+    def _decode_with_torch(self, budget: int) -> Iterator[list[int]]:
+        import torch
+
         model, s = self.model, self.sampling
         was_training = model.training
         model.eval()
@@ -287,13 +315,15 @@ class Generation:
         """(forward, device): forward(ids, mask, positions) -> (rows, vocab) fp32 logits of each row's
         last position, keeping its own KV cache (fresh here) for up to `max_len` positions. A
         decode.Decoder (CPU, batch 1) runs its own step; a transformers model gets a DynamicCache."""
+        import torch
+
         from smolctl.decode import Decoder
 
         if isinstance(model, Decoder):
             if rows != 1:
                 raise SmolctlError(f"the 4-bit CPU decoder decodes one prompt at a time, not {rows}")
-            step = model.start(max_len)
-            return (lambda ids, mask, positions: step(ids, int(positions[0, 0]))), torch.device("cpu")
+            step = model.start(max_len)  # numpy or torch logits, by engine
+            return (lambda ids, mask, positions: torch.as_tensor(step(ids, int(positions[0, 0])))), torch.device("cpu")
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)

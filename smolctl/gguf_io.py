@@ -22,6 +22,9 @@ from smolctl.errors import SmolctlError
 if TYPE_CHECKING:
     import torch
 
+GROUP = 32  # weights per block of a GGUF Q4 / Q8 tensor
+F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8  # GGML tensor types
+
 # transformers name (with {i} for the layer) -> GGUF name
 TENSOR_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -274,3 +277,28 @@ def _config_and_info(path: Path, get, names: set[str]) -> tuple[ModelConfig, GGU
         eos_token_id=int(tok.eos_token_id or 0),
     )
     return cfg, tok
+
+
+def dequantize(data: np.ndarray, kind: int) -> np.ndarray:
+    """A GGUF tensor's bytes (rows, row bytes) -> fp32 weights (rows, cols). F32, F16 and Q8_0 (a fp16
+    scale and 32 int8 codes per block) here; other types through the gguf package."""
+    if kind == F32:
+        return data.view(np.float32).copy()
+    if kind == F16:
+        return data.view(np.float16).astype(np.float32)
+    if kind == Q8_0:
+        blocks = data.reshape(data.shape[0], -1, 34)
+        d = np.ascontiguousarray(blocks[..., :2]).view(np.float16).astype(np.float32)
+        return (np.ascontiguousarray(blocks[..., 2:]).view(np.int8) * d).reshape(data.shape[0], -1)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    return np.array(gguf_dequantize(data, GGMLQuantizationType(kind)), dtype=np.float32)
+
+
+def gguf_tensor(path, scan, name: str):
+    """(GGML type, shape, bytes) of a transformers-named tensor in a scanned GGUF."""
+    gguf_name = hf_to_gguf_name(name)
+    if gguf_name not in scan.tensors:
+        raise SmolctlError(f"{path} has no tensor {gguf_name}", hint="Use a complete llama GGUF")
+    return scan.tensors[gguf_name]

@@ -2,7 +2,7 @@
 
     lib = native.library()                 # the loaded kernel, or None (and native.why_not() says why)
     engine = native.Engine(cfg, weights)   # decode.arrange's weights: Blocks (GGUF's blocks) and fp32
-    step = engine.start(max_len)           # step(ids (1, T), pos) -> (1, vocab) fp32 logits, as Decoder's
+    step = engine.start(max_len)           # step(ids (1, T), pos) -> (1, vocab) fp32 logits (numpy)
 
 Why C: a decode step of the 135M model at batch 1 is ~200 small products; through torch each is an
 op with its own dispatch and thread fork (~16 ms a token here, half of it outside the kernels).
@@ -80,7 +80,7 @@ def library(march: str = "native"):
     flags = [*FLAGS, f"-march={march}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, platform.machine(),
                                     _cpu_features()]).encode()).hexdigest()[:16]
-    from smolctl.perf import cache_dir
+    from smolctl.fsutil import cache_dir
 
     target = cache_dir() / "native" / f"decode-{key}.so"
     if not target.exists() and not _build(compiler, flags, target):
@@ -154,7 +154,7 @@ class Blocks:
     def from_gguf(data: np.ndarray, kind: int, rows: int, cols: int) -> Blocks:
         """GGUF Q4_0 / Q4_1 / Q8_0 bytes (rows, row bytes) -> Blocks, exactly: the codes copied out of
         the blocks, their fp16 scales (and Q4_1's minimums; Q4_0's are -8 d) beside them."""
-        from smolctl.decode import Q4_0, Q4_1
+        from smolctl.gguf_io import Q4_0, Q4_1
 
         size = {Q4_0: 18, Q4_1: 20}.get(kind, 34)
         b = data.reshape(rows, cols // 32, size)
@@ -186,24 +186,20 @@ class Blocks:
     def cat(parts: list[Blocks]) -> Blocks:
         """Rows stacked (a fused qkv or gate_up). Mixed kinds are made 4-bit (Q8 parts re-rounded)."""
         if len({p.kind for p in parts}) > 1:
-            from smolctl.decode import Q4 as Q4Weights
+            import torch
 
-            parts = [p if p.kind == Q4 else Blocks.of(Q4Weights.quantize(torch_tensor(p.dequantize()))) for p in parts]
+            from smolctl.decode_torch import Q4 as Q4Weights
+
+            parts = [p if p.kind == Q4 else Blocks.of(Q4Weights.quantize(torch.from_numpy(p.dequantize())))
+                     for p in parts]
         stack = lambda field: None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])
         return Blocks(parts[0].kind, stack("q"), stack("d"), stack("m"))
-
-
-def torch_tensor(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def gguf_tensors(path, scan):
     """tensors(name) for decode.arrange, from a scanned GGUF: Q4_0 / Q4_1 / Q8_0 matrices as they are
     stored; other linears dequantized and rounded to Q4; the rest (norms, a float embedding) fp32."""
-    from smolctl.decode import Q4_0, Q4_1, Q8_0, dequantize, gguf_tensor
-    from smolctl.decode import Q4 as Q4Weights
+    from smolctl.gguf_io import Q4_0, Q4_1, Q8_0, dequantize, gguf_tensor
 
     def tensors(name: str):
         kind, shape, data = gguf_tensor(path, scan, name)
@@ -211,7 +207,13 @@ def gguf_tensors(path, scan):
         if matrix and kind in (Q4_0, Q4_1, Q8_0):
             return Blocks.from_gguf(data, kind, *shape)
         w = dequantize(data, kind).reshape(shape)
-        return Blocks.of(Q4Weights.quantize(w)) if name.endswith("proj.weight") else w.numpy()
+        if name.endswith("proj.weight"):  # neither Q4 nor Q8: rounded to Q4, as the torch engine does
+            import torch
+
+            from smolctl.decode_torch import Q4 as Q4Weights
+
+            return Blocks.of(Q4Weights.quantize(torch.from_numpy(w)))
+        return w
 
     return tensors
 
@@ -260,10 +262,8 @@ class Engine:
         return sum(a.nbytes for m in mats for a in (m.q, m.d, m.m) if a is not None)
 
     def start(self, max_len: int):
-        """step(ids (1, T) ints, pos) -> (1, vocab) fp32 logits (a torch tensor) of the last of the T
-        positions, with a KV cache of its own for `max_len` positions."""
-        import torch
-
+        """step(ids (1, T) ints, pos) -> (1, vocab) fp32 logits (numpy) of the last of the T positions,
+        with a KV cache of its own for `max_len` positions."""
         cfg, chunk = self.cfg, PROMPT_CHUNK
         hd, nq, nkv = cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         width = max(cfg.hidden_size, cfg.intermediate_size, nq)
@@ -294,7 +294,7 @@ class Engine:
                 part = flat[at:at + chunk]
                 if step_fn(ref, part.ctypes.data, len(part), pos + at, logits.ctypes.data):
                     raise ValueError(f"decode step out of range: {len(part)} tokens at {pos + at}")
-            return torch.from_numpy(logits.copy())[None]
+            return logits.copy()[None]
 
         step.buffers = (model, buffers)  # alive as long as the step
         return step

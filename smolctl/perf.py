@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from smolctl.config import ModelConfig
+from smolctl.fsutil import cache_dir
 
 
 def compile_layers(model: nn.Module, eager_attention: bool = False) -> None:
@@ -47,12 +48,6 @@ def compile_cache_dir() -> Path:
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return Path(chosen)
     return cache_dir() / "torchinductor"
-
-
-def cache_dir() -> Path:
-    """~/.cache/smolctl, or $XDG_CACHE_HOME/smolctl: what smolctl caches per machine (compiled
-    kernels, autotune's figures)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smolctl"
 
 
 def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:

@@ -87,11 +87,10 @@ def resolve(spec: str | Path) -> Path:
     manifest is verified (sha256 of every file); a run resolves to its newest checkpoint that
     verifies (the highest step, final/ winning a tie), damaged ones skipped, saying so. Resolve
     once per load and pass the path along (`load(spec, resolved=path)`): each call verifies again."""
-    from smolctl.checkpoint import checkpoints, find_checkpoint
-
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path
+    from smolctl.checkpoint import checkpoints, find_checkpoint  # torch: not for a GGUF
     if path.is_dir():
         if (path / "checkpoints").is_dir():
             if not checkpoints(path):

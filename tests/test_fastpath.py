@@ -7,7 +7,9 @@ import torch
 from torch.nn import functional as F
 
 from smolctl.config import ModelConfig
-from smolctl.decode import GROUP, Decoder, Int4Matmul, Q4, pack_int4
+from smolctl.decode import Decoder
+from smolctl.gguf_io import GROUP
+from smolctl.decode_torch import Int4Matmul, Q4, pack_int4
 from smolctl.fastpath import MvLinear, fast_cpu_decoding
 from smolctl.generation import Generation, Sampling
 from smolctl.gguf_io import from_gguf_rows, hf_to_gguf_name, read_gguf_header, scan_gguf
@@ -122,8 +124,9 @@ def test_decoder_logits_are_transformers_on_the_same_weights(q4_gguf, engine, he
         want = reference(ids).logits[0]
     dec, _ = Decoder.from_gguf(path, head_kind=head, engine=engine)
     assert dec.engine.name == engine
-    step = dec.start(64)
-    got = torch.cat([step(ids[:, :10], 0)] + [step(ids[:, i:i + 1], i) for i in range(10, ids.shape[1])])
+    step = dec.start(64)  # numpy logits from the native engine, torch's from the other
+    got = torch.cat([torch.as_tensor(step(ids[:, :10], 0))]
+                    + [torch.as_tensor(step(ids[:, i:i + 1], i)) for i in range(10, ids.shape[1])])
     # measured, mean |error| / mean |logit| and argmax match: 0.036 / 1.9 and 25/25 (torch, bf16 head),
     # 0.15 / 1.9 and 25/25 (torch, int4 head: only its top 64 logits are recomputed in bf16; the rest
     # are 4-bit), 0.071 / 1.9 and 21/25 (native: every product's activations rounded to int8, as
@@ -157,7 +160,8 @@ def test_decoder_from_a_checkpoint_quantizes_like_the_file(q4_gguf, engine):
     from_file, _ = Decoder.from_gguf(path, engine=engine)
     from_state = Decoder.from_state(ModelConfig(**TINY), reference.state_dict(), engine=engine)
     ids = torch.tensor([prompt])
-    torch.testing.assert_close(from_state.start(16)(ids, 0), from_file.start(16)(ids, 0), rtol=0.02, atol=0.05)
+    torch.testing.assert_close(torch.as_tensor(from_state.start(16)(ids, 0)), torch.as_tensor(from_file.start(16)(ids, 0)),
+                               rtol=0.02, atol=0.05)
 
 
 def test_generate_cli_quantized(cli, tiny_base_dir):
