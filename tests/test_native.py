@@ -150,3 +150,26 @@ def test_without_a_compiler_generate_decodes_with_torch(tmp_path, q4_gguf_path):
                         "--verbose"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Decode engine: torch (" in r.stderr and "no-such-cc" in r.stderr
+
+
+def test_sampling_on_the_native_engine_goes_through_the_torch_loop(q4_gguf_path):
+    """Greedy decoding on the native engine is a numpy loop; sampling and the repetition penalty
+    hand its numpy logits to the torch loop (transformers' processors): seeded runs repeat, and a
+    greedy run is the same whichever loop takes it."""
+    from smolctl.decode import Decoder
+    from smolctl.generation import Generation, Sampling
+    from smolctl.tokenizer import load_tokenizer
+
+    dec, _ = Decoder.from_gguf(q4_gguf_path, engine="native")
+    tok = load_tokenizer()
+
+    def tokens(**sampling):
+        gen = Generation(dec, tok, ["The quick brown fox"], Sampling(max_new_tokens=6, **sampling), stop_ids=set())
+        list(gen)
+        return gen.results[0].token_ids
+
+    sampled = tokens(temperature=0.9, top_p=0.9, seed=3)
+    assert len(sampled) == 6 and sampled == tokens(temperature=0.9, top_p=0.9, seed=3)
+    assert len(tokens(repetition_penalty=1.3)) == 6
+    greedy = Generation(dec, tok, ["The quick brown fox"], Sampling(max_new_tokens=6), stop_ids=set())
+    assert [t for t, in greedy._decode_natively(6)] == [t for t, in greedy._decode_with_torch(6)] == tokens()
