@@ -312,13 +312,14 @@ def test_a_rank_killed_mid_run_ends_the_job_with_one_line(two_proc):
 
 def broken_shard(root: Path) -> Path:
     """Two files, one per rank: rank 1's has a row with no text after 64 good ones (one
-    tokenizer batch), so it fails mid-run, after checkpoints were saved."""
+    tokenizer batch), so it fails mid-run, after checkpoints were saved. Short ones: they last
+    ~20 steps (saves every 5), not the ~65 of write_corpus's."""
     from conftest import write_corpus
 
     data = root / "broken"
     data.mkdir(exist_ok=True)
     write_corpus(data / "a.jsonl", n_docs=200, seed=1)
-    write_corpus(data / "b.jsonl", n_docs=64, seed=2)
+    write_jsonl(data / "b.jsonl", [f"Doc b{i}: the model learns tokens from text." for i in range(64)])
     with open(data / "b.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"text": None}) + "\n")
     return data
