@@ -13,6 +13,7 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +65,15 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum * self.world
+
+    @cached_property
+    def base_tokenizer(self):
+        """The tokenizer as the run's checkpoints hold it, a base model's (a chat template is for
+        chat-tuned models). Made once: without_chat_template deep-copies a tokenizer that has one
+        (the bundled one has), ~0.3-0.4 s; once per save, that was 13 s of a 46 s micro run saving every 2 steps."""
+        from smolctl.tokenizer import without_chat_template
+
+        return without_chat_template(self.tokenizer)
 
     def emit(self, event: str, **fields) -> None:
         for sink in self.sinks:

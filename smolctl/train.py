@@ -35,7 +35,6 @@ from smolctl.perf import memory_gb
 from smolctl.run import Run, TrainState, check_inputs, close_sinks, setup
 from smolctl.rundir import LOG, stop_on_signals
 from smolctl.schedule import lr_at
-from smolctl.tokenizer import without_chat_template
 
 
 @dataclass
@@ -248,9 +247,8 @@ def save(run: Run, state: TrainState, final: bool = False) -> Path:
             exit_code=1)
 
     with _save_errors(path, state.last_checkpoint, run.run_dir):
-        # the tokenizer as a base model has it: a chat template is for chat-tuned models
         ckpt_io.save(path, acc, run.loss_module, run.optimizer.optimizer, run.mcfg, meta, state.data_state,
-                     tokenizer=without_chat_template(run.tokenizer), keep_last=cfg.keep_last, not_finite=not_finite)
+                     tokenizer=run.base_tokenizer, keep_last=cfg.keep_last, not_finite=not_finite)
     seconds = aside(state, t)
     if main:
         run.emit("checkpoint", step=step, path=str(path), seconds=seconds)

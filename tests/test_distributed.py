@@ -286,9 +286,9 @@ def test_a_rank_killed_mid_run_ends_the_job_with_one_line(two_proc):
     """SIGKILL to rank 1 alone (the OOM killer, a crash): rank 0 does not wait for it forever --
     its next collective breaks, it stops, the launcher exits 137 with one line naming the rank
     and the resume command, and no process of the job is left. The command it prints works."""
-    root, run = two_proc.root, "killed-rank"
+    root, run, steps = two_proc.root, "killed-rank", 20  # the kill lands soon after step 5
     p = subprocess.Popen([*SMOLCTL, "train", "--num-processes", "2", "--config", "micro.yaml", "--run-dir", run,
-                          "--no-dashboard", "--max-steps", "60", "--save-every", "4"],
+                          "--no-dashboard", "--max-steps", str(steps), "--save-every", "4"],
                          cwd=root, env=env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         metrics = root / run / "metrics.jsonl"
@@ -303,22 +303,23 @@ def test_a_rank_killed_mid_run_ends_the_job_with_one_line(two_proc):
     assert p.returncode == 137
     assert_nothing_left(procs)
     stopped_at = max(s for s, _ in train_losses(metrics))
-    assert stopped_at < 60
+    assert stopped_at < steps
     r = subprocess.run([*SMOLCTL, *resume.split()[1:], "--no-dashboard"], cwd=root, env=env(root),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert [s for s, _ in train_losses(metrics)] == list(range(1, 61))
+    assert [s for s, _ in train_losses(metrics)] == list(range(1, steps + 1))
 
 
 def broken_shard(root: Path) -> Path:
     """Two files, one per rank: rank 1's has a row with no text after 64 good ones (one
-    tokenizer batch), so it fails mid-run, after checkpoints were saved."""
+    tokenizer batch), so it fails mid-run, after checkpoints were saved. Short ones: they last
+    ~20 steps (saves every 5), not the ~65 of write_corpus's."""
     from conftest import write_corpus
 
     data = root / "broken"
     data.mkdir(exist_ok=True)
     write_corpus(data / "a.jsonl", n_docs=200, seed=1)
-    write_corpus(data / "b.jsonl", n_docs=64, seed=2)
+    write_jsonl(data / "b.jsonl", [f"Doc b{i}: the model learns tokens from text." for i in range(64)])
     with open(data / "b.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"text": None}) + "\n")
     return data

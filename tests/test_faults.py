@@ -36,6 +36,10 @@ def _attempt(cwd: str, argv: list[str], fault: tuple | None, out: str) -> None:
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # A child of the forkserver inherits its start method, and the DataLoader's worker would then
+    # come from a fresh forkserver of its own, importing torch anew (~4 s an attempt). A `smolctl`
+    # process has the platform's default (fork on Linux): so has the attempt.
+    multiprocessing.set_start_method(None, force=True)
     import torch
 
     torch.set_num_threads(1)  # the same in every attempt and in the reference run
