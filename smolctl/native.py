@@ -52,8 +52,7 @@ class Model(ctypes.Structure):
                                                  "max_len", "max_t", "pad")]
                 + [("eps", ctypes.c_float), ("pad2", ctypes.c_float), ("layers", ctypes.c_void_p),
                    ("embed", Mat), ("head", Mat), ("exact", Mat), ("rescore", ctypes.c_int32), ("pad3", ctypes.c_int32)]
-                + [(n, ctypes.c_void_p) for n in ("norm", "rope", "k", "v", "x", "h", "att", "ff", "scores",
-                                                  "xq", "xd", "xs")])
+                + [(n, ctypes.c_void_p) for n in ("norm", "rope", "k", "v", "x", "h", "att", "ff", "scores")])
 
 
 # -- building the library -------------------------------------------------------------------------
@@ -92,6 +91,8 @@ def library(march: str = "native"):
         return None
     lib.smolctl_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.smolctl_step.restype = ctypes.c_int
+    lib.smolctl_requantize4.argtypes = [ctypes.POINTER(Mat), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.smolctl_requantize4.restype = None
     return lib
 
 
@@ -220,8 +221,9 @@ def gguf_tensors(path, scan):
 
 class Engine:
     """The native decode step over decode.arrange's weights: the layers' linears as Blocks, the
-    norms fp32, the embedding and head Blocks or fp32. A fp32 head is rounded to Q8_0 (it is a
-    quarter of the model's bytes), and its RESCORE highest logits recomputed from the fp32 rows."""
+    norms fp32, the embedding and head Blocks or fp32. The head (a quarter of the bytes a step
+    reads, as Q8_0) is rounded to 4 bits unless it is, and its RESCORE highest logits recomputed
+    from the rows it had (as stored, or fp32) with fp32 activations."""
 
     name = "native"
 
@@ -231,9 +233,9 @@ class Engine:
             raise RuntimeError(why_not())
         self.cfg = cfg
         self._keep: list = []  # every array a pointer in the structures refers to
-        exact = weights.head  # what the top logits are recomputed from: fp32 rows, or the head's own
-        if not isinstance(weights.head, Blocks):
-            weights.head = Blocks.quantize8(np.asarray(weights.head))
+        exact = weights.head  # what the top logits are recomputed from, with fp32 activations
+        if not (isinstance(exact, Blocks) and exact.kind == Q4):
+            weights.head = self._requantize4(exact)
         self.weights = weights
         self.layers = (Layer * cfg.num_layers)()
         for i, w in enumerate(weights.layers):
@@ -241,6 +243,14 @@ class Engine:
                                    self._mat(w.out), self._mat(w.gate_up), self._mat(w.down))
         self.embed, self.head, self.exact = self._mat(weights.embed), self._mat(weights.head), self._mat(exact)
         self.norm = self._floats(weights.norm)
+
+    def _requantize4(self, w) -> Blocks:
+        """Q8_0 or fp32 rows -> 4-bit Blocks (decode.c's smolctl_requantize4)."""
+        rows, cols = w.shape
+        out = Blocks(Q4, np.empty((rows, cols // 2), np.uint8), np.empty((rows, cols // 32), np.float16),
+                     np.empty((rows, cols // 32), np.float16))
+        self.lib.smolctl_requantize4(ctypes.byref(self._mat(w)), out.q.ctypes.data, out.d.ctypes.data, out.m.ctypes.data)
+        return out
 
     def _ptr(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a)
@@ -266,7 +276,6 @@ class Engine:
         with a KV cache of its own for `max_len` positions."""
         cfg, chunk = self.cfg, PROMPT_CHUNK
         hd, nq, nkv = cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        width = max(cfg.hidden_size, cfg.intermediate_size, nq)
         half = hd // 2
         inv_freq = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float64) / half)
         angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
@@ -275,12 +284,11 @@ class Engine:
         buffers = {"k": f32((cfg.num_layers, cfg.num_kv_heads, max_len, hd)), "rope": rope}
         buffers["v"] = np.zeros_like(buffers["k"])
         buffers.update(x=f32((chunk, cfg.hidden_size)), h=f32((chunk, nq + 2 * nkv)), att=f32((chunk, nq)),
-                       ff=f32((chunk, 2 * cfg.intermediate_size)), scores=f32((chunk * cfg.num_heads, max_len)),
-                       xq=np.zeros((chunk, width), np.int8), xd=f32((chunk, width // 32)), xs=f32((chunk, width // 32)))
+                       ff=f32((chunk, 2 * cfg.intermediate_size)), scores=f32((chunk * cfg.num_heads, max_len)))
         model = Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, hd, cfg.intermediate_size,
                       cfg.vocab_size, max_len, chunk, 0, cfg.rms_norm_eps, 0.0, ctypes.addressof(self.layers),
                       self.embed, self.head, self.exact, RESCORE, 0, self.norm, *(buffers[n].ctypes.data for n in (
-                          "rope", "k", "v", "x", "h", "att", "ff", "scores", "xq", "xd", "xs")))
+                          "rope", "k", "v", "x", "h", "att", "ff", "scores")))
         logits = np.zeros(cfg.vocab_size, np.float32)
         step_fn, ref = self.lib.smolctl_step, ctypes.byref(model)
 
@@ -292,8 +300,10 @@ class Engine:
                 raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1}")
             for at in range(0, len(flat), chunk):
                 part = flat[at:at + chunk]
-                if step_fn(ref, part.ctypes.data, len(part), pos + at, logits.ctypes.data):
-                    raise ValueError(f"decode step out of range: {len(part)} tokens at {pos + at}")
+                status = step_fn(ref, part.ctypes.data, len(part), pos + at, logits.ctypes.data)
+                if status:
+                    raise MemoryError("out of memory in the decode step") if status == -2 else \
+                        ValueError(f"decode step out of range: {len(part)} tokens at {pos + at}")
             return logits.copy()[None]
 
         step.buffers = (model, buffers)  # alive as long as the step

@@ -15,7 +15,7 @@ from smolctl import native
 
 # widths of 7 and 11 blocks of 32: chunks of 4, 2 and 1 blocks all occur (decode.c's dot4)
 CFG = SimpleNamespace(hidden_size=224, intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=56,
-                      vocab_size=80, rms_norm_eps=1e-5, rope_theta=1e4)
+                      vocab_size=200, rms_norm_eps=1e-5, rope_theta=1e4)
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
@@ -55,9 +55,9 @@ def rounded(x):
     return (np.round(b / np.where(d == 0, 1, d)) * d).reshape(x.shape)
 
 
-def reference(tokens, ref, embed, norm, head):
-    """The last token's logits, in float64, with decode.c's activation rounding (and the head's
-    highest logits recomputed without it)."""
+def reference(tokens, ref, embed, norm, head, ranking):
+    """The last token's logits, in float64, with decode.c's activation rounding: from the head's
+    4-bit copy (`ranking`), but the highest ones from its own rows with fp32 activations."""
     c, T = CFG, len(tokens)
     hd, nq, nkv = c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
 
@@ -89,7 +89,7 @@ def reference(tokens, ref, embed, norm, head):
         g, u = gu[:, :c.intermediate_size], gu[:, c.intermediate_size:]
         x = x + rounded(g / (1 + np.exp(-g)) * u) @ wd.T
     h = rms(x[-1], norm)
-    logits = rounded(h) @ head.T
+    logits = rounded(h) @ ranking.T
     top = np.argsort(logits)[-native.RESCORE:]  # recomputed with the fp32 activations
     logits[top] = head[top] @ h
     return logits
@@ -103,9 +103,14 @@ def test_every_kernel_path_computes_the_reference_model(model, march):
     if lib is None:
         pytest.skip(f"no native build: {native.why_not()}")
     weights, ref = model
-    engine = native.Engine(CFG, weights, lib)
+    engine = native.Engine(CFG, SimpleNamespace(**vars(weights)), lib)
+    assert engine.weights.head.kind == native.Q4  # the Q8_0 head, rounded to 4 bits by decode.c
+    if march != "native" and native.library() is not None:  # the same rounding on every path (fp16 included)
+        same = native.Engine(CFG, SimpleNamespace(**vars(weights)), native.library()).weights.head
+        assert all(np.array_equal(getattr(same, f), getattr(engine.weights.head, f)) for f in ("q", "d", "m"))
+    np.testing.assert_allclose(engine.weights.head.dequantize(), ref[-1], atol=np.abs(ref[-1]).max() / 15)
     tokens = [3, 17, 42, 5, 61, 8, 29]
-    want = reference(tokens, *ref)
+    want = reference(tokens, *ref, engine.weights.head.dequantize())
     whole = engine.start(16)(np.array([tokens]), 0)[0]
     step = engine.start(16)
     one_by_one = [step(np.array([[t]]), i)[0] for i, t in enumerate(tokens)][-1]

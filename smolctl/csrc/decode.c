@@ -5,7 +5,7 @@
    and no per-op dispatch. Weights are kept as the GGUF file stores them, in blocks of 32 along a row:
      kind 4: w = q * d + m, q in 0..15, two per byte (see dot4 for their order), d and m fp16 per block;
      kind 8: w = q * d, q int8 (GGUF's Q8_0), d fp16 per block;
-     kind 0: fp32 (d and m unused).
+     kind 0: fp32 (d and m unused), for an embedding or the head's exact rows only.
    Activations are rounded to int8 per block of 32 before a product (as llama.cpp does), so the
    inner loop is an integer dot product: AVX512-VNNI / AVX-VNNI where the compiler targets it,
    AVX2's maddubs otherwise, plain C elsewhere. */
@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -46,10 +47,7 @@ typedef struct {
     const float *norm;
     const float *rope;             /* max_len x head_dim/2 x (cos, sin): q and k rows are in pairs */
     float *k, *v;                  /* n_layer x n_kv x max_len x head_dim */
-    /* scratch, for max_t tokens */
-    float *x, *h, *att, *ff, *scores;
-    int8_t *xq;
-    float *xd, *xs;                /* per block of the quantized activations: scale, scale * sum(q) */
+    float *x, *h, *att, *ff, *scores;  /* scratch for max_t tokens (each thread rounds activations on its own) */
 } Model;
 
 /* -- activations ------------------------------------------------------------------------------ */
@@ -82,7 +80,7 @@ static void quantize(const float *x, int n, int halves, int8_t *q, float *d, flo
         if (halves) chunk_of(b, nb, &first, &size);
         int8_t *lo = q + first * QK + (b - first) * (QK / 2), *hi = lo + size * (QK / 2);
         for (int i = 0; i < QK; i++) {
-            int v = (int)roundf(xb[i] * inv);
+            int v = (int)rintf(xb[i] * inv);  /* to nearest even: one instruction */
             if (i < QK / 2) lo[i] = (int8_t)v;
             else hi[i - QK / 2] = (int8_t)v;
             sum += v;
@@ -139,6 +137,26 @@ static inline float h2f(uint16_t h) {  /* fp16 -> fp32 */
     else if (e) v.u = sign | (e + 112) << 23 | f << 13;         /* normal */
     else { v.f = f * 5.9604644775390625e-8f; v.u |= sign; }     /* subnormal: f * 2^-24 */
     return v.f;
+#endif
+}
+
+static inline uint16_t f2h(float f) {  /* fp32 -> fp16, rounded to nearest even */
+#ifdef SIMD
+    return _cvtss_sh(f, 0);
+#else
+    union { float f; uint32_t u; } v = {f};
+    uint32_t sign = (v.u >> 16) & 0x8000, m = v.u & 0x7fffff;
+    int e = (int)((v.u >> 23) & 255) - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7c00 | (((v.u >> 23) & 255) == 255 && m ? 0x200 : 0));
+    if (e <= 0) {  /* subnormal or zero */
+        if (e < -10) return (uint16_t)sign;
+        m |= 0x800000;
+        int shift = 14 - e;
+        uint32_t h = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        return (uint16_t)(sign | (h + (rest > half || (rest == half && (h & 1)))));
+    }
+    uint32_t h = sign | (uint32_t)e << 10 | m >> 13, rest = m & 0x1fff;
+    return (uint16_t)(h + (rest > 0x1000 || (rest == 0x1000 && (h & 1))));  /* a carry rounds up the exponent */
 #endif
 }
 
@@ -272,16 +290,19 @@ static float dotf(const float *a, const float *b, int n) {  /* fp32 dot product 
     return sum;
 }
 
-static float dot0(const Mat *w, int r, const float *x) {
-    return dotf((const float *)w->q + (size_t)r * w->cols, x, w->cols);
-}
+/* A thread's own copy of T tokens' activations, rounded for a product (see quantize): token t's
+   codes at q + t * width, its blocks' scales and sums at d, s + t * width / QK. */
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+    int width;
+} Act;
 
-/* out[t * stride + r] (+)= row r . x_t for T tokens; rows shared among the threads (call from a
-   parallel region). kind 0 takes the fp32 activations x; the others their quantized form. */
-static void matmul(const Mat *w, int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
-                   int width, float *out, int stride, int add) {
-    int wb = width / QK;  /* token t's activations are at t * width (fp32 and int8), its blocks' at t * wb */
-    const size_t row_bytes = w->kind == 4 ? w->cols / 2 : w->kind == 8 ? w->cols : w->cols * 4;
+/* out[t * stride + r] (+)= row r . token t's activations, for T tokens; the rows shared among the
+   threads (call from a parallel region: it ends with a barrier). Rows of kind 4 or 8. */
+static void matmul(const Mat *w, int T, const Act *a, float *out, int stride, int add) {
+    const int wb = a->width / QK;
+    const size_t row_bytes = w->kind == 4 ? w->cols / 2 : w->cols;
     #pragma omp for schedule(static)
     for (int r = 0; r < w->rows; r++) {
 #ifdef SIMD
@@ -291,28 +312,46 @@ static void matmul(const Mat *w, int T, const float *x, const int8_t *xq, const 
         }
 #endif
         for (int t = 0; t < T; t++) {
-            float v = w->kind == 4 ? dot4(w, r, xq + (size_t)t * width, xd + (size_t)t * wb, xs + (size_t)t * wb)
-                    : w->kind == 8 ? dot8(w, r, xq + (size_t)t * width, xd + (size_t)t * wb)
-                    : dot0(w, r, x + (size_t)t * width);
+            const int8_t *q = a->q + (size_t)t * a->width;
+            const float *d = a->d + (size_t)t * wb, *s = a->s + (size_t)t * wb;
+            float v = w->kind == 4 ? dot4(w, r, q, d, s) : dot8(w, r, q, d);
             float *o = out + (size_t)t * stride + r;
             *o = add ? *o + v : v;
         }
     }
 }
 
-static void embed_row(const Mat *e, int token, float *out) {
-    int nb = e->cols / QK;
+/* Token t's n values x (rms-normed by `norm` first, unless it is NULL) rounded into a's slot t for a
+   matrix of `kind`. Each thread rounds every token for itself: no barrier before the product. */
+static void prepare(const Act *a, int t, const float *x, int n, const float *norm, float eps, int kind) {
+    float normed[n];
+    if (norm) {
+        rmsnorm(x, norm, n, eps, normed);
+        x = normed;
+    }
+    quantize(x, n, kind == 4, a->q + (size_t)t * a->width, a->d + (size_t)t * a->width / QK,
+             a->s + (size_t)t * a->width / QK);
+}
+
+/* Row `r` of a matrix of any kind, as fp32 (an embedding lookup, the head's exact rows). */
+static void embed_row(const Mat *e, int r, float *out) {
+    const int nb = e->cols / QK;
+    if (e->kind == 0) {
+        memcpy(out, (const float *)e->q + (size_t)r * e->cols, sizeof(float) * e->cols);
+        return;
+    }
     for (int b = 0; b < nb; b++) {
-        for (int j = 0; j < QK; j++) {
-            int i = b * QK + j;
-            if (e->kind == 0) {
-                out[i] = ((const float *)e->q)[(size_t)token * e->cols + i];
-            } else if (e->kind == 8) {
-                out[i] = ((const int8_t *)e->q)[(size_t)token * e->cols + i] * h2f(e->d[(size_t)token * nb + b]);
-            } else {
-                uint8_t v = ((const uint8_t *)e->q)[(size_t)token * e->cols / 2 + b * (QK / 2) + j % (QK / 2)];
-                int code = j < QK / 2 ? v & 15 : v >> 4;
-                out[i] = code * h2f(e->d[(size_t)token * nb + b]) + h2f(e->m[(size_t)token * nb + b]);
+        const float d = h2f(e->d[(size_t)r * nb + b]);
+        float *o = out + b * QK;
+        if (e->kind == 8) {
+            const int8_t *q = (const int8_t *)e->q + (size_t)r * e->cols + b * QK;
+            for (int j = 0; j < QK; j++) o[j] = q[j] * d;
+        } else {
+            const uint8_t *q = (const uint8_t *)e->q + (size_t)r * e->cols / 2 + b * (QK / 2);
+            const float m = h2f(e->m[(size_t)r * nb + b]);
+            for (int j = 0; j < QK / 2; j++) {
+                o[j] = (q[j] & 15) * d + m;
+                o[j + QK / 2] = (q[j] >> 4) * d + m;
             }
         }
     }
@@ -334,6 +373,38 @@ static void rescore(const Model *M, const float *h, float *logits) {
     for (int i = 0; i < n; i++) {
         embed_row(&M->exact, top[i], row);
         logits[top[i]] = dotf(row, h, M->hidden);
+    }
+}
+
+/* The rows of `src` (any kind) rounded to 4 bits, GGUF's Q4_1 scheme: per block of 32, w = code *
+   d + m with m its minimum, d its range / 15, both fp16 (codes from the rounded d and m). For the
+   head: a quarter of a step's bytes as Q8_0, 40% less in 4 bits; `rescore` restores its top logits. */
+void smolctl_requantize4(const Mat *src, uint8_t *q, uint16_t *d, uint16_t *m) {
+    const int nb = src->cols / QK;
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < src->rows; r++) {
+        float w[src->cols];
+        embed_row(src, r, w);
+        for (int b = 0; b < nb; b++) {
+            const float *wb = w + b * QK;
+            float lo = wb[0], hi = wb[0];
+            #pragma omp simd reduction(min:lo) reduction(max:hi)
+            for (int i = 1; i < QK; i++) {
+                lo = wb[i] < lo ? wb[i] : lo;
+                hi = wb[i] > hi ? wb[i] : hi;
+            }
+            size_t at = (size_t)r * nb + b;
+            d[at] = f2h((hi - lo) / 15);
+            m[at] = f2h(lo);
+            float dh = h2f(d[at]), mh = h2f(m[at]), inv = dh > 0 ? 1 / dh : 0;
+            uint8_t *out = q + at * (QK / 2);
+            for (int j = 0; j < QK / 2; j++) {  /* w - m >= 0 (up to m's rounding): + 0.5 and truncation round it */
+                int c0 = (int)((wb[j] - mh) * inv + 0.5f), c1 = (int)((wb[j + QK / 2] - mh) * inv + 0.5f);
+                c0 = c0 < 0 ? 0 : c0 > 15 ? 15 : c0;
+                c1 = c1 < 0 ? 0 : c1 > 15 ? 15 : c1;
+                out[j] = (uint8_t)(c0 | c1 << 4);
+            }
+        }
     }
 }
 
@@ -373,29 +444,31 @@ static void rope(const Model *M, float *x, int heads, int pos) {
 }
 
 /* Run tokens[0..T) at positions pos..pos+T through the model (T <= max_t, pos + T <= max_len) and
-   write the last one's logits (vocab). Returns 0, or -1 when the sizes are out of range. */
+   write the last one's logits (vocab). Returns 0, -1 when the sizes are out of range, -2 when
+   memory ran out. */
 int smolctl_step(const Model *M, const int32_t *tokens, int T, int pos, float *logits) {
     if (T < 1 || T > M->max_t || pos < 0 || pos + T > M->max_len) return -1;
     const int H = M->hidden, hd = M->head_dim, nq = M->n_head * hd, nkv = M->n_kv * hd;
     const int qkv_rows = nq + 2 * nkv, I = M->inter;
     const int width = H > I ? (H > nq ? H : nq) : (I > nq ? I : nq);  /* widest activation */
-    const int wb = width / QK;
-    float *x = M->x, *h = M->h, *att = M->att, *ff = M->ff, *xd = M->xd, *xs = M->xs;
-    int8_t *xq = M->xq;
+    float *x = M->x, *h = M->h, *att = M->att, *ff = M->ff;
+    int failed = 0;
 
     for (int t = 0; t < T; t++) embed_row(&M->embed, tokens[t], x + (size_t)t * H);
 
     #pragma omp parallel
     {
-        for (int l = 0; l < M->n_layer; l++) {
+        /* this thread's rounded activations (the shared vectors are complete after each product's barrier) */
+        int8_t *q = malloc((size_t)T * width);
+        float *ds = malloc(sizeof(float) * 2 * (size_t)T * (width / QK));
+        Act a = {q, ds, ds + (size_t)T * (width / QK), width};
+        #pragma omp atomic
+        failed += !q || !ds;
+        #pragma omp barrier
+        for (int l = 0; l < M->n_layer && !failed; l++) {
             const Layer *L = M->layers + l;
-            #pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) {
-                float *n = h + (size_t)t * qkv_rows;  /* the normed row, before h holds qkv */
-                rmsnorm(x + (size_t)t * H, L->attn_norm, H, M->eps, n);
-                quantize(n, H, L->qkv.kind == 4, xq + (size_t)t * width, xd + (size_t)t * wb, xs + (size_t)t * wb);
-            }
-            matmul(&L->qkv, T, NULL, xq, xd, xs, width, h, qkv_rows, 0);  /* a layer's matrices are kind 4 or 8 */
+            for (int t = 0; t < T; t++) prepare(&a, t, x + (size_t)t * H, H, L->attn_norm, M->eps, L->qkv.kind);
+            matmul(&L->qkv, T, &a, h, qkv_rows, 0);
             #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
                 float *row = h + (size_t)t * qkv_rows;
@@ -412,33 +485,26 @@ int smolctl_step(const Model *M, const int32_t *tokens, int T, int pos, float *l
                 attend(M, l, h + (size_t)t * qkv_rows + hh * hd, hh, pos + t + 1,
                        M->scores + (size_t)i * M->max_len, att + (size_t)t * nq + hh * hd);
             }
-            #pragma omp for schedule(static)
-            for (int t = 0; t < T; t++)
-                quantize(att + (size_t)t * nq, nq, L->out.kind == 4, xq + (size_t)t * width, xd + (size_t)t * wb, xs + (size_t)t * wb);
-            matmul(&L->out, T, NULL, xq, xd, xs, width, x, H, 1);
-            #pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) prepare(&a, t, att + (size_t)t * nq, nq, NULL, 0, L->out.kind);
+            matmul(&L->out, T, &a, x, H, 1);
+            for (int t = 0; t < T; t++) prepare(&a, t, x + (size_t)t * H, H, L->ffn_norm, M->eps, L->gate_up.kind);
+            matmul(&L->gate_up, T, &a, ff, 2 * I, 0);
             for (int t = 0; t < T; t++) {
-                float *n = ff + (size_t)t * 2 * I;
-                rmsnorm(x + (size_t)t * H, L->ffn_norm, H, M->eps, n);
-                quantize(n, H, L->gate_up.kind == 4, xq + (size_t)t * width, xd + (size_t)t * wb, xs + (size_t)t * wb);
+                float *g = ff + (size_t)t * 2 * I, *u = g + I, act[I];
+                for (int i = 0; i < I; i++) act[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+                prepare(&a, t, act, I, NULL, 0, L->down.kind);
             }
-            matmul(&L->gate_up, T, NULL, xq, xd, xs, width, ff, 2 * I, 0);
-            #pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) {
-                float *g = ff + (size_t)t * 2 * I, *u = g + I;
-                for (int i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-                quantize(g, I, L->down.kind == 4, xq + (size_t)t * width, xd + (size_t)t * wb, xs + (size_t)t * wb);
-            }
-            matmul(&L->down, T, NULL, xq, xd, xs, width, x, H, 1);
+            matmul(&L->down, T, &a, x, H, 1);
         }
-        #pragma omp single
-        {
-            float *last = x + (size_t)(T - 1) * H;
-            rmsnorm(last, M->norm, H, M->eps, h);
-            quantize(h, H, M->head.kind == 4, xq, xd, xs);
+        if (!failed) {
+            prepare(&a, 0, x + (size_t)(T - 1) * H, H, M->norm, M->eps, M->head.kind);
+            matmul(&M->head, 1, &a, logits, 0, 0);
         }
-        matmul(&M->head, 1, h, xq, xd, xs, width, logits, 0, 0);
+        free(q);
+        free(ds);
     }
+    if (failed) return -2;
+    rmsnorm(x + (size_t)(T - 1) * H, M->norm, H, M->eps, h);  /* the head's input in fp32, for rescore */
     rescore(M, h, logits);
     return 0;
 }
