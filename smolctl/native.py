@@ -166,15 +166,6 @@ class Blocks:
             return Blocks(Q4, b[..., 2:].reshape(rows, cols // 2), d, (d.astype(np.float32) * -8).astype(np.float16))
         return Blocks(Q8, b[..., 2:].reshape(rows, cols).view(np.int8), d)
 
-    @staticmethod
-    def quantize8(w: np.ndarray) -> Blocks:
-        """fp32 weights (rows, cols) -> kind 8, each block of 32 rounded by its max |w| (GGUF's Q8_0)."""
-        rows, cols = w.shape
-        blocks = np.asarray(w, dtype=np.float32).reshape(rows, cols // 32, 32)
-        d = (np.abs(blocks).max(-1) / 127).astype(np.float16)
-        codes = np.rint(blocks / np.where(d == 0, 1, d.astype(np.float32))[..., None]).astype(np.int8)
-        return Blocks(Q8, codes.reshape(rows, cols), d)
-
     def dequantize(self) -> np.ndarray:
         rows, cols = self.shape
         if self.kind == Q8:

