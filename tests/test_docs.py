@@ -78,7 +78,8 @@ def decode_figures() -> str:
             f"({r['tokens_per_s_ratio']:.2f}x); the whole process took {s['best_process_s']:.1f} s against "
             f"{ll['best_process_s']:.1f} s ({r['process_s_ratio']:.2f}x), {s['best_process_cpu_s']:.1f} against "
             f"{ll['best_process_cpu_s']:.1f} CPU seconds ({r['process_cpu_s_ratio']:.2f}x), with {meta['threads']} "
-            f"thread(s) and a load average of {meta['loadavg_before']:.1f}")
+            f"thread(s) and a load average of {meta['loadavg_before']:.1f}; the medians of the {meta['rounds']} rounds: "
+            f"{r['median_tokens_per_s_ratio']:.2f}x and {r['median_process_s_ratio']:.2f}x")
 
 
 def page(name: str) -> str:
