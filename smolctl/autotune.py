@@ -184,7 +184,7 @@ def fastest(device: str, key: str, names: tuple[str, ...], candidates: Callable[
     speeds = {k: v for k, v in figures.items() if k in names and isinstance(v, (int, float))}
     if len(speeds) < len(names):  # a cache entry from other candidates under the same key: measure these
         figures, from_cache = measure_all(), False
-        speeds = figures
+        speeds = {k: figures[k] for k in names}
     return max(speeds, key=speeds.get), figures, from_cache
 
 
