@@ -182,3 +182,16 @@ def test_sampling_on_the_native_engine_goes_through_the_torch_loop(q4_gguf_path)
     assert len(tokens(repetition_penalty=1.3)) == 6
     greedy = Generation(dec, tok, ["The quick brown fox"], Sampling(max_new_tokens=6), stop_ids=set())
     assert [t for t, in greedy._decode_natively(6)] == [t for t, in greedy._decode_with_torch(6)] == tokens()
+
+
+def test_a_vocabulary_smaller_than_the_rescored_logits(model):
+    """Fewer tokens than RESCORE: every logit is recomputed, none read past the vocabulary."""
+    weights, (ref, embed, norm, head) = model
+    n = native.RESCORE // 2
+    small = SimpleNamespace(**{**vars(weights), "embed": embed[:n], "head": native.Blocks(
+        weights.head.kind, weights.head.q[:n], weights.head.d[:n])})
+    engine = native.Engine(SimpleNamespace(**{**vars(CFG), "vocab_size": n}), small)
+    tokens = [3, 17, 5]
+    got = engine.start(8)(np.array([tokens]), 0)[0]
+    want = reference(tokens, ref, embed[:n], norm, head[:n], head[:n])  # all rescored: the ranking rows don't matter
+    assert got.shape == (n,) and np.abs(got - want).max() < 1e-4 * np.abs(want).max()

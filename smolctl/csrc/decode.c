@@ -361,6 +361,7 @@ static void embed_row(const Mat *e, int r, float *out) {
    rounds its activations to int8 like every product, which alone can swap two close logits. */
 static void rescore(const Model *M, const float *h, float *logits) {
     int top[256], n = M->rescore < 256 ? M->rescore : 256, low = 0;
+    n = n < M->vocab ? n : M->vocab;
     if (n <= 0) return;
     for (int i = 0; i < n; i++) top[i] = i;
     for (int i = 0; i < n; i++) if (logits[top[i]] < logits[top[low]]) low = i;
