@@ -68,6 +68,9 @@ def library(march: str = "native"):
     """The compiled decode step for this machine (built on first use), or None if it cannot be
     built. `march`: the target (-march=), e.g. "x86-64" for the portable C loops (tests)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not SOURCE.is_file():  # a broken install
+        _why_not.append(f"{SOURCE} is missing")
+        return None
     if not compiler:
         _why_not.append("no C compiler (cc) on PATH")
         return None
