@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from smolctl.config import ModelConfig
-from smolctl.gguf_io import GROUP, Q4_1
+from smolctl.gguf_io import GROUP, Q4_1, split_blocks
 from smolctl.errors import SmolctlError
 
 HEADS = ("int4", "bf16")  # the lm_head: see Int4Head
@@ -63,13 +63,13 @@ class Q4:
         """GGUF Q4_0 / Q4_1 bytes (rows, cols/32 * (18 / 20)) -> Q4, exactly. A block is a fp16 scale d,
         for Q4_1 a fp16 min m, and 16 bytes of codes (the low nibbles are weights 0-15, the high ones
         16-31): Q4_1's w = q*d + m, Q4_0's w = (q - 8)*d."""
-        size = 20 if kind == Q4_1 else 18
-        b = torch.from_numpy(blocks).reshape(rows, cols // GROUP, size)
-        head = b[..., :size - 16].contiguous().view(torch.float16).float()
-        d, m = (head[..., 0], head[..., 1]) if kind == Q4_1 else (head[..., 0], -8 * head[..., 0])
+        packed, d, m = split_blocks(blocks.reshape(rows, -1), kind)
+        b = torch.from_numpy(packed).reshape(rows, cols // GROUP, GROUP // 2)
+        d = torch.from_numpy(d).float()
+        m = torch.from_numpy(m).float() if kind == Q4_1 else -8 * d
         q = torch.empty(rows, cols // GROUP, GROUP, dtype=torch.uint8)
-        torch.bitwise_and(b[..., -16:], 15, out=q[..., :16])
-        torch.bitwise_right_shift(b[..., -16:], 4, out=q[..., 16:])
+        torch.bitwise_and(b, 15, out=q[..., :16])
+        torch.bitwise_right_shift(b, 4, out=q[..., 16:])
         return Q4(q.reshape(rows, cols), d, m)
 
     def times(self, factor: float) -> Q4:

@@ -279,6 +279,19 @@ def _config_and_info(path: Path, get, names: set[str]) -> tuple[ModelConfig, GGU
     return cfg, tok
 
 
+def split_blocks(data: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's bytes (rows, row bytes) -> (codes, d, m), each block's parts
+    copied out: a block is a fp16 scale d, for Q4_1 a fp16 minimum m, then its 32 codes -- Q8_0's as
+    int8 (rows, cols), Q4's two per byte (rows, cols/2: byte j holds code j in its low nibble and
+    16 + j in its high one). d and m are (rows, cols/32) fp16; m is None but for Q4_1."""
+    rows, size = data.shape[0], {Q4_0: 18, Q4_1: 20, Q8_0: 34}[kind]
+    b = data.reshape(rows, -1, size)
+    d = np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]
+    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0] if kind == Q4_1 else None
+    codes = b[..., size - (32 if kind == Q8_0 else 16):].reshape(rows, -1)  # a copy: the blocks' codes side by side
+    return (codes.view(np.int8) if kind == Q8_0 else codes), d, m
+
+
 def dequantize(data: np.ndarray, kind: int) -> np.ndarray:
     """A GGUF tensor's bytes (rows, row bytes) -> fp32 weights (rows, cols). F32, F16 and Q8_0 (a fp16
     scale and 32 int8 codes per block) here; other types through the gguf package."""
@@ -287,9 +300,9 @@ def dequantize(data: np.ndarray, kind: int) -> np.ndarray:
     if kind == F16:
         return data.view(np.float16).astype(np.float32)
     if kind == Q8_0:
-        blocks = data.reshape(data.shape[0], -1, 34)
-        d = np.ascontiguousarray(blocks[..., :2]).view(np.float16).astype(np.float32)
-        return (np.ascontiguousarray(blocks[..., 2:]).view(np.int8) * d).reshape(data.shape[0], -1)
+        codes, d, _ = split_blocks(data, kind)
+        rows = data.shape[0]
+        return (codes.reshape(rows, -1, 32) * d.astype(np.float32)[..., None]).reshape(rows, -1)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 

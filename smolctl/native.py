@@ -148,7 +148,7 @@ class Blocks:
 
     @staticmethod
     def of(w) -> Blocks:
-        """From decode.Q4 (codes, fp32 scale and min): the scales rounded to fp16, as GGUF stores them."""
+        """From decode_torch.Q4 (codes, fp32 scale and min): the scales rounded to fp16, as GGUF stores them."""
         rows, cols = w.codes.shape
         codes = w.codes.numpy().reshape(rows, cols // 32, 2, 16)
         packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(rows, cols // 2)
@@ -158,16 +158,12 @@ class Blocks:
     def from_gguf(data: np.ndarray, kind: int, rows: int, cols: int) -> Blocks:
         """GGUF Q4_0 / Q4_1 / Q8_0 bytes (rows, row bytes) -> Blocks, exactly: the codes copied out of
         the blocks, their fp16 scales (and Q4_1's minimums; Q4_0's are -8 d) beside them."""
-        from smolctl.gguf_io import Q4_0, Q4_1
+        from smolctl.gguf_io import Q4_0, Q8_0, split_blocks
 
-        size = {Q4_0: 18, Q4_1: 20}.get(kind, 34)
-        b = data.reshape(rows, cols // 32, size)
-        d = np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]
-        if kind == Q4_1:
-            return Blocks(Q4, b[..., 4:].reshape(rows, cols // 2), d, np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0])
-        if kind == Q4_0:
-            return Blocks(Q4, b[..., 2:].reshape(rows, cols // 2), d, (d.astype(np.float32) * -8).astype(np.float16))
-        return Blocks(Q8, b[..., 2:].reshape(rows, cols).view(np.int8), d)
+        codes, d, m = split_blocks(data.reshape(rows, -1), kind)
+        if kind == Q8_0:
+            return Blocks(Q8, codes, d)
+        return Blocks(Q4, codes, d, (d.astype(np.float32) * -8).astype(np.float16) if kind == Q4_0 else m)
 
     def dequantize(self) -> np.ndarray:
         rows, cols = self.shape
