@@ -248,7 +248,7 @@ class Generation:
 
         s = self.sampling
         if isinstance(self.model, Decoder) and self.model.engine.name == "native" and s.greedy \
-                and s.repetition_penalty == 1.0:
+                and s.repetition_penalty == 1.0 and len(self.prompt_ids) == 1:
             yield from self._decode_natively(budget)  # neither torch nor transformers is needed
             return
         import torch
@@ -259,8 +259,6 @@ class Generation:
     def _decode_natively(self, budget: int) -> Iterator[list[int]]:
         """Greedy decoding of one prompt on decode.py's native engine: numpy logits, argmax picks
         (the first of equal maxima, as torch's argmax)."""
-        if len(self.prompt_ids) != 1:
-            raise SmolctlError(f"the 4-bit CPU decoder decodes one prompt at a time, not {len(self.prompt_ids)}")
         prompt = self.prompt_ids[0]
         step = self.model.start(len(prompt) + budget)
         ids, pos = prompt, 0
