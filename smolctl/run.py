@@ -28,7 +28,7 @@ from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
 from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token
-from smolctl.rundir import data_flags, resume_point
+from smolctl.rundir import config_changes, data_flags, resume_point
 from smolctl.sources import load, resolve, with_init_model
 
 
@@ -291,8 +291,7 @@ def _same_run(cfg: TrainConfig, run_dir: Path) -> bool:
         raise SmolctlError(f"--resume auto: {run_dir} has checkpoints but no config.yaml",
                            hint="Pass --run-dir of a run started with smolctl train")
     saved = TrainConfig.from_file(run_dir / "config.yaml").resolved()
-    changed = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}"
-               for f in dataclasses.fields(TrainConfig) if getattr(saved, f.name) != getattr(cfg, f.name)]
+    changed = config_changes(saved, cfg)
     if changed:
         raise SmolctlError(f"--resume auto: {run_dir} holds a run with another config ({'; '.join(changed)})",
                            hint=f"Train with its config ({run_dir / 'config.yaml'}), or continue it with "

@@ -72,15 +72,16 @@ def resume_point(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite:
     return path
 
 
+def config_changes(saved: TrainConfig, now: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'key: old -> new' for each value that differs, but for the keys in `ignore`."""
+    return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(now, f.name)!r}" for f in dataclasses.fields(TrainConfig)
+            if f.name not in ignore and getattr(saved, f.name) != getattr(now, f.name)]
+
+
 def _trajectory_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
-    """'key: old -> new' for each value that differs and changes what training computes (the model is
-    compared as a whole, by resume_point; RESUMABLE fields are bookkeeping)."""
-    out = []
-    for f in dataclasses.fields(TrainConfig):
-        old, new = getattr(saved, f.name), getattr(now, f.name)
-        if f.name not in (*RESUMABLE, "preset", "model") and old != new:
-            out.append(f"{f.name}: {old!r} -> {new!r}")
-    return out
+    """The changes that change what training computes (the model is compared as a whole, by
+    resume_point; RESUMABLE fields are bookkeeping)."""
+    return config_changes(saved, now, ignore=(*RESUMABLE, "preset", "model"))
 
 
 def data_flags(run_dir: Path, resume: str | None, key: str) -> tuple[str, str]:
