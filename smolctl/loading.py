@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from smolctl.errors import SmolctlError
+from smolctl.errors import SmolctlError, note
 
 
 def load_for_generation(spec: str | None, dtype: str, device: str | None, quantize: str = "none",
@@ -43,16 +43,16 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
         header = scan_gguf(path)
         if quantize == "none" and not stored_in_4_bits(header[2]):
             header = None  # an F16/Q8_0 file: auto keeps its precision
+    say = note if verbose else None
     if header is not None:
         what = "its 4-bit weights as stored" if quantize == "none" else "int4 weights"
     elif quantize != "none":
         what = f"{quantize} weights"
     else:
-        torch_dtype, what = pick_dtype(dtype, device, say=_stderr if verbose else None)
+        torch_dtype, what = pick_dtype(dtype, device, say=say)
     if verbose or sys.stderr.isatty():  # scripts get only errors and the speed line, unless they ask
         print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    say = _stderr if verbose else None
     if header is not None:
         loaded = _load_gguf_4bit(path, header, say)
     elif quantize == "int4":  # quantized from the stored (fp32) weights, not from a bf16 copy of them
@@ -67,10 +67,6 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
 
             fast_cpu_decoding(loaded.model)
     return loaded, time.perf_counter() - t
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _load_gguf_4bit(path, header, say=None):

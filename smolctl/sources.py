@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from smolctl import fsutil, precious
 from smolctl.artifacts import reading
 from smolctl.config import DEFAULT_PRESET, ModelConfig, TrainConfig
-from smolctl.errors import SmolctlError
+from smolctl.errors import SmolctlError, note
 from smolctl.hub import looks_like_hub_id, looks_local, no_local_match, require_hub
 from smolctl.metadata import META, model_config_of, read_meta
 from smolctl.tokenizer import (
@@ -95,7 +95,7 @@ def resolve(spec: str | Path) -> Path:
         if (path / "checkpoints").is_dir():
             if not checkpoints(path):
                 raise SmolctlError(f"run {path} has no complete checkpoint yet", hint="Train it first, or pass a checkpoint")
-            return find_checkpoint(path, "latest", hint=DAMAGED, say=lambda message: print(message, file=sys.stderr))
+            return find_checkpoint(path, "latest", hint=DAMAGED, say=note)
         if (path / "config.json").is_file():
             verify(path)
             return path

@@ -22,7 +22,7 @@ import typer
 
 from smolctl.cli.options import DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, VerboseOpt, config_options
 from smolctl.cli.registry import command, error_line
-from smolctl.errors import SmolctlError
+from smolctl.errors import SmolctlError, note
 from smolctl.sampling import Sampling
 from smolctl.schema import from_flags, specs
 
@@ -56,10 +56,6 @@ def register(app: typer.Typer) -> None:
         interactive = sys.stdin.isatty()
         Repl(conv, loaded.model, sampling, str(model), interactive,
              commands=interactive if commands is None else commands).run()
-
-
-def note(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 class Repl:

@@ -17,7 +17,7 @@ import typer
 from smolctl.cli.options import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, VerboseOpt, config_options
 from smolctl.cli.registry import command
 from smolctl.config import TrainConfig
-from smolctl.errors import SmolctlError
+from smolctl.errors import SmolctlError, note
 from smolctl.schema import check_fields, from_flags, setting, setting_like, specs
 
 
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         if seq_len > loaded.cfg.max_seq_len:
             raise SmolctlError(f"--seq-len {seq_len} exceeds the model's context ({loaded.cfg.max_seq_len})")
         # fp32 weights; the matmuls in the dtype picked (autocast), the loss in fp32
-        say = (lambda line: print(line, file=sys.stderr)) if verbose else None
+        say = note if verbose else None
         compute, why = pick_dtype(dtype, dev, "eval", opts.batch_size * seq_len, loaded.cfg, say)
         if say:
             say(f"Evaluating {model} ({why}; {dev})")

@@ -25,7 +25,7 @@ import typer
 from smolctl.cli.options import ConfigOpt, VerboseOpt, config_options
 from smolctl.cli.registry import command, crash_reports_in
 from smolctl.config import DEFAULT_PRESET, RESUMABLE, TrainConfig
-from smolctl.errors import SmolctlError
+from smolctl.errors import SmolctlError, note
 
 RUNS = Path("runs")
 # Every TrainConfig field is a `train` flag (the model's own fields go in a --config file).
@@ -117,7 +117,7 @@ def _say_precision(cfg, run_dir: Path, resume: str | None, overwrite: bool) -> N
     from smolctl.run import mixed_precision, planned_config
 
     resolved = planned_config(cfg, run_dir, resume, overwrite)
-    mixed = mixed_precision(resolved, say=lambda line: print(line, file=sys.stderr))
+    mixed = mixed_precision(resolved, say=note)
     if cfg.mixed_precision != "auto":
         print(f"Precision: {mixed} (set in the run's config, not auto)", file=sys.stderr)
 
