@@ -124,7 +124,7 @@ class BlockStream:
             epoch, docs, source, seekable, read = heads[s]
             if index % workers == worker:
                 ids = token_ids(tok, table_texts(docs, self.spec), separator).numpy()
-                yield Chunk(index, epoch, docs.num_rows, ids, source, seekable, read, s, turn)
+                yield Chunk(index, epoch, docs.num_rows, ids, source, seekable, read, s)
             index += 1
             heads[s] = next(readers[s], None)
 
@@ -165,7 +165,8 @@ class BlockStream:
         # read nothing more for a while), then each chunk's, as they arrive.
         carried = ((s, None) for s in self.mine)
         for s, chunk in itertools.chain(carried, ((c.stream, c) for c in _in_order(chunks))):
-            turn = turn if chunk is None else chunk.turn
+            if chunk is not None:  # the next stream in turn after this chunk's
+                turn = (self.mine.index(s) + 1) % len(self.mine)
             for blk in packers[s].add(chunk):
                 ready.append(blk)
                 if len(ready) == self.batch_size:
@@ -274,7 +275,6 @@ class Chunk:
     seekable: bool = True
     read_rows: int = TOKENIZE_DOCS
     stream: int = 0  # whose documents these are
-    turn: int = 0  # whose turn it is after this chunk (an index into the process's streams)
 
 
 def token_ids(tok, texts: list[str], separator: int) -> torch.Tensor:
