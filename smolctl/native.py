@@ -10,7 +10,8 @@ The C step runs the whole model in one OpenMP parallel region with integer dot p
 int8-rounded activations (llama.cpp's scheme), reading the weights as the file stores them.
 
 The source is compiled with the system's C compiler (`cc -O3 -march=native -fopenmp`, ~1 s) into
-~/.cache/smolctl/native/, one library per source, compiler and CPU, and loaded with ctypes. With
+~/.cache/smolctl/native/, one library per source, compiler and CPU, with its sha256 beside it (a
+library that no longer matches is built again), and loaded with ctypes. With
 no compiler, or one that fails, smolctl decodes with torch (decode.Decoder) instead.
 """
 
@@ -85,7 +86,7 @@ def library(march: str = "native"):
     from smolctl.fsutil import cache_dir
 
     target = cache_dir() / "native" / f"decode-{key}.so"
-    if not target.exists() and not _build(compiler, flags, target):
+    if not _intact(target) and not _build(compiler, flags, target):
         return None
     try:
         lib = ctypes.CDLL(str(target))
@@ -113,11 +114,28 @@ def _build(compiler: str, flags: list[str], target: Path) -> bool:
                 if done.returncode:
                     lines = done.stderr.strip().splitlines()
                     raise OSError(lines[-1] if lines else f"exit status {done.returncode}")
+                digest = fsutil.sha256(tmp)
+            fsutil.write_text(_checksum(target), digest + "\n")  # last: it marks the library complete
             return True
         except (OSError, subprocess.SubprocessError) as e:
             error = error or str(e)
     _why_not.append(f"building {SOURCE.name} with {compiler} failed: {error}")
     return False
+
+
+def _checksum(library: Path) -> Path:
+    return library.with_suffix(".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether `library` is a build of ours as it was written: loading a damaged one (a truncated
+    file) would kill the process (SIGBUS) instead of raising. Otherwise it is built again."""
+    from smolctl import fsutil
+
+    try:  # a regular file only: reading a FIFO put there would wait forever
+        return library.is_file() and _checksum(library).read_text().strip() == fsutil.sha256(library)
+    except OSError:
+        return False
 
 
 def _cpu_features() -> str:

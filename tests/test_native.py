@@ -195,3 +195,23 @@ def test_a_vocabulary_smaller_than_the_rescored_logits(model):
     got = engine.start(8)(np.array([tokens]), 0)[0]
     want = reference(tokens, ref, embed[:n], norm, head[:n], head[:n])  # all rescored: the ranking rows don't matter
     assert got.shape == (n,) and np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    """Loading a truncated library would kill the process (SIGBUS): its checksum no longer matches,
+    so it is compiled again; anything else at its path (a FIFO) is never read."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        (built,) = (tmp_path / "smolctl" / "native").glob("*.so")
+        whole = built.read_bytes()
+        built.unlink()  # a new file: this process has the old one mapped
+        built.write_bytes(whole[:1000])
+        native.library.cache_clear()
+        assert native.library() is not None and built.read_bytes() == whole
+        built.unlink()
+        os.mkfifo(built)
+        assert not native._intact(built)  # answered without opening it
+    finally:
+        native.library.cache_clear()
