@@ -15,8 +15,8 @@ Training, at S=2048 in bf16 (the 135M preset), each variant's tokens/s, step tim
     eager       smolctl's step alone on synthetic tokens (build_model, CausalLMLoss: Liger's fused
                 linear cross-entropy when installed, else the chunked one), no host sync inside
     compiled    the same with compile_layers() (regional torch.compile, persistent cache)
-    train       smolctl.train.train() on its defaults (mixed precision: auto, i.e. measured) plus
-                --compile, on a generated .jsonl corpus: the real data pipeline, metrics every 10 steps
+    train       smolctl.train.train() on its defaults (mixed precision and compile: auto, i.e.
+                measured), on a generated .jsonl corpus: the real data pipeline, metrics every 10 steps
     train-dashboard   the same with the Rich dashboard drawing (to an in-memory terminal)
 
 MFU = flops_per_token(S) x tokens/s / peak, the peak from smolctl.perf.PEAK_TFLOPS (H100/H200
@@ -250,9 +250,9 @@ def bare_steps(args, mcfg, device, kind: str) -> tuple[float, dict]:
 
 
 def through_train(args, dashboard: bool) -> tuple[float, dict]:
-    """smolctl.train.train() on its defaults (and compile=True on a GPU) with the real data
-    pipeline, the dashboard drawing or not; tokens/s between metric events `log_every` steps apart
-    (the loop reads the device only at those steps)."""
+    """smolctl.train.train() on its defaults (compile as `auto` decides; off in the CPU smoke run)
+    with the real data pipeline, the dashboard drawing or not; tokens/s between metric events
+    `log_every` steps apart (the loop reads the device only at those steps)."""
     import io
 
     from common import corpus
@@ -278,7 +278,7 @@ def through_train(args, dashboard: bool) -> tuple[float, dict]:
     data = corpus(8_000_000 if args.device == "cuda" else 200_000)
     cfg = TrainConfig(preset=args.preset, data=str(data), batch_size=args.batch_size, seq_len=args.seq_len,
                       max_steps=100_000, save_every=10**9, log_every=log_every, device=args.device,
-                      compile=args.device == "cuda")
+                      compile=None if args.device == "cuda" else False)
     # auto, resolved once: Accelerate takes one precision per process (a figure measured on a busy
     # machine is not cached, and the next run could measure otherwise)
     cfg.mixed_precision = args.mixed = getattr(args, "mixed", None) or mixed_precision(cfg.resolved())

@@ -340,7 +340,9 @@ class TrainConfig:
     mixed_precision: str = setting("auto", "no, bf16, fp16 or auto (accelerate launch's setting, else what runs "
                                    "the model's matmuls fastest here, measured once and cached).",
                                    choices=("auto", "no", "bf16", "fp16"))
-    compile: bool = setting(False, "torch.compile the model.")
+    compile: bool | None = setting(None, "torch.compile the decoder layers; default (null): auto, where measured "
+                                   "here to repay its compile time within the run (config.yaml keeps what it "
+                                   "decided).")
     seed: int = setting(42, "Random seed.", ge=0, le=2**32 - 1)
     device: str | None = setting(None, "cpu, cuda, cuda:N, mps or auto (default: auto, the best available).")
     save_every: int = setting(500, "Checkpoint every N steps.", gt=0, resumable=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +39,111 @@ def compile_layers(model: nn.Module, eager_attention: bool = False) -> None:
         model.config._attn_implementation = "eager"
     for layer in model.model.layers:
         layer.compile()
+
+
+# -- compile: auto --------------------------------------------------------------------------------
+
+# Measuring whether torch.compile pays is itself a compile (~30-60 s on 2 CPU cores, once per
+# machine and shape): worth it only for a run whose matmuls alone take at least this long.
+MEASURE_FROM_S = 300.0
+# Compile only where its measured cost is repaid within this share of the run's steps.
+REPAID_WITHIN = 0.5
+
+
+def compile_choice(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str, device: torch.device,
+                   steps: int, grad_accum: int = 1) -> tuple[bool, str]:
+    """What `compile: auto` means for `steps` optimizer steps of grad_accum micro-batches of
+    (batch_size, seq_len) in Accelerate's `mixed` precision on `device`, and why (a few words).
+
+    Measured, never guessed: a model of the run's widths with two layers is timed forward and
+    backward, eager and compiled (each layer's saving, and the compile's cost), once per machine,
+    torch, shape and precision (cached in autotune.json). Compiled when that cost is repaid within
+    REPAID_WITHIN of the run. A run whose matmuls alone (autotune's cached figures) take less than
+    MEASURE_FROM_S is not measured: the measurement would cost a good share of it."""
+    from smolctl import autotune
+
+    if device.type not in ("cpu", "cuda"):
+        return False, f"auto: off, not measured on {device.type}"
+    shape, tokens = autotune.Shape.of(mcfg), batch_size * seq_len
+    dtype = {"no": "fp32"}.get(mixed, mixed)
+    figures = autotune.measured(device.type, min(tokens, autotune.MAX_ROWS), shape)[0]
+    speed = next(v for v in (figures.get(dtype), figures["fp32"]) if isinstance(v, (int, float)))
+    least_s = steps * grad_accum * 3 * tokens / speed  # forward, and backward's two
+    if least_s < MEASURE_FROM_S:
+        return False, f"auto: off, a run this short ({least_s:.0f} s of matmuls) cannot repay a compile"
+    eager_attention = eager_attention_for(device, seq_len)
+    timed = autotune.cached(device.type, compile_entry(shape, batch_size, seq_len, dtype, eager_attention),
+                            lambda: measure_compile(mcfg, batch_size, seq_len, mixed, device, eager_attention))[0]
+    if "failed" in timed:
+        return False, f"auto: off, torch.compile failed here ({timed['failed']})"
+    saved_s = mcfg.num_layers * (timed["eager_ms"] - timed["compiled_ms"]) / 1000
+    if saved_s <= 0:
+        return False, (f"auto: off, compiled layers were not faster here ({timed['compiled_ms']:.1f} ms "
+                       f"against {timed['eager_ms']:.1f} eager)")
+    repaid = timed["compile_s"] / saved_s / grad_accum  # in optimizer steps
+    what = (f"compiled layers ran {timed['eager_ms'] / timed['compiled_ms']:.2f}x eager here, and a "
+            f"{timed['compile_s']:.0f} s compile is repaid after {math.ceil(repaid):,} of {steps:,} steps")
+    return repaid <= REPAID_WITHIN * steps, f"auto: {'on' if repaid <= REPAID_WITHIN * steps else 'off'}, {what}"
+
+
+def eager_attention_for(device: torch.device, seq_len: int) -> bool:
+    """compile_layers' eager_attention for a run on `device` at seq_len (see there)."""
+    return device.type == "cpu" and seq_len <= 512
+
+
+def compile_entry(shape, batch_size: int, seq_len: int, dtype: str, eager_attention: bool) -> str:
+    """The autotune cache entry of measure_compile's figures."""
+    return f"compile {shape.key()} b{batch_size} s{seq_len} {dtype}{' eager-attention' if eager_attention else ''}"
+
+
+def measure_compile(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str, device: torch.device,
+                    eager_attention: bool, rounds: int = 5) -> dict:
+    """Forward and backward of the decoder layers of two 2-layer models of mcfg's widths, one eager
+    and one regionally compiled (as compile_layers does the run's), timed in turn (a neighbour's
+    load falls on both alike): {eager_ms, compiled_ms} per layer, each its best of `rounds`, and
+    compile_s (the first compiled call's excess), or {failed: why}. It also fills inductor's cache
+    for the run's own compile, which compiles the same layer graph."""
+    import dataclasses
+
+    from smolctl.autotune import _sync
+    from smolctl.loss import CausalLMLoss
+    from smolctl.model import build_model
+
+    tokens = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    sync = _sync(str(device)) or (lambda: None)
+
+    def model() -> CausalLMLoss:
+        built = build_model(dataclasses.replace(mcfg, num_layers=2), device=device)
+        if eager_attention:
+            built.config._attn_implementation = "eager"
+        return CausalLMLoss(built)
+
+    def step(layers: CausalLMLoss) -> float:
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            hidden = layers.hidden_states(tokens)
+        hidden.float().sum().backward()
+        layers.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t
+
+    eager, compiled = model(), model()
+    compile_layers(compiled.model, eager_attention)
+    step(eager)
+    try:
+        first = step(compiled)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        times = [(step(eager), step(compiled)) for _ in range(rounds)]
+    except Exception as e:  # noqa: BLE001 -- inductor's failures (no C++ compiler, no triton) are many
+        return {"failed": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
+    eager_s, compiled_s = (min(column) for column in zip(*times))
+    out = {"eager_ms": round(eager_s * 1000 / 2, 3), "compiled_ms": round(compiled_s * 1000 / 2, 3),
+           "compile_s": round(max(0.0, first - compiled_s), 2)}
+    if device.type == "cpu":  # the share of the CPU torch's threads got: on a busy machine, not cached (autotune)
+        out["cpu_share"] = round((time.process_time() - cpu_start) / (time.perf_counter() - start)
+                                 / torch.get_num_threads(), 2)
+    return out
 
 
 def compile_cache_dir() -> Path:

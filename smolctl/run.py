@@ -27,7 +27,7 @@ from smolctl.distributed import accelerator as make_accelerator, job_restarts
 from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
-from smolctl.perf import compile_layers, device_peak_tflops, flops_per_token
+from smolctl.perf import compile_layers, device_peak_tflops, eager_attention_for, flops_per_token
 from smolctl.rundir import config_changes, data_flags, resume_point
 from smolctl.sources import load, resolve, with_init_model
 
@@ -133,6 +133,9 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
         # resume trains in the same precision whatever another measurement or launcher would say (a run
         # started before this was recorded keeps its "auto", which its checkpoints were saved with)
         cfg = dataclasses.replace(cfg, mixed_precision=mixed)
+    compiled, compile_why = _compile_choice(cfg, mcfg, mixed, accelerator)
+    if resume_path is None:
+        cfg = dataclasses.replace(cfg, compile=compiled)
     if cfg.sample_every and accelerator.distributed_type == DistributedType.FSDP:
         raise SmolctlError("--sample-every does not work under FSDP (the weights are sharded across ranks)",
                            hint="Leave it out and sample from a checkpoint with smolctl generate")
@@ -158,8 +161,8 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
         if main:
             rundir.supersede_later_checkpoints(run_dir, resume_path, meta.step, accelerator.print)
     loss_module = CausalLMLoss(model)
-    if cfg.compile:
-        compile_layers(model, eager_attention=accelerator.device.type == "cpu" and cfg.seq_len <= 512)
+    if compiled:
+        compile_layers(model, eager_attention=eager_attention_for(accelerator.device, cfg.seq_len))
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     if restored is not None:  # after prepare: under FSDP each rank keeps its shard of it
         restored.load_optimizer(loss_module, optimizer.optimizer)
@@ -190,11 +193,19 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
         verb += f" ({again}, before its first checkpoint)"
     run.emit("start", text=f"{verb}: {mcfg.name} ({sum(p.numel() for p in model.parameters()):,} params) on "
                            f"{spec.describe()}, {world} x {accelerator.device.type} process(es), mixed precision "
-                           f"{mixed}, {run.tokens_per_step:,} tokens/step, to step {cfg.max_steps}; run dir {run_dir}",
+                           f"{mixed}{', compiled' if compiled else ''}, {run.tokens_per_step:,} tokens/step, "
+                           f"to step {cfg.max_steps}; run dir {run_dir}",
              step=state.step, max_steps=cfg.max_steps, run_dir=str(run_dir), world_size=world,
              resumed_from=str(resume_path) if resume_path else None,
              resumed=("auto" if plan.auto else "asked") if resume_path else None, restarts=restarts,
              config=cfg.to_dict())
+    if compiled:
+        run.emit("phase", step=state.step, text="compiling the decoder layers…")
+        seconds = _compile_now(run)
+        run.emit("message", step=state.step, text=f"Compiled the decoder layers in {seconds:.1f} s "
+                                                  f"({compile_why or 'set in the run config'})", compile_s=seconds)
+    elif compile_why:
+        run.emit("message", step=state.step, text=f"Not compiled ({compile_why})")
     return run, state
 
 
@@ -253,8 +264,8 @@ def planned_config(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrit
         cfg = with_init_model(cfg)
     cfg = cfg.resolved()
     cfg.model_config()
-    if resume == "auto" and cfg.mixed_precision == "auto":  # the precision the run decided, if it has one
-        cfg = dataclasses.replace(cfg, mixed_precision=_decided_precision(run_dir) or "auto")
+    if resume == "auto":  # what the run's auto settings decided at its start, if it has checkpoints
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in _decided(run_dir).items() if getattr(cfg, k) == AUTO[k]})
     return cfg
 
 
@@ -270,16 +281,20 @@ def plan_of(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool
     return RunPlan(cfg, mcfg, tok, resume, resume_from, auto and resume_from is not None)
 
 
-def _decided_precision(run_dir: Path) -> str | None:
-    """The mixed precision a run in `run_dir` with checkpoints trains in (config.yaml keeps what
-    `auto` decided at its start), or None; a config.yaml that can't be read is _same_run's to report."""
+# The settings whose `auto` value a fresh run decides (by measuring) and config.yaml then keeps.
+AUTO = {"mixed_precision": "auto", "compile": None}
+
+
+def _decided(run_dir: Path) -> dict[str, Any]:
+    """What the auto settings of a run in `run_dir` with checkpoints decided at its start (config.yaml
+    keeps it); {} if none; a config.yaml that can't be read is _same_run's to report."""
     if not ckpt_io.saved(run_dir) or not (run_dir / "config.yaml").is_file():
-        return None
+        return {}
     try:
-        decided = TrainConfig.from_file(run_dir / "config.yaml").mixed_precision
+        saved = TrainConfig.from_file(run_dir / "config.yaml")
     except SmolctlError:
-        return None
-    return None if decided == "auto" else decided
+        return {}
+    return {k: getattr(saved, k) for k, auto in AUTO.items() if getattr(saved, k) != auto}
 
 
 def _same_run(cfg: TrainConfig, run_dir: Path) -> bool:
@@ -322,6 +337,36 @@ def mixed_precision(cfg: TrainConfig, say: Callable[[str], None] | None = None) 
     if say:
         say(describe(choice))
     return mixed
+
+
+def _compile_choice(cfg: TrainConfig, mcfg: ModelConfig, mixed: str, accelerator) -> tuple[bool, str | None]:
+    """Whether the run compiles its decoder layers, and why auto decided so (None: cfg.compile
+    said): what the main process decides (perf.compile_choice, measured once per machine), for all."""
+    if cfg.compile is not None:
+        return cfg.compile, None
+    from accelerate.utils import broadcast_object_list
+
+    from smolctl.perf import compile_choice
+
+    decision = [compile_choice(mcfg, cfg.batch_size, cfg.seq_len, mixed, accelerator.device, cfg.max_steps,
+                               cfg.grad_accum) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    return decision[0]
+
+
+def _compile_now(run: Run) -> float:
+    """Seconds spent compiling: the compiled layers' first forward and backward (where torch.compile
+    compiles), on a batch of zeros before the first step, so that the compile is timed on its own
+    and not in the first steps' throughput. No weight, optimizer state, RNG or data position changes."""
+    t = time.perf_counter()
+    zeros = torch.zeros(run.cfg.batch_size, run.cfg.seq_len, dtype=torch.long, device=run.device)
+    with run.accelerator.no_sync(run.loss_module):
+        run.accelerator.backward(run.loss_module(zeros, zeros))
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return time.perf_counter() - t
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

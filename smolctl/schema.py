@@ -183,7 +183,9 @@ def _int(text: str) -> int | float:
 def _kind(spec: Spec) -> str:
     kind = {int: "an integer", float: "a number", str: "text", bool: "true or false", dict: "a mapping",
             list: "a list", tuple: "a list"}[spec.type]
-    return f"{kind} or null" if spec.optional else kind
+    if spec.optional:
+        return "true, false or null" if spec.type is bool else f"{kind} or null"
+    return kind
 
 
 def _bounds(meta: dict, t: type) -> str:

@@ -94,7 +94,7 @@ def micro_cfg(corpus):
 
     def make(**kw):
         base = dict(preset="tiny", model=dict(MICRO), data=str(corpus), batch_size=2, seq_len=16,
-                    max_steps=12, save_every=4, log_every=1, mixed_precision="no", device="cpu",
+                    max_steps=12, save_every=4, log_every=1, mixed_precision="no", compile=False, device="cpu",
                     num_workers=0, lr=3e-3)
         return TrainConfig(**{**base, **kw})
 

@@ -44,7 +44,7 @@ def micro_config(tmp_path, **extra) -> Path:
     path = tmp_path / "micro.yaml"
     model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
     rest = "".join(f"{k}: {v}\n" for k, v in extra.items())
-    path.write_text(f"model: {{preset: tiny, {model}}}\nmixed_precision: 'no'\ndevice: cpu\n{rest}")
+    path.write_text(f"model: {{preset: tiny, {model}}}\nmixed_precision: 'no'\ncompile: false\ndevice: cpu\n{rest}")
     return path
 
 

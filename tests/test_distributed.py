@@ -92,7 +92,7 @@ def two_proc(tmp_path_factory):
     model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
     (root / "micro.yaml").write_text(
         f"model: {{preset: tiny, {model}}}\ndata: {root / 'data'}\nbatch_size: {B}\nseq_len: {SEQ}\n"
-        "mixed_precision: 'no'\nlog_every: 1\nsave_every: 3\nlr: 0.01\n")
+        "mixed_precision: 'no'\ncompile: false\nlog_every: 1\nsave_every: 3\nlr: 0.01\n")
     r = subprocess.run([*ACCELERATE, "train", "--config", "micro.yaml", "--run-dir", "straight", *COMMON],
                        cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -34,7 +34,7 @@ def tree(root: Path) -> dict[str, bytes | None]:
 def micro_yaml(path: Path, corpus: Path, **extra) -> Path:
     model = ", ".join(f"{k}: {v}" for k, v in MICRO.items())
     lines = [f"model: {{preset: tiny, {model}}}", f"data: {corpus}", "batch_size: 2", "seq_len: 16",
-             "mixed_precision: 'no'", "device: cpu", "num_workers: 0", "log_every: 1",
+             "mixed_precision: 'no'", "compile: false", "device: cpu", "num_workers: 0", "log_every: 1",
              *(f"{k}: {v}" for k, v in extra.items())]
     path.write_text("\n".join(lines) + "\n")
     return path

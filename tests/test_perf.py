@@ -210,3 +210,52 @@ def test_eval_computes_in_the_measured_dtype_on_device_auto(monkeypatch, tmp_pat
     assert runs["auto"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.02)  # autocast: near, not equal
     assert "Precision: auto: bf16, its matmuls ran 4.0x" in said["auto"] and "(auto: bf16, " in said["auto"]
     assert "Evaluating" in said["fp32"] and "Precision:" not in said["fp32"]  # fp32 was asked for: no figures
+
+
+# -- compile: auto, from measured figures ---------------------------------------------------------
+
+def plant_compile(path, mcfg, timed: dict | None, batch=2, seq_len=16, matmul_speed=100.0):
+    """The figures compile_choice reads, as measurements would leave them in the cache: the
+    matmuls' speed at the run's rows (tokens/s, fp32), and `timed` (measure_compile's) if given."""
+    from smolctl.autotune import Shape
+    from smolctl.perf import compile_entry
+
+    inject(path, Shape.of(mcfg), {"fp32": matmul_speed}, rows=(min(batch * seq_len, 256),))
+    if timed is not None:
+        stored = json.loads(path.read_text())
+        for entries in stored["machines"].values():
+            entries[compile_entry(Shape.of(mcfg), batch, seq_len, "fp32", eager_attention=True)] = timed
+        path.write_text(json.dumps(stored))
+
+
+@pytest.mark.parametrize("timed, steps, on, says", [
+    # 2 layers x 5 ms saved a step: a 30 s compile is repaid after 3,000 steps, within half of 10,000
+    ({"eager_ms": 10.0, "compiled_ms": 5.0, "compile_s": 30.0}, 10_000, True,
+     "auto: on, compiled layers ran 2.00x eager here, and a 30 s compile is repaid after 3,000 of 10,000 steps"),
+    ({"eager_ms": 10.0, "compiled_ms": 5.0, "compile_s": 30.0}, 5_000, False, "repaid after 3,000 of 5,000 steps"),
+    ({"eager_ms": 10.0, "compiled_ms": 11.0, "compile_s": 3.0}, 10_000, False,
+     "auto: off, compiled layers were not faster here (11.0 ms against 10.0 eager)"),
+    ({"failed": "InvalidCxxCompiler: no working C++ compiler found"}, 10_000, False,
+     "auto: off, torch.compile failed here (InvalidCxxCompiler: no working C++ compiler found)"),
+])
+def test_compile_auto_follows_the_measured_figures(monkeypatch, tmp_path, timed, steps, on, says):
+    from smolctl.perf import compile_choice
+
+    plant_compile(cache(monkeypatch, tmp_path), SMALL, timed)
+    decided, why = compile_choice(SMALL, 2, 16, "no", torch.device("cpu"), steps)
+    assert decided is on and says in why
+    # with 4 micro-batches a step, each step saves 4x as much: repaid 4x sooner, in steps
+    if "repaid" in says:
+        assert compile_choice(SMALL, 2, 16, "no", torch.device("cpu"), steps, grad_accum=4)[0] is True
+
+
+def test_compile_auto_does_not_measure_a_run_too_short_to_repay_it(monkeypatch, tmp_path):
+    """100 steps of 32 tokens at 100 tokens/s of matmuls: 96 s, under MEASURE_FROM_S. Measuring
+    would raise here (no compile figures are planted, and measure_compile is replaced)."""
+    from smolctl import perf
+
+    plant_compile(cache(monkeypatch, tmp_path), SMALL, None)
+    monkeypatch.setattr(perf, "measure_compile", lambda *a: pytest.fail("measured"))
+    assert perf.compile_choice(SMALL, 2, 16, "no", torch.device("cpu"), 100) == (
+        False, "auto: off, a run this short (96 s of matmuls) cannot repay a compile")
+

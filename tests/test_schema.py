@@ -109,7 +109,7 @@ def test_a_yaml_config_with_string_numbers_trains(cli, micro):
     ("keep_last: 0", "keep_last must be positive, got 0"),
     ("max_steps: 2.5", "max_steps must be an integer, got 2.5"),
     ("batch_size: true", "batch_size must be an integer, got True"),
-    ("compile: maybe", "compile must be true or false, got 'maybe'"),
+    ("compile: maybe", "compile must be true, false or null, got 'maybe'"),
     ("schedule: linear", "schedule must be wsd or cosine, got 'linear'"),
     ("sample_prompt: ''", "sample_prompt must not be empty"),
     ("min_lr: 0.5", "--min-lr 0.5 is above --lr 0.003"),

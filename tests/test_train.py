@@ -251,7 +251,7 @@ def test_throughput_leaves_out_evals_samples_and_saves(micro_cfg, tmp_path, corp
 
 
 MICRO_YAML = ("model: {{preset: tiny, num_layers: 1, hidden_size: 32, num_heads: 2, num_kv_heads: 1, "
-              "intermediate_size: 64}}\ndata: {corpus}\nbatch_size: 2\nseq_len: 16\nmixed_precision: 'no'\n"
+              "intermediate_size: 64}}\ndata: {corpus}\nbatch_size: 2\nseq_len: 16\nmixed_precision: 'no'\ncompile: false\n"
               "device: cpu\nlog_every: 1\n")
 
 
@@ -294,13 +294,46 @@ def test_bf16_mixed_precision_trains_with_fp32_master_weights(tmp_path, corpus):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # autocast computes in bf16, stores fp32
 
 
-def test_compiled_steps_match_eager(micro_cfg, tmp_path):
-    """--compile fuses each layer with inductor: the same steps, to float rounding."""
+def test_compile_auto_measures_and_compiled_steps_match_eager(micro_cfg, tmp_path, monkeypatch):
+    """compile: auto. measure_compile times the run's layer graph eager and compiled (which also
+    fills inductor's cache for the run). Where the figures say compiling pays (planted: the micro
+    run is far too short to pay for real), the run compiles before step 1 and says how long that
+    took; config.yaml keeps the decision; each layer fused by inductor takes the same steps as
+    eager, to float rounding; and --resume auto sees the same run."""
+    from smolctl import perf
+    from smolctl.autotune import CACHE_VERSION, Shape, entry, machine
+    from smolctl.run import _same_run, planned_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a cold inductor cache, an empty autotune.json
+    cfg = micro_cfg(max_steps=3, save_every=100, compile=None)
+    mcfg, device = cfg.model_config(), torch.device("cpu")
+    timed = perf.measure_compile(mcfg, cfg.batch_size, cfg.seq_len, "no", device, eager_attention=True)
+    assert sorted(timed) == ["compile_s", "compiled_ms", "cpu_share", "eager_ms"] and min(timed.values()) > 0, timed
+
+    monkeypatch.setattr(perf, "MEASURE_FROM_S", 0.0)
+    shape, rows = Shape.of(mcfg), cfg.batch_size * cfg.seq_len
+    planted = {entry(rows, shape): {"fp32": 100.0},
+               perf.compile_entry(shape, cfg.batch_size, cfg.seq_len, "fp32", True):
+                   {"eager_ms": 10.0, "compiled_ms": 5.0, "compile_s": 0.001}}
+    (tmp_path / "cache" / "smolctl").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "smolctl" / "autotune.json").write_text(
+        json.dumps({"version": CACHE_VERSION, "machines": {machine("cpu"): planted}}))
     train(micro_cfg(max_steps=3, save_every=100), tmp_path / "eager")
-    train(micro_cfg(max_steps=3, save_every=100, compile=True), tmp_path / "compiled")
+    train(cfg, tmp_path / "compiled")
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [s for s, _ in compiled] == [1, 2, 3]
     assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], abs=1e-3)
+    said = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    compiling = [e for e in said if "compile_s" in e]
+    assert len(compiling) == 1 and compiling[0]["compile_s"] > 0
+    assert compiling[0]["text"].startswith("Compiled the decoder layers in ") and "(auto: on, " in compiling[0]["text"]
+    assert ", compiled, " in said[0]["text"]  # the start line
+    assert TrainConfig.from_file(tmp_path / "compiled" / "config.yaml").compile is True
+    assert TrainConfig.from_file(tmp_path / "eager" / "config.yaml").compile is False
+
+    # the same job started again (--resume auto, compile still auto) is the same run: compiled
+    relaunched = planned_config(cfg, tmp_path / "compiled", "auto", overwrite=False)
+    assert relaunched.compile is True and _same_run(relaunched, tmp_path / "compiled")
 
 
 def test_report_to_tensorboard_writes_an_event_file(micro_cfg, tmp_path):
