@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 LOGS = ROOT / "logs"
 DOC_PAGES = ["training", "resume-and-checkpoints", "distributed", "generate-and-chat", "export-and-import",
-             "errors-and-safety"]
+             "errors-and-safety", "layout"]
 
 TRAIN_LINE = re.compile(r"step +(\d+)/\d+ \| loss ([\d.]+) \| .* \| tok/s ([\d,]+) \| tokens ([\d,]+) \| "
                         r"elapsed (\d+)m(\d+)s")
@@ -180,7 +180,7 @@ def test_benchmark_tables_are_the_committed_results():
 
 def test_the_readme_links_every_docs_page_and_stays_short():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert len(readme.splitlines()) <= 200
+    assert len(readme.splitlines()) <= 120  # the rest is in docs/
     assert {p.stem for p in (ROOT / "docs").glob("*.md")} == set(DOC_PAGES)
     for name in DOC_PAGES:
         assert f"(docs/{name}.md)" in readme, name

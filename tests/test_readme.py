@@ -182,8 +182,8 @@ def test_every_multi_process_command_is_covered():
 
 
 def test_the_layout_section_lists_every_module():
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+    page = (ROOT / "docs" / "layout.md").read_text()
+    layout = page[page.index("## Layout"):]
     start = layout.index("```\nsmolctl/\n") + 4
     block = layout[start:layout.index("```", start)]
     listed = set(re.findall(r"^  (\S+\.py)\s", block, re.MULTILINE))
