@@ -106,16 +106,16 @@ class TrainState:
 
 def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, sinks: list[Callable],
           overwrite: bool, allow_config_change: bool, cleanup: ExitStack,
-          plan: RunPlan | None = None) -> tuple[Run, TrainState]:
+          plan: RunPlan | None = None, say: Callable[[str], None] | None = None) -> tuple[Run, TrainState]:
     """Build the run and its starting state: fresh, from --init-from weights, or from a checkpoint.
     `plan`: the one check_inputs made on this process, if it did. `cleanup` gets what must be
-    closed however training ends (the data worker, the sinks)."""
+    closed however training ends (the data worker, the sinks). `say`: see mixed_precision."""
     from accelerate.utils import DistributedType, set_seed
 
     from smolctl.model import build_model
 
     cfg = plan.cfg if plan else planned_config(cfg, run_dir, resume, overwrite)
-    mixed = mixed_precision(cfg)
+    mixed = mixed_precision(cfg, say)
     trackers = None if cfg.report_to == "none" else [cfg.report_to]
     if trackers:
         _require_tracker(cfg.report_to)
@@ -324,18 +324,20 @@ def _inside(path: Path, folder: Path) -> bool:
 def mixed_precision(cfg: TrainConfig, say: Callable[[str], None] | None = None) -> str:
     """Accelerate's mixed_precision for this run (cfg resolved: seq_len set); `say` gets the
     figures behind an auto choice (--verbose)."""
+    say = say or (lambda _: None)
     if cfg.mixed_precision != "auto":
+        say(f"Precision: {cfg.mixed_precision} (set in the run's config, not auto)")
         return cfg.mixed_precision
     # what accelerate launch was told (config file or flag), else what measured fastest here
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        say(f"Precision: {os.environ['ACCELERATE_MIXED_PRECISION']} (accelerate launch's setting)")
         return os.environ["ACCELERATE_MIXED_PRECISION"]
     from smolctl.autotune import Shape, describe, train_precision
     from smolctl.device import pick_device
 
     shape = Shape.of(cfg.model_config())  # the model's own matmuls
     mixed, choice = train_precision(pick_device(cfg.device), cfg.batch_size * cfg.seq_len, shape)
-    if say:
-        say(describe(choice))
+    say(describe(choice))
     return mixed
 
 

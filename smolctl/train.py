@@ -46,9 +46,11 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: Path | None = None,
-          sinks: list[Callable] = (), overwrite: bool = False, allow_config_change: bool = False) -> TrainResult:
+          sinks: list[Callable] = (), overwrite: bool = False, allow_config_change: bool = False,
+          say: Callable[[str], None] | None = None) -> TrainResult:
     """Train (or resume) to cfg.max_steps; see the module docstring. Raises SmolctlError (RunComplete
-    when resuming a run that already reached cfg.max_steps).
+    when resuming a run that already reached cfg.max_steps). `say` gets the figures behind the
+    precision `auto` picks (--verbose).
 
     The main process holds the run directory's lock for the whole run (one process per run). A
     fresh run checks its inputs before creating anything; if it fails later, whatever the
@@ -74,7 +76,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: str | None = None, log_file: 
             with ExitStack() as cleanup:  # closes the metrics files and the data worker however training ends
                 try:
                     run, state = setup(cfg, run_dir, resume, log_file, sinks, overwrite, allow_config_change, cleanup,
-                                       plan)
+                                       plan, say)
                     return fit(run, state)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     error = _as_smolctl_error(e, cfg, run_dir, resume, where)

@@ -111,17 +111,6 @@ def _newest_run() -> Path:
     return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime)
 
 
-def _say_precision(cfg, run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """--verbose: the precision the run will train in, and the figures behind auto (measured
-    here, or read from the cache; train() then reads the same cache entry)."""
-    from smolctl.run import mixed_precision, planned_config
-
-    resolved = planned_config(cfg, run_dir, resume, overwrite)
-    mixed = mixed_precision(resolved, say=note)
-    if cfg.mixed_precision != "auto":
-        print(f"Precision: {mixed} (set in the run's config, not auto)", file=sys.stderr)
-
-
 def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrite: bool, dashboard: bool,
          num_processes: int | None = None, allow_config_change: bool = False, verbose: bool = False) -> None:
     from smolctl.distributed import PeerFailed, continue_command, place
@@ -141,8 +130,6 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
                 mixed = preflight(cfg, run_dir, resume, overwrite, num_processes, allow_config_change)
             raise typer.Exit(launch(num_processes, without_option(sys.argv[1:], "--num-processes"), run_dir, mixed))
     main = where.rank == 0  # the dashboard and messages come from rank 0 only
-    if verbose and main:
-        _say_precision(cfg, run_dir, resume, overwrite)
     sink = None
     if main and dashboard and sys.stdout.isatty():
         from smolctl.dashboard import Dashboard
@@ -155,7 +142,8 @@ def _run(cfg, run_dir: Path, resume: str | None, log_file: Path | None, overwrit
     try:
         with _complete_is_done(main):
             result = train(cfg, run_dir, resume=resume, log_file=log_file, sinks=[sink] if sink else [],
-                           overwrite=overwrite, allow_config_change=allow_config_change)
+                           overwrite=overwrite, allow_config_change=allow_config_change,
+                           say=note if verbose and main else None)
     except PeerFailed as e:
         # The process that failed says why, and a launcher names one that was killed: only rank 0
         # speaks for the others, and only under a launcher that does not (accelerate launch, torchrun).
