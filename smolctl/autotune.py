@@ -140,9 +140,11 @@ def entry(rows: int, shape: Shape) -> str:
     return f"matmuls {shape.key()} rows {rows}"
 
 
-def cached(device: str, key: str, measure_fn: Callable[[], dict]) -> tuple[dict, str, bool, float]:
+def cached(device: str, key: str, measure_fn: Callable[[], dict],
+           keep: Callable[[dict], bool] = lambda figures: True) -> tuple[dict, str, bool, float]:
     """The figures stored under `key` for this machine and torch, else `measure_fn()`'s (then
-    stored). Returns (figures, machine key, whether they came from the cache, seconds measuring)."""
+    stored, unless taken on a busy machine or `keep` says no). Returns (figures, machine key,
+    whether they came from the cache, seconds measuring)."""
     where = machine(device)
     entries = _read_cache()
     found = entries.get(where, {}).get(key)
@@ -151,7 +153,7 @@ def cached(device: str, key: str, measure_fn: Callable[[], dict]) -> tuple[dict,
     t = time.perf_counter()
     figures = measure_fn()
     took = time.perf_counter() - t
-    if figures.get("cpu_share", 1) < BUSY_SHARE:  # taken while other jobs had the cores: used once, not kept
+    if figures.get("cpu_share", 1) < BUSY_SHARE or not keep(figures):  # e.g. taken while other jobs had the cores
         return figures, where, False, took
     entries = _read_cache()  # another process may have added its own entries meanwhile
     entries.setdefault(where, {})[key] = figures

@@ -73,7 +73,8 @@ def compile_choice(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str,
         return False, f"auto: off, a run this short ({least_s:.0f} s of matmuls) cannot repay a compile"
     eager_attention = eager_attention_for(device, seq_len)
     timed = autotune.cached(device.type, compile_entry(shape, batch_size, seq_len, dtype, eager_attention),
-                            lambda: measure_compile(mcfg, batch_size, seq_len, mixed, device, eager_attention))[0]
+                            lambda: measure_compile(mcfg, batch_size, seq_len, mixed, device, eager_attention),
+                            keep=lambda figures: "failed" not in figures)[0]  # a failure may be fixed (a compiler installed)
     if "failed" in timed:
         return False, f"auto: off, torch.compile failed here ({timed['failed']})"
     saved_s = mcfg.num_layers * (timed["eager_ms"] - timed["compiled_ms"]) / 1000

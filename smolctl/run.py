@@ -201,9 +201,9 @@ def setup(cfg: TrainConfig, run_dir: Path, resume: str | None, log_file: Path, s
              config=cfg.to_dict())
     if compiled:
         run.emit("phase", step=state.step, text="compiling the decoder layers…")
-        seconds = _compile_now(run)
-        run.emit("message", step=state.step, text=f"Compiled the decoder layers in {seconds:.1f} s "
-                                                  f"({compile_why or 'set in the run config'})", compile_s=seconds)
+        seconds, why = _compile_now(run), compile_why or "set in the run's config"
+        run.emit("message", step=state.step, text=f"Compiled the decoder layers in {seconds:.1f} s ({why})",
+                 compile_s=seconds)
     elif compile_why:
         run.emit("message", step=state.step, text=f"Not compiled ({compile_why})")
     return run, state
@@ -363,8 +363,16 @@ def _compile_now(run: Run) -> float:
     and not in the first steps' throughput. No weight, optimizer state, RNG or data position changes."""
     t = time.perf_counter()
     zeros = torch.zeros(run.cfg.batch_size, run.cfg.seq_len, dtype=torch.long, device=run.device)
-    with run.accelerator.no_sync(run.loss_module):
-        run.accelerator.backward(run.loss_module(zeros, zeros))
+    try:
+        with run.accelerator.no_sync(run.loss_module):
+            run.accelerator.backward(run.loss_module(zeros, zeros))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- inductor's failures (no C++ compiler, no triton) are many
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise SmolctlError(f"torch.compile failed here: {why}",
+                           hint="Train with --no-compile (or leave --compile out: auto measures whether it works)",
+                           exit_code=1) from None
     run.optimizer.zero_grad(set_to_none=True)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)

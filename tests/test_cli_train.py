@@ -52,6 +52,17 @@ def test_train_bad_input(cli, tmp_path, micro_yaml, monkeypatch, args, words):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
 
 
+def test_compile_where_torch_compile_cannot_work_is_one_line_and_leaves_nothing(cli, tmp_path, micro_yaml,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # inductor's CPU code needs a C++ compiler
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled to reuse
+    r = cli("train", "--config", micro_yaml, "--max-steps", 2, "--seq-len", 12, "--run-dir", "run", "--compile")
+    assert r.exit_code == 1, r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: torch.compile failed here: ")
+    assert "Train with --no-compile" in r.stderr and not (tmp_path / "run").exists()
+
+
 def test_unknown_config_keys(cli, tmp_path):
     (tmp_path / "bad.yaml").write_text("lr: 0.1\nlearning_rate: 0.2\n")
     r = cli("train", "--config", tmp_path / "bad.yaml")

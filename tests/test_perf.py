@@ -259,3 +259,19 @@ def test_compile_auto_does_not_measure_a_run_too_short_to_repay_it(monkeypatch, 
     assert perf.compile_choice(SMALL, 2, 16, "no", torch.device("cpu"), 100) == (
         False, "auto: off, a run this short (96 s of matmuls) cannot repay a compile")
 
+
+
+def test_compile_auto_where_torch_compile_fails_is_off_and_measured_again(monkeypatch, tmp_path):
+    """No working C++ compiler (inductor's CPU backend needs one): auto says why it does not compile,
+    and keeps no figures (installing a compiler must not need the cache deleted)."""
+    from smolctl import perf
+    from smolctl.perf import compile_choice
+
+    path = cache(monkeypatch, tmp_path)
+    plant_compile(path, SMALL, None, batch=3, seq_len=5)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled to reuse
+    monkeypatch.setattr(perf, "MEASURE_FROM_S", 0.0)
+    decided, why = compile_choice(SMALL, 3, 5, "no", torch.device("cpu"), 10_000)
+    assert not decided and why.startswith("auto: off, torch.compile failed here (") and "C++ compiler" in why
+    assert "compile" not in path.read_text()
