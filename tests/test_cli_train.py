@@ -55,7 +55,10 @@ def test_train_bad_input(cli, tmp_path, micro_yaml, monkeypatch, args, words):
 def test_compile_where_torch_compile_cannot_work_is_one_line_and_leaves_nothing(cli, tmp_path, micro_yaml,
                                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # inductor's CPU code needs a C++ compiler
+    import torch._inductor.config
+
+    # what CXX would say, read when inductor is first imported (maybe by an earlier test)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled to reuse
     r = cli("train", "--config", micro_yaml, "--max-steps", 2, "--seq-len", 12, "--run-dir", "run", "--compile")
     assert r.exit_code == 1, r.output

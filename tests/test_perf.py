@@ -269,7 +269,10 @@ def test_compile_auto_where_torch_compile_fails_is_off_and_measured_again(monkey
 
     path = cache(monkeypatch, tmp_path)
     plant_compile(path, SMALL, None, batch=3, seq_len=5)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    import torch._inductor.config
+
+    # what CXX would say, read when inductor is first imported (maybe by an earlier test)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled to reuse
     monkeypatch.setattr(perf, "MEASURE_FROM_S", 0.0)
     decided, why = compile_choice(SMALL, 3, 5, "no", torch.device("cpu"), 10_000)
