@@ -9,6 +9,33 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# -- two workers (pytest-xdist; pyproject's addopts) ------------------------------------------------
+
+# `accelerate launch --multi_gpu` without --main_process_port takes port 29500: it checks that the port
+# is free, then binds it a moment later. Tests that run it are marked with this group, so that one
+# worker runs them one after another and two launches never race for the port.
+FIXED_PORT = pytest.mark.xdist_group("accelerate-port-29500")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node ids
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker: every test without a group of its own joins its file's, so that a module's
+    fixtures (a 2-process run, a forkserver, a built wheel) are made once, on one worker. Groups that
+    hold a `heavy` test go first (in collection order), so that each long test starts while the
+    other worker still has plenty to do, instead of last while it idles."""
+    if not hasattr(config, "workerinput"):
+        return
+
+    def group(item):
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+        return tuple(m.args[0] if m.args else m.kwargs.get("name") for m in item.iter_markers("xdist_group"))
+
+    groups = {item: group(item) for item in items}
+    heavy = {groups[item] for item in items if item.get_closest_marker("heavy")}
+    items.sort(key=lambda item: groups[item] not in heavy)  # stable: collection order otherwise
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path, monkeypatch):
     """Each test runs in its own directory: defaults such as ./runs/<name>/ land

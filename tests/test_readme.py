@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FIXED_PORT
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
@@ -98,6 +99,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert all((wa[k] == wb[k]).all() for k in wa), f"{a} and {b} differ"
 
 
+@pytest.mark.heavy
 def test_main_job_and_its_resume_as_written(tmp_path):
     """The Quick start's main job, step counts divided by 50 as the README says: it trains, the
     held-out loss falls, and the resume from the (scaled) step-200 checkpoint repeats the rest
@@ -121,6 +123,7 @@ def test_main_job_and_its_resume_as_written(tmp_path):
     assert_same_weights(first_final, run_dir / "checkpoints" / "final")
 
 
+@FIXED_PORT  # its resume is an accelerate launch
 def test_multi_process_commands_on_cpu_as_written(tmp_path):
     """The "On CPUs" commands, exactly as written and without --device: both launchers form one
     job of 2 CPU processes (not two jobs of one), and the resume through accelerate launch ends
