@@ -142,9 +142,9 @@ def model_config(spec: str | Path) -> ModelConfig:
 def _config_at(path: Path) -> ModelConfig:
     """The config of the resolved model at `path`."""
     if path.suffix == ".gguf":
-        from smolctl.gguf_io import read_gguf_header
+        from smolctl.gguf_io import scan_gguf
 
-        return read_gguf_header(path)[1]
+        return scan_gguf(path)[0]
     return model_config_of(path)
 
 
@@ -166,9 +166,9 @@ def _tokenizer_at(path: Path) -> str | None:
     of the tokenizer files saved with its weights, else None (the bundled SmolLM2 tokenizer). A
     GGUF must carry the SmolLM2 vocabulary (its tokenizer has no files to point at)."""
     if path.suffix == ".gguf":
-        from smolctl.gguf_io import read_gguf_header
+        from smolctl.gguf_io import scan_gguf
 
-        if not _bundled_vocab_matches(read_gguf_header(path)[2]):
+        if not _bundled_vocab_matches(scan_gguf(path)[1]):
             raise SmolctlError(f"{path.name} has its own tokenizer, not the SmolLM2 one",
                                hint=f"Import it first (`smolctl import {path}`), then pass the imported name")
         return None

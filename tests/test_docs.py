@@ -82,6 +82,17 @@ def decode_figures() -> str:
             f"{r['median_tokens_per_s_ratio']:.2f}x and {r['median_process_s_ratio']:.2f}x")
 
 
+def train_defaults_figures(name: str) -> str:
+    """What docs/training.md says of a `bench_train.py --runs default` result (benchmarks/results/NAME)."""
+    r = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    top = r["rows"][0]
+    paired = top["note"].split("paired median ")[1].rstrip("×")
+    chose = {"no": "fp32"}.get(*[top["note"].split("auto chose mixed precision ")[1].split(",")[0]] * 2)
+    compiled = ", compiled, " in r["raw"]["default"]["start"]
+    return (f"{top['value']:.0f} tokens/s against {top['baseline_value']:.0f} ({top['ratio']:.2f}x; paired median "
+            f"{paired}x), in {chose}{', compiled' if compiled else ''}")
+
+
 def page(name: str) -> str:
     return " ".join((ROOT / name).read_text(encoding="utf-8").split())  # line breaks read as spaces
 
@@ -130,6 +141,9 @@ def figures() -> list[tuple[str, str]]:
         ("docs/generate-and-chat.md", f"(the sample's held-out split: all {whole['tokens']:,}, after its first token)"),
         # docs/generate-and-chat.md: decoding against llama.cpp (benchmarks/results/decode_vs_llama_cpp.json)
         ("docs/generate-and-chat.md", decode_figures()),
+        # docs/training.md: train() on its defaults against the best plain loop (benchmarks/results/)
+        ("docs/training.md", train_defaults_figures("train_defaults_vs_plain.json")),
+        ("docs/training.md", train_defaults_figures("train_defaults_vs_plain_no_amx.json")),
     ]
 
 

@@ -294,6 +294,7 @@ def test_bf16_mixed_precision_trains_with_fp32_master_weights(tmp_path, corpus):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # autocast computes in bf16, stores fp32
 
 
+@pytest.mark.heavy
 def test_compile_auto_measures_and_compiled_steps_match_eager(micro_cfg, tmp_path, monkeypatch):
     """compile: auto. measure_compile times the run's layer graph eager and compiled (which also
     fills inductor's cache for the run). Where the figures say compiling pays (planted: the micro
