@@ -51,7 +51,7 @@ def load_for_generation(spec: str | None, dtype: str, device: str | None, quanti
     else:
         torch_dtype, what = pick_dtype(dtype, device, say=say)
     if verbose or sys.stderr.isatty():  # scripts get only errors and the speed line, unless they ask
-        print(f"Loading {spec} ({what}; {device})", file=sys.stderr, flush=True)
+        note(f"Loading {spec} ({what}; {device})")
     t = time.perf_counter()
     if header is not None:
         loaded = _load_gguf_4bit(path, header, say)

@@ -82,9 +82,10 @@ def compile_choice(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str,
         return False, (f"auto: off, compiled layers were not faster here ({timed['compiled_ms']:.1f} ms "
                        f"against {timed['eager_ms']:.1f} eager)")
     repaid = timed["compile_s"] / saved_s / grad_accum  # in optimizer steps
-    what = (f"compiled layers ran {timed['eager_ms'] / timed['compiled_ms']:.2f}x eager here, and a "
-            f"{timed['compile_s']:.0f} s compile is repaid after {math.ceil(repaid):,} of {steps:,} steps")
-    return repaid <= REPAID_WITHIN * steps, f"auto: {'on' if repaid <= REPAID_WITHIN * steps else 'off'}, {what}"
+    on = repaid <= REPAID_WITHIN * steps
+    return on, (f"auto: {'on' if on else 'off'}, compiled layers ran {timed['eager_ms'] / timed['compiled_ms']:.2f}x "
+                f"eager here, and a {timed['compile_s']:.0f} s compile is repaid after {math.ceil(repaid):,} of "
+                f"{steps:,} steps")
 
 
 def eager_attention_for(device: torch.device, seq_len: int) -> bool:
@@ -137,7 +138,7 @@ def measure_compile(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str
         start, cpu_start = time.perf_counter(), time.process_time()
         times = [(step(eager), step(compiled)) for _ in range(rounds)]
     except Exception as e:  # noqa: BLE001 -- inductor's failures (no C++ compiler, no triton) are many
-        return {"failed": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
+        return {"failed": compile_failure(e)}
     eager_s, compiled_s = (min(column) for column in zip(*times))
     out = {"eager_ms": round(eager_s * 1000 / 2, 3), "compiled_ms": round(compiled_s * 1000 / 2, 3),
            "compile_s": round(max(0.0, first - compiled_s), 2)}
@@ -145,6 +146,13 @@ def measure_compile(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str
         out["cpu_share"] = round((time.process_time() - cpu_start) / (time.perf_counter() - start)
                                  / torch.get_num_threads(), 2)
     return out
+
+
+def compile_failure(e: Exception) -> str:
+    """Why torch.compile failed, in one line: the exception's type and its message's first line (under
+    inductor's InductorError, the cause: "InvalidCxxCompiler: No working C++ compiler found ...")."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 def compile_cache_dir() -> Path:

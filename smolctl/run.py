@@ -27,7 +27,7 @@ from smolctl.distributed import accelerator as make_accelerator, job_restarts
 from smolctl.errors import SmolctlError
 from smolctl.loss import CausalLMLoss
 from smolctl.metrics import JsonlSink, LogFileSink, truncate_after
-from smolctl.perf import compile_layers, device_peak_tflops, eager_attention_for, flops_per_token
+from smolctl.perf import compile_failure, compile_layers, device_peak_tflops, eager_attention_for, flops_per_token
 from smolctl.rundir import config_changes, data_flags, resume_point
 from smolctl.sources import load, resolve, with_init_model
 
@@ -369,8 +369,7 @@ def _compile_now(run: Run) -> float:
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 -- inductor's failures (no C++ compiler, no triton) are many
-        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise SmolctlError(f"torch.compile failed here: {why}",
+        raise SmolctlError(f"torch.compile failed here: {compile_failure(e)}",
                            hint="Train with --no-compile (or leave --compile out: auto measures whether it works)",
                            exit_code=1) from None
     run.optimizer.zero_grad(set_to_none=True)
