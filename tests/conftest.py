@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 
 import pytest
@@ -272,3 +273,28 @@ def llama(monkeypatch):
 def models_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLCTL_MODELS_DIR", str(tmp_path / "models"))
     return tmp_path / "models"
+
+
+# -- autotune figures, planted in the cache as measurements would leave them --------------------------
+
+def inject(path, shape, figures, rows=(1, 8)):
+    """Figures for this machine at each of `rows`, written into the cache as a measurement would leave them."""
+    from smolctl.autotune import CACHE_VERSION, entry, machine
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = {entry(r, shape): figures for r in rows}
+    path.write_text(json.dumps({"version": CACHE_VERSION, "machines": {machine("cpu"): entries}}))
+
+
+def plant_compile(path, mcfg, timed: dict | None, batch=2, seq_len=16, matmul_speed=100.0):
+    """The figures compile_choice reads, as measurements would leave them in the cache: the
+    matmuls' speed at the run's rows (tokens/s, fp32), and `timed` (measure_compile's) if given."""
+    from smolctl.autotune import Shape
+    from smolctl.perf import compile_entry
+
+    inject(path, Shape.of(mcfg), {"fp32": matmul_speed}, rows=(min(batch * seq_len, 256),))
+    if timed is not None:
+        stored = json.loads(path.read_text())
+        for entries in stored["machines"].values():
+            entries[compile_entry(Shape.of(mcfg), batch, seq_len, "fp32", eager_attention=True)] = timed
+        path.write_text(json.dumps(stored))

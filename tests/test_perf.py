@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import inject, plant_compile
 
 from smolctl.config import ModelConfig
 from smolctl.model import build_model
@@ -116,15 +117,6 @@ def test_a_damaged_autotune_cache_is_ignored_and_rewritten(monkeypatch, tmp_path
     assert choose("cpu", "eval", rows=8, shape=tiny_shape()).cached
 
 
-def inject(path, shape, figures, rows=(1, 8)):
-    """Figures for this machine at each of `rows`, written into the cache as a measurement would leave them."""
-    from smolctl.autotune import CACHE_VERSION, entry, machine
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = {entry(r, shape): figures for r in rows}
-    path.write_text(json.dumps({"version": CACHE_VERSION, "machines": {machine("cpu"): entries}}))
-
-
 @pytest.mark.parametrize("figures, train, decode", [
     ({"fp32": 100.0, "bf16": 300.0, "fp16": 400.0}, "bf16", "fp16"),  # fp16 trains on CUDA only
     ({"fp32": 100.0, "bf16": 300.0, "fp16": 310.0}, "bf16", "bf16"),  # fp16 must beat bf16 clearly too
@@ -213,20 +205,6 @@ def test_eval_computes_in_the_measured_dtype_on_device_auto(monkeypatch, tmp_pat
 
 
 # -- compile: auto, from measured figures ---------------------------------------------------------
-
-def plant_compile(path, mcfg, timed: dict | None, batch=2, seq_len=16, matmul_speed=100.0):
-    """The figures compile_choice reads, as measurements would leave them in the cache: the
-    matmuls' speed at the run's rows (tokens/s, fp32), and `timed` (measure_compile's) if given."""
-    from smolctl.autotune import Shape
-    from smolctl.perf import compile_entry
-
-    inject(path, Shape.of(mcfg), {"fp32": matmul_speed}, rows=(min(batch * seq_len, 256),))
-    if timed is not None:
-        stored = json.loads(path.read_text())
-        for entries in stored["machines"].values():
-            entries[compile_entry(Shape.of(mcfg), batch, seq_len, "fp32", eager_attention=True)] = timed
-        path.write_text(json.dumps(stored))
-
 
 @pytest.mark.parametrize("timed, steps, on, says", [
     # 2 layers x 5 ms saved a step: a 30 s compile is repaid after 3,000 steps, within half of 10,000

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import plant_compile
 
 from smolctl import checkpoint as ckpt_io
 from smolctl.config import TrainConfig
@@ -302,7 +303,7 @@ def test_compile_auto_measures_and_compiled_steps_match_eager(micro_cfg, tmp_pat
     took; config.yaml keeps the decision; each layer fused by inductor takes the same steps as
     eager, to float rounding; and --resume auto sees the same run."""
     from smolctl import perf
-    from smolctl.autotune import CACHE_VERSION, Shape, entry, machine
+    from smolctl.autotune import cache_file
     from smolctl.run import _same_run, planned_config
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a cold inductor cache, an empty autotune.json
@@ -312,13 +313,8 @@ def test_compile_auto_measures_and_compiled_steps_match_eager(micro_cfg, tmp_pat
     assert sorted(timed) == ["compile_s", "compiled_ms", "cpu_share", "eager_ms"] and min(timed.values()) > 0, timed
 
     monkeypatch.setattr(perf, "MEASURE_FROM_S", 0.0)
-    shape, rows = Shape.of(mcfg), cfg.batch_size * cfg.seq_len
-    planted = {entry(rows, shape): {"fp32": 100.0},
-               perf.compile_entry(shape, cfg.batch_size, cfg.seq_len, "fp32", True):
-                   {"eager_ms": 10.0, "compiled_ms": 5.0, "compile_s": 0.001}}
-    (tmp_path / "cache" / "smolctl").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "cache" / "smolctl" / "autotune.json").write_text(
-        json.dumps({"version": CACHE_VERSION, "machines": {machine("cpu"): planted}}))
+    plant_compile(cache_file(), mcfg, {"eager_ms": 10.0, "compiled_ms": 5.0, "compile_s": 0.001},
+                  cfg.batch_size, cfg.seq_len)
     train(micro_cfg(max_steps=3, save_every=100), tmp_path / "eager")
     train(cfg, tmp_path / "compiled")
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
