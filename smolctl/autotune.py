@@ -132,7 +132,7 @@ def cache_file() -> Path:
 
 def measured(device: str, rows: int, shape: Shape) -> tuple[dict, str, bool, float]:
     """(figures, machine key, whether they came from the cache, seconds measuring)."""
-    return cached(device, entry(rows, shape), lambda: measure(device, rows, shape))
+    return cached(device, entry(rows, shape), lambda: measure(device, rows, shape), keep=_positive("fp32"))
 
 
 def entry(rows: int, shape: Shape) -> str:
@@ -143,12 +143,14 @@ def entry(rows: int, shape: Shape) -> str:
 def cached(device: str, key: str, measure_fn: Callable[[], dict],
            keep: Callable[[dict], bool] = lambda figures: True) -> tuple[dict, str, bool, float]:
     """The figures stored under `key` for this machine and torch, else `measure_fn()`'s (then
-    stored, unless taken on a busy machine or `keep` says no). Returns (figures, machine key,
-    whether they came from the cache, seconds measuring)."""
+    stored, unless taken on a busy machine). `keep`: whether figures are whole enough to use
+    again -- figures that fail it are neither stored nor read back (a damaged entry is measured
+    over). Returns (figures, machine key, whether they came from the cache, seconds measuring)."""
     where = machine(device)
     entries = _read_cache()
     found = entries.get(where, {}).get(key)
-    if isinstance(found, dict) and found and all(isinstance(v, (int, float, str)) for v in found.values()):
+    if isinstance(found, dict) and found and all(isinstance(v, (int, float, str)) for v in found.values()) \
+            and keep(found):
         return found, where, True, 0.0
     t = time.perf_counter()
     figures = measure_fn()
@@ -159,6 +161,11 @@ def cached(device: str, key: str, measure_fn: Callable[[], dict],
     entries.setdefault(where, {})[key] = figures
     _write_cache(entries)
     return figures, where, False, took
+
+
+def _positive(*names: str) -> Callable[[dict], bool]:
+    """A `keep` for `cached`: the figures hold each of `names` as a positive number."""
+    return lambda figures: all(isinstance(figures.get(n), (int, float)) and figures[n] > 0 for n in names)
 
 
 def fastest(device: str, key: str, names: tuple[str, ...], candidates: Callable[[], dict[str, Callable[[], object]]],

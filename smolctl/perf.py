@@ -74,7 +74,7 @@ def compile_choice(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str,
     eager_attention = eager_attention_for(device, seq_len)
     timed = autotune.cached(device.type, compile_entry(shape, batch_size, seq_len, dtype, eager_attention),
                             lambda: measure_compile(mcfg, batch_size, seq_len, mixed, device, eager_attention),
-                            keep=lambda figures: "failed" not in figures)[0]  # a failure may be fixed (a compiler installed)
+                            keep=usable_compile_figures)[0]
     if "failed" in timed:
         return False, f"auto: off, torch.compile failed here ({timed['failed']})"
     saved_s = mcfg.num_layers * (timed["eager_ms"] - timed["compiled_ms"]) / 1000
@@ -86,6 +86,13 @@ def compile_choice(mcfg: ModelConfig, batch_size: int, seq_len: int, mixed: str,
     return on, (f"auto: {'on' if on else 'off'}, compiled layers ran {timed['eager_ms'] / timed['compiled_ms']:.2f}x "
                 f"eager here, and a {timed['compile_s']:.0f} s compile is repaid after {math.ceil(repaid):,} of "
                 f"{steps:,} steps")
+
+
+def usable_compile_figures(figures: dict) -> bool:
+    """measure_compile's figures worth caching and reading back: its three times, compiled_ms above
+    0 -- not a failure (a compiler may be installed later), nor a damaged entry."""
+    times = [figures.get(k) for k in ("eager_ms", "compiled_ms", "compile_s")]
+    return all(isinstance(t, (int, float)) and t >= 0 for t in times) and times[1] > 0
 
 
 def eager_attention_for(device: torch.device, seq_len: int) -> bool:

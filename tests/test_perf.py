@@ -217,9 +217,13 @@ def test_eval_computes_in_the_measured_dtype_on_device_auto(monkeypatch, tmp_pat
      "auto: off, torch.compile failed here (InvalidCxxCompiler: no working C++ compiler found)"),
 ])
 def test_compile_auto_follows_the_measured_figures(monkeypatch, tmp_path, timed, steps, on, says):
+    """The figures as cached, or (a failure, which is never cached) as measured."""
+    from smolctl import perf
     from smolctl.perf import compile_choice
 
-    plant_compile(cache(monkeypatch, tmp_path), SMALL, timed)
+    plant_compile(cache(monkeypatch, tmp_path), SMALL, None if "failed" in timed else timed)
+    monkeypatch.setattr(perf, "measure_compile",
+                        lambda *a: dict(timed) if "failed" in timed else pytest.fail("measured, not read from the cache"))
     decided, why = compile_choice(SMALL, 2, 16, "no", torch.device("cpu"), steps)
     assert decided is on and says in why
     # with 4 micro-batches a step, each step saves 4x as much: repaid 4x sooner, in steps
@@ -256,3 +260,25 @@ def test_compile_auto_where_torch_compile_fails_is_off_and_measured_again(monkey
     decided, why = compile_choice(SMALL, 3, 5, "no", torch.device("cpu"), 10_000)
     assert not decided and why.startswith("auto: off, torch.compile failed here (") and "C++ compiler" in why
     assert "compile" not in path.read_text()
+
+
+@pytest.mark.parametrize("damaged", [{"eager_ms": 10.0, "compiled_ms": 5.0}, {"eager_ms": "x", "compiled_ms": 5.0,
+                                     "compile_s": 1.0}, {"eager_ms": 10.0, "compiled_ms": 0, "compile_s": 1.0}])
+def test_a_damaged_compile_entry_is_measured_over(monkeypatch, tmp_path, damaged):
+    """An entry a measurement could not have left (a key missing, text for a time, a zero time) is
+    measured again and replaced, not divided by; a damaged matmul entry likewise."""
+    from smolctl import perf
+    from smolctl.autotune import Shape, entry, machine
+
+    path = cache(monkeypatch, tmp_path)
+    plant_compile(path, SMALL, damaged)
+    stored = json.loads(path.read_text())
+    stored["machines"][machine("cpu")][entry(32, Shape.of(SMALL))] = {"bf16": 5.0}  # no fp32
+    path.write_text(json.dumps(stored))
+    monkeypatch.setattr(perf, "MEASURE_FROM_S", 0.0)
+    good = {"eager_ms": 10.0, "compiled_ms": 5.0, "compile_s": 0.001}
+    monkeypatch.setattr(perf, "measure_compile", lambda *a: dict(good))
+    assert perf.compile_choice(SMALL, 2, 16, "no", torch.device("cpu"), 10_000)[0] is True
+    entries = json.loads(path.read_text())["machines"][machine("cpu")]
+    assert good in entries.values() and damaged not in entries.values()
+    assert entries[entry(32, Shape.of(SMALL))]["fp32"] > 0
