@@ -253,6 +253,8 @@ def _cpu_model() -> str:
 def _read_cache() -> dict:
     """The cached entries; a file that is missing, damaged or of another version counts as empty
     (it is rewritten whole after the next measurement)."""
+    if not cache_file().is_file():  # absent, or not a file of ours: reading a named pipe would wait forever
+        return {}
     try:
         data = json.loads(cache_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -264,10 +266,15 @@ def _read_cache() -> dict:
 
 def _write_cache(entries: dict) -> None:
     from smolctl import fsutil
+    from smolctl.errors import SmolctlError
+    from smolctl.precious import check_output
 
-    try:  # a cache that cannot be written (read-only home, full disk) only means measuring again next time
+    # A cache that cannot be written (read-only home, full disk) only means measuring again next
+    # time; nor is a link, pipe or device put in its place replaced.
+    try:
+        check_output(cache_file(), "the autotune cache")
         fsutil.write_text(cache_file(), json.dumps({"version": CACHE_VERSION, "machines": entries}, indent=1) + "\n")
-    except OSError:
+    except (OSError, SmolctlError):
         pass
 
 

@@ -282,3 +282,20 @@ def test_a_damaged_compile_entry_is_measured_over(monkeypatch, tmp_path, damaged
     entries = json.loads(path.read_text())["machines"][machine("cpu")]
     assert good in entries.values() and damaged not in entries.values()
     assert entries[entry(32, Shape.of(SMALL))]["fp32"] > 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_the_autotune_cache_path_taken_by_a_pipe_or_a_link_is_left_as_it_is(monkeypatch, tmp_path, kind):
+    """Not read (a named pipe would block the read forever), not replaced: measured each time instead."""
+    import os
+
+    from smolctl.autotune import choose
+
+    path = cache(monkeypatch, tmp_path)
+    path.parent.mkdir(parents=True)
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text('{"theirs": 1}')
+    os.mkfifo(path) if kind == "fifo" else path.symlink_to(theirs)
+    assert not choose("cpu", "train", rows=8, shape=tiny_shape()).cached
+    assert not choose("cpu", "train", rows=8, shape=tiny_shape()).cached
+    assert (path.is_fifo() if kind == "fifo" else path.is_symlink()) and theirs.read_text() == '{"theirs": 1}'
